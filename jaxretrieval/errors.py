@@ -2,7 +2,7 @@
 
 
 class JaxRetrievalError(Exception):
-  """Bad input, a bad config value, a missing or mismatched file.
+    """Bad input, a bad config value, a missing or mismatched file.
 
-  The message always says what is wrong and what to do about it.
-  """
+    The message always says what is wrong and what to do about it.
+    """
