@@ -1,0 +1,76 @@
+"""Orbax checkpoints of the train state, restorable on any machine and device count.
+
+The state is saved as one host copy (not per device), so a checkpoint written on 4 devices
+restores on 1, or on a machine without the accelerator it was trained on.
+"""
+
+import logging
+import os
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxretrieval.errors import JaxRetrievalError
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointStore:
+    """Saves every `every_steps` steps (asynchronously), keeps the last `keep`."""
+
+    def __init__(self, directory: str, *, every_steps: int = 1, keep: int = 3,
+                 asynchronous: bool = True, read_only: bool = False):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=every_steps, max_to_keep=keep, create=not read_only,
+            read_only=read_only, enable_async_checkpointing=asynchronous)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def should_save(self, step: int) -> bool:
+        """Whether `step` is due for a save under `every_steps`."""
+        return self._manager.should_save(step)
+
+    def save(self, step: int, state, *, force: bool = False) -> bool:
+        """Starts saving host pytree `state` at `step` if due (or `force`); True if started."""
+        return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+    def restore(self, step: int | None = None, target=None):
+        """The state at `step` (default: latest), shaped like `target` when given."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise JaxRetrievalError(
+                f"no checkpoint in {self.directory}: train first with python -m train")
+        args = ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
+        restored = self._manager.restore(step, args=args)
+        return _to_host(restored)
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _to_host(tree):
+    import jax
+    return jax.tree.map(np.asarray, tree)
+
+
+def open_for_reading(workdir: str) -> CheckpointStore:
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise JaxRetrievalError(
+            f"no checkpoints in {workdir!r}: train into it first with "
+            f"`python -m train --workdir {workdir}`")
+    logger.debug("reading checkpoints from %s", directory)
+    return CheckpointStore(directory, read_only=True, asynchronous=False)

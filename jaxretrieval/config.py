@@ -1,0 +1,202 @@
+"""Run configuration: the defaults, loading a config file, overrides, validation.
+
+A config is an `ml_collections.ConfigDict`. Config files in `configs/` define `get_config()`
+and start from `base_config()`, so every key a run can read is listed here, with its default.
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+
+import ml_collections
+
+from jaxretrieval.errors import JaxRetrievalError
+
+SPLITS = ("held_out_images", "unseen_classes")
+POOLINGS = ("flatten", "avg", "max", "gem")
+PARALLEL_WRAPPERS = ("pmap", "shard_map")
+# The keys that decide the network's shape and its input: a checkpoint, an embedding export
+# and an index belong together only when these agree.
+MODEL_KEYS = ("image_size", "channels", "embedding_dim", "model")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key a run reads, with the offline default's values (digits, small seed CNN)."""
+    c = ml_collections.ConfigDict()
+    # Data.
+    c.dataset = "digits"  # digits | tfds:NAME | folder:PATH
+    c.label_key = "label"  # the label feature of a TFDS dataset
+    c.data_dir = ""  # TFDS data directory; "" means TFDS's own default
+    c.split = "held_out_images"  # held_out_images | unseen_classes
+    c.query_fraction = 0.2  # held_out_images: share of each class's images used as queries
+    c.image_size = 32
+    c.channels = 1
+    c.cache_max_bytes = 1 << 30  # decoded images are kept in memory below this size
+
+    # Model.
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "seed_cnn"
+    c.model.widths = (32, 64, 128)
+    c.model.kernel_size = 3
+    c.model.padding = "SAME"  # the seed uses VALID
+    c.model.batch_norm = True
+    c.model.pooling = "gem"  # flatten | avg | max | gem
+    c.model.hidden_dim = 0  # a Dense+ReLU before the projection (the seed: 128); 0 for none
+    c.model.classifier_scale = 16.0  # logits = scale * (W . unit embedding): a cosine classifier
+    c.embedding_dim = 64
+
+    # Augmentation, on device inside the train step; never applied at evaluation.
+    c.augment = ml_collections.ConfigDict()
+    c.augment.enabled = True
+    c.augment.flip = False  # left-right; off for digits, where a flip changes the class
+    c.augment.max_rotation_degrees = 10.0
+    c.augment.max_translation = 0.1  # share of the image side
+    c.augment.brightness = 0.1  # added to [0, 1] pixels, uniform in +-this
+    c.augment.contrast = 0.1  # scale around the image mean, uniform in 1 +- this
+
+    # Optimisation.
+    c.loss = "softmax"
+    c.global_batch_size = 64
+    c.num_train_steps = 600
+    c.learning_rate = 3e-3
+    c.warmup_steps = 50
+    c.weight_decay = 1e-4
+    c.seed = 0
+
+    # Devices, logging, checkpoints.
+    c.parallel = "pmap"  # pmap | shard_map
+    c.log_every_steps = 20
+    c.checkpoint_every_steps = 200
+    c.checkpoints_to_keep = 3
+    c.embed_batch_size = 256
+    return c
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """Runs `get_config()` of the Python config file at `path`."""
+    if not os.path.isfile(path):
+        raise JaxRetrievalError(
+            f"config file {path!r} not found: pass --config with the path of a file in configs/")
+    spec = importlib.util.spec_from_file_location("_jaxretrieval_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise JaxRetrievalError(f"config file {path!r} defines no get_config()")
+    return module.get_config()
+
+
+def apply_override(config: ml_collections.ConfigDict, dotted_key: str, text: str) -> None:
+    """Sets `config.<dotted_key>` from a command-line string, parsed as the key's type."""
+    *parents, leaf = dotted_key.split(".")
+    node = config
+    for name in parents:
+        node = node.get(name) if isinstance(node, ml_collections.ConfigDict) else None
+        if not isinstance(node, ml_collections.ConfigDict):
+            break
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        raise JaxRetrievalError(
+            f"unknown config key {dotted_key!r}; known keys: {', '.join(_flat_keys(config))}")
+    current = node[leaf]
+    try:
+        node[leaf] = _parse_like(current, text)
+    except (ValueError, TypeError) as err:
+        raise JaxRetrievalError(
+            f"--config.{dotted_key}={text!r}: expected a {type(current).__name__} ({err})") from None
+
+
+def _parse_like(current, text: str):
+    if isinstance(current, bool):
+        lowered = text.lower()
+        if lowered not in ("true", "false", "1", "0"):
+            raise ValueError("use true or false")
+        return lowered in ("true", "1")
+    if isinstance(current, (tuple, list)):
+        items = [t for t in text.replace("(", "").replace(")", "").split(",") if t.strip()]
+        element = current[0] if current else ""
+        return tuple(_parse_like(element, t.strip()) for t in items)
+    if isinstance(current, int):
+        return int(text)
+    if isinstance(current, float):
+        return float(text)
+    return text
+
+
+def _flat_keys(config, prefix=""):
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _flat_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises JaxRetrievalError on the first value that cannot run, saying what to use."""
+    def fail(message):
+        raise JaxRetrievalError(f"bad config: {message}")
+
+    dataset = config.dataset
+    if not (dataset == "digits" or dataset.startswith("tfds:") or dataset.startswith("folder:")):
+        fail(f"dataset={dataset!r}; use digits, tfds:NAME or folder:PATH")
+    if config.split not in SPLITS:
+        fail(f"split={config.split!r}; use one of {', '.join(SPLITS)}")
+    if not 0.0 < config.query_fraction < 1.0:
+        fail(f"query_fraction={config.query_fraction}; use a value between 0 and 1")
+    if config.channels not in (1, 3):
+        fail(f"channels={config.channels}; use 1 (grayscale) or 3 (RGB)")
+    if config.model.pooling not in POOLINGS:
+        fail(f"model.pooling={config.model.pooling!r}; use one of {', '.join(POOLINGS)}")
+    if config.model.padding not in ("SAME", "VALID"):
+        fail(f"model.padding={config.model.padding!r}; use SAME or VALID")
+    if config.parallel not in PARALLEL_WRAPPERS:
+        fail(f"parallel={config.parallel!r}; use one of {', '.join(PARALLEL_WRAPPERS)}")
+    if config.loss != "softmax":
+        fail(f"loss={config.loss!r}; use softmax")
+    # The stack must leave at least one pixel: each stage is a conv (VALID loses k-1) then a 2x pool.
+    side = config.image_size
+    for _ in config.model.widths:
+        if config.model.padding == "VALID":
+            side -= config.model.kernel_size - 1
+        side //= 2
+    if side < 1:
+        fail(f"image_size={config.image_size} is too small for {len(config.model.widths)} "
+             "conv/pool stages; raise image_size or remove a width from model.widths")
+    for name in ("image_size", "embedding_dim", "global_batch_size", "num_train_steps",
+                 "log_every_steps", "checkpoint_every_steps", "checkpoints_to_keep",
+                 "embed_batch_size"):
+        if config[name] < 1:
+            fail(f"{name}={config[name]}; use a positive integer")
+    if config.warmup_steps < 0 or config.learning_rate <= 0:
+        fail("learning_rate must be positive and warmup_steps not negative")
+
+
+def model_config_hash(config: ml_collections.ConfigDict) -> str:
+    """A short digest of the keys that decide the model (MODEL_KEYS)."""
+    subset = {key: config[key] for key in MODEL_KEYS}
+    text = json.dumps(ml_collections.ConfigDict(subset).to_dict(), sort_keys=True, default=list)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+    values = json.loads(text)
+    config = base_config()
+    config.update(_as_tuples(values, config))
+    return config
+
+
+def _as_tuples(values, reference):
+    # JSON turns tuples into lists; restore them so the config compares and hashes as written.
+    out = {}
+    for key, value in values.items():
+        ref = reference.get(key) if reference is not None else None
+        if isinstance(value, dict):
+            out[key] = _as_tuples(value, ref)
+        elif isinstance(value, list):
+            out[key] = tuple(value)
+        else:
+            out[key] = value
+    return out

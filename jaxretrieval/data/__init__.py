@@ -1,0 +1,1 @@
+"""Data: image sources, splits, host batches and on-device augmentation."""

@@ -1,0 +1,69 @@
+"""Turning any image a user has (a file, an array) into the model's uint8 input."""
+
+import os
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from jaxretrieval.errors import JaxRetrievalError
+
+
+def read_image_file(path: str) -> Image.Image:
+    """Opens and fully decodes an image file; a missing or corrupt file names its path."""
+    if not os.path.isfile(path):
+        raise JaxRetrievalError(f"image file {path!r} not found")
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now, so truncated files fail here and not later
+            return image.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise JaxRetrievalError(
+            f"cannot read image {path!r} ({err}); replace or remove the file") from None
+
+
+def to_model_input(image, image_size: int, channels: int) -> np.ndarray:
+    """Returns uint8 [image_size, image_size, channels] from a PIL image or an HxW(xC) array.
+
+    Grayscale and colour are converted to `channels`; the image is resized (bilinear) to a
+    square, as the training data was.
+    """
+    if isinstance(image, np.ndarray):
+        image = _array_to_pil(image)
+    elif not isinstance(image, Image.Image):
+        raise JaxRetrievalError(
+            f"expected an image array or a PIL image, got {type(image).__name__}")
+    image = image.convert("L" if channels == 1 else "RGB")
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8)
+    return array.reshape(image_size, image_size, channels)
+
+
+def _array_to_pil(array: np.ndarray) -> Image.Image:
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise JaxRetrievalError(
+            f"image array has shape {array.shape}; pass HxW, HxWx1, HxWx3 or HxWx4")
+    if array.dtype != np.uint8:
+        if not np.issubdtype(array.dtype, np.number) or not np.all(np.isfinite(array)):
+            raise JaxRetrievalError("image array must hold finite numbers; pass uint8 0-255")
+        if array.min() < 0 or array.max() > 255:
+            raise JaxRetrievalError(
+                f"image values range {array.min()}..{array.max()}; pass uint8 0-255")
+        array = np.round(array).astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def load_images(images, image_size: int, channels: int) -> np.ndarray:
+    """A batch of file paths and/or arrays -> uint8 [n, image_size, image_size, channels]."""
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        images = list(images)
+    elif isinstance(images, (str, os.PathLike, np.ndarray, Image.Image)):
+        images = [images]  # one image given where a batch is expected
+    out = np.empty((len(images), image_size, image_size, channels), np.uint8)
+    for i, image in enumerate(images):
+        if isinstance(image, (str, os.PathLike)):
+            image = read_image_file(os.fspath(image))
+        out[i] = to_model_input(image, image_size, channels)
+    return out

@@ -1,0 +1,231 @@
+"""Image sources: `digits`, `tfds:NAME` and `folder:PATH`, behind one ImageDataset.
+
+Every item has a label index, a string key (a folder image: its path relative to the root;
+a TFDS or digits example: `split/index`) and a source reference from which its image can be
+read again (`read_source`): an absolute file path, or `tfds:NAME/split/index`.
+"""
+
+import dataclasses
+import logging
+import os
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from jaxretrieval.data.images import read_image_file, to_model_input
+from jaxretrieval.errors import JaxRetrievalError
+
+logger = logging.getLogger(__name__)
+
+DIGITS_TFDS_NAME = "sklearn_digits"
+DIGITS_TFDS_VERSION = "1.0.0"
+TFDS_REF_PREFIX = "tfds:"
+
+
+@dataclasses.dataclass
+class ImageDataset:
+    """A labelled image set read by index; images come out as the model's uint8 input."""
+
+    name: str
+    labels: np.ndarray  # int64 [n], 0 .. num_classes-1
+    keys: list  # str [n]
+    sources: list  # str [n]
+    class_names: list  # str [num_classes], index = label
+    image_size: int
+    channels: int
+    _read_one: Callable[[int], np.ndarray]  # index -> uint8 [size, size, channels]
+    _cache: np.ndarray = None
+
+    def __len__(self):
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def images(self, indices) -> np.ndarray:
+        """uint8 [len(indices), size, size, channels]."""
+        indices = np.asarray(indices, np.int64)
+        if self._cache is not None:
+            return self._cache[indices]
+        out = np.empty((len(indices), self.image_size, self.image_size, self.channels), np.uint8)
+        for i, index in enumerate(indices):
+            out[i] = self._read_one(int(index))
+        return out
+
+    def cache_in_memory(self, max_bytes: int) -> bool:
+        """Decodes every image once and keeps them, if they fit in `max_bytes`."""
+        size = len(self) * self.image_size * self.image_size * self.channels
+        if self._cache is None and size <= max_bytes:
+            self._cache = self.images(np.arange(len(self)))
+        return self._cache is not None
+
+
+def load_dataset(config) -> ImageDataset:
+    """The dataset named by `config.dataset`, its images sized per the config."""
+    name = config.dataset
+    if name == "digits":
+        dataset = _digits_dataset(config)
+    elif name.startswith("tfds:"):
+        dataset = _tfds_dataset(name[len("tfds:"):], config)
+    elif name.startswith("folder:"):
+        dataset = _folder_dataset(name[len("folder:"):], config)
+    else:
+        raise JaxRetrievalError(f"bad config: dataset={name!r}; use digits, tfds:NAME or folder:PATH")
+    if len(dataset) == 0:
+        raise JaxRetrievalError(f"dataset {name!r} holds no images")
+    dataset.cache_in_memory(config.cache_max_bytes)
+    return dataset
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS, and digits written once as a TFDS dataset.
+
+def _tfds_data_dir(config):
+    return config.data_dir or None  # None: TFDS's default (TFDS_DATA_DIR or ~/tensorflow_datasets)
+
+
+def prepare_digits_tfds(data_dir) -> None:
+    """Writes scikit-learn's bundled 8x8 digits as a TFDS array_record dataset, once, offline."""
+    import tensorflow_datasets as tfds
+    from sklearn.datasets import load_digits
+
+    builder_dir = os.path.join(data_dir or tfds.core.constants.DATA_DIR, DIGITS_TFDS_NAME,
+                               DIGITS_TFDS_VERSION)
+    if os.path.isfile(os.path.join(builder_dir, "dataset_info.json")):
+        return
+    digits = load_digits()
+    # sklearn's pixels are 0..16; scale to the usual 0..255.
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    features = tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(8, 8, 1)),
+        "label": tfds.features.ClassLabel(names=[str(d) for d in range(10)]),
+    })
+    examples = [(i, {"image": image, "label": int(label)})
+                for i, (image, label) in enumerate(zip(images, digits.target))]
+    # TFDS writes into an `incomplete.*` folder and renames it when done, so a killed
+    # preparation never leaves a half-written dataset behind.
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name=DIGITS_TFDS_NAME, version=DIGITS_TFDS_VERSION, features=features,
+        split_datasets={"train": examples}, data_dir=data_dir,
+        description="scikit-learn's bundled handwritten digits (8x8, 1797 images)",
+        file_format="array_record", disable_shuffling=True)  # keep sklearn's order: key = row
+
+
+def _digits_dataset(config) -> ImageDataset:
+    data_dir = _tfds_data_dir(config)
+    prepare_digits_tfds(data_dir)
+    return _tfds_dataset(DIGITS_TFDS_NAME, config, display_name="digits")
+
+
+def _tfds_dataset(tfds_name, config, display_name=None) -> ImageDataset:
+    import tensorflow_datasets as tfds
+
+    data_dir = _tfds_data_dir(config)
+    try:
+        builder = tfds.builder(tfds_name, data_dir=data_dir)
+    except Exception as err:  # TFDS raises several types for an unknown name
+        raise JaxRetrievalError(f"unknown TFDS dataset {tfds_name!r} ({err})") from None
+    if not os.path.isfile(os.path.join(str(builder.data_dir), "dataset_info.json")):
+        logger.info("downloading and preparing TFDS dataset %s (needs internet)", tfds_name)
+        builder.download_and_prepare(file_format="array_record")
+    features = builder.info.features
+    if config.label_key not in features or "image" not in features:
+        raise JaxRetrievalError(
+            f"TFDS dataset {tfds_name!r} has features {sorted(features.keys())}; it needs "
+            f"'image' and the label feature named by config.label_key={config.label_key!r}")
+    label_feature = features[config.label_key]
+    names = list(getattr(label_feature, "names", []) or [])
+
+    split_names = sorted(builder.info.splits.keys())
+    split_sources = {s: tfds.data_source(tfds_name, split=s, data_dir=data_dir, download=False)
+                     for s in split_names}
+    keys, sources, labels, locations = [], [], [], []
+    for split_name in split_names:
+        source = split_sources[split_name]
+        for index in range(len(source)):
+            keys.append(f"{split_name}/{index}")
+            sources.append(f"{TFDS_REF_PREFIX}{tfds_name}/{split_name}/{index}")
+            locations.append((split_name, index))
+        labels.append(_tfds_labels(tfds_name, split_name, data_dir, config.label_key))
+    labels = np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64)
+    num_classes = len(names) or int(labels.max()) + 1
+    names = names or [str(i) for i in range(num_classes)]
+
+    def read_one(i):
+        split_name, index = locations[i]
+        return to_model_input(split_sources[split_name][index]["image"],
+                              config.image_size, config.channels)
+
+    return ImageDataset(display_name or f"tfds:{tfds_name}", labels, keys, sources, names,
+                        config.image_size, config.channels, read_one)
+
+
+def _tfds_labels(tfds_name, split_name, data_dir, label_key) -> np.ndarray:
+    import tensorflow_datasets as tfds
+
+    # Labels alone: skip image decoding, or listing the labels would decode every image.
+    source = tfds.data_source(tfds_name, split=split_name, data_dir=data_dir, download=False,
+                              decoders={"image": tfds.decode.SkipDecoding()})
+    labels = np.empty(len(source), np.int64)
+    for start in range(0, len(source), 1024):
+        stop = min(start + 1024, len(source))
+        for offset, example in enumerate(source.__getitems__(range(start, stop))):
+            labels[start + offset] = int(example[label_key])
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------
+# A folder of class sub-folders.
+
+def _image_extensions():
+    Image.init()
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
+def _folder_dataset(root, config) -> ImageDataset:
+    root = os.path.abspath(os.path.expanduser(root))
+    if not os.path.isdir(root):
+        raise JaxRetrievalError(
+            f"dataset folder {root!r} not found: pass folder:PATH with one sub-folder per class")
+    class_names = sorted(entry.name for entry in os.scandir(root)
+                         if entry.is_dir() and not entry.name.startswith("."))
+    if not class_names:
+        raise JaxRetrievalError(
+            f"dataset folder {root!r} has no class sub-folders: put each class's images in "
+            "a sub-folder named after the class")
+    extensions = _image_extensions()
+    keys, sources, labels = [], [], []
+    for label, class_name in enumerate(class_names):
+        class_dir = os.path.join(root, class_name)
+        files = sorted(f for f in os.listdir(class_dir)
+                       if not f.startswith(".") and os.path.splitext(f)[1].lower() in extensions
+                       and os.path.isfile(os.path.join(class_dir, f)))
+        if not files:
+            raise JaxRetrievalError(
+                f"class folder {class_dir!r} holds no image files; add images or remove it "
+                "(the label index of a class is its position in sorted folder order)")
+        for file_name in files:
+            keys.append(f"{class_name}/{file_name}")
+            sources.append(os.path.join(class_dir, file_name))
+            labels.append(label)
+
+    def read_one(i):
+        return to_model_input(read_image_file(sources[i]), config.image_size, config.channels)
+
+    return ImageDataset(f"folder:{root}", np.asarray(labels, np.int64), keys, sources,
+                        class_names, config.image_size, config.channels, read_one)
+
+
+def read_source(reference: str, data_dir=None) -> Image.Image:
+    """Reads an item's original image again from its source reference (for thumbnails)."""
+    if reference.startswith(TFDS_REF_PREFIX):
+        import tensorflow_datasets as tfds
+
+        tfds_name, split_name, index = reference[len(TFDS_REF_PREFIX):].rsplit("/", 2)
+        source = tfds.data_source(tfds_name, split=split_name, data_dir=data_dir or None,
+                                  download=False)
+        array = np.asarray(source[int(index)]["image"])
+        return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    return read_image_file(reference)

@@ -1,0 +1,146 @@
+"""The Embedder (checkpoint -> jit-compiled, batched embedding on any device count), and the
+embedding export that the index is built from (`DIR/embeddings/`).
+"""
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxretrieval import parallel
+from jaxretrieval.checkpoint import open_for_reading
+from jaxretrieval.config import config_from_json, model_config_hash
+from jaxretrieval.data.augment import preprocess
+from jaxretrieval.data.images import load_images
+from jaxretrieval.errors import JaxRetrievalError
+from jaxretrieval.models import build_model
+from jaxretrieval.workdir import Workdir, new_sibling_directory, swap_in
+
+
+class Embedder:
+    """Maps uint8 images to L2-normalised float32 embeddings with a trained model.
+
+    Batches are spread over all local devices; batch shapes come from a few fixed buckets
+    (powers of two up to `config.embed_batch_size`), so a stream of odd-sized requests
+    compiles a handful of programs, not one per size.
+    """
+
+    def __init__(self, config, variables, *, checkpoint_step: int, devices=None):
+        self.config = config
+        self.checkpoint_step = checkpoint_step
+        self.model_config_hash = model_config_hash(config)
+        self.embedding_dim = config.embedding_dim
+        self.devices = devices or parallel.local_devices()
+        num_classes = variables["params"]["class_weights"].shape[1]
+        model = build_model(config, num_classes)
+        mesh = parallel.device_mesh(self.devices)
+        self._batch_sharding = NamedSharding(mesh, PartitionSpec(parallel.DEVICE_AXIS))
+        self._variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
+        self._embed_fn = jax.jit(
+            lambda variables, images: model.apply(variables, preprocess(images),
+                                                  method=model.embed))
+        self._buckets = _bucket_sizes(config.embed_batch_size, len(self.devices))
+
+    @classmethod
+    def from_workdir(cls, workdir: str, step: int | None = None, devices=None) -> "Embedder":
+        """Loads `DIR/config.json` and the checkpoint at `step` (default: the latest)."""
+        wd = Workdir(workdir)
+        if not os.path.isfile(wd.config_path):
+            raise JaxRetrievalError(
+                f"{workdir!r} is not a training workdir (no config.json): train into it with "
+                f"`python -m train --workdir {workdir}`")
+        with open(wd.config_path) as f:
+            config = config_from_json(f.read())
+        store = open_for_reading(workdir)
+        try:
+            step = store.latest_step() if step is None else step
+            state = store.restore(step)
+        finally:
+            store.close()
+        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        return cls(config, variables, checkpoint_step=int(step), devices=devices)
+
+    def embed_uint8(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [n, size, size, channels] -> float32 [n, embedding_dim]."""
+        expected = (self.config.image_size, self.config.image_size, self.config.channels)
+        if images.ndim != 4 or images.shape[1:] != expected:
+            raise JaxRetrievalError(
+                f"images of shape {images.shape[1:]} given; this model takes {expected}: pass "
+                "them through Embedder.embed, which resizes and converts any image")
+        out = np.empty((len(images), self.embedding_dim), np.float32)
+        largest = self._buckets[-1]
+        for start in range(0, len(images), largest):
+            chunk = images[start:start + largest]
+            size = next(b for b in self._buckets if b >= len(chunk))
+            padded = np.zeros((size,) + chunk.shape[1:], np.uint8)
+            padded[:len(chunk)] = chunk
+            batch = jax.device_put(padded, self._batch_sharding)
+            out[start:start + len(chunk)] = np.asarray(self._embed_fn(self._variables, batch))[
+                :len(chunk)]
+        return out
+
+    def embed(self, images) -> np.ndarray:
+        """Any batch of HxWxC uint8 arrays or image file paths -> float32 [n, d], unit norm."""
+        return self.embed_uint8(load_images(images, self.config.image_size, self.config.channels))
+
+
+def _bucket_sizes(max_batch: int, num_devices: int) -> list:
+    top = -(-max_batch // num_devices) * num_devices
+    sizes, size = [], num_devices
+    while size < top:
+        sizes.append(size)
+        size *= 2
+    return sizes + [top]
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedding export: arrays with Orbax, keys and sources beside them as JSON.
+
+@dataclasses.dataclass
+class EmbeddingExport:
+    embeddings: np.ndarray  # float32 [n, d]
+    rows: np.ndarray  # int64 [n]: the dataset row of each embedding
+    labels: np.ndarray  # int64 [n]
+    keys: list  # str [n]
+    sources: list  # str [n]
+    metadata: dict  # checkpoint_step, model_config_hash, embedding_dim, count, dataset
+
+
+def save_embedding_export(directory: str, export: EmbeddingExport) -> None:
+    """Writes the export to a temporary directory, then swaps it in whole."""
+    tmp = new_sibling_directory(directory)
+    try:
+        arrays = {"embeddings": export.embeddings, "rows": export.rows, "labels": export.labels}
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(os.path.join(tmp, "arrays"), arrays)
+            checkpointer.wait_until_finished()
+        for name, value in (("keys.json", export.keys), ("sources.json", export.sources),
+                            ("export.json", export.metadata)):
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(value, f)
+        swap_in(tmp, directory)
+    except BaseException:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_embedding_export(directory: str) -> EmbeddingExport:
+    if not os.path.isfile(os.path.join(directory, "export.json")):
+        raise JaxRetrievalError(
+            f"no embedding export in {directory!r}: run `python -m train --eval_only "
+            "--workdir DIR` to write it")
+    with ocp.StandardCheckpointer() as checkpointer:
+        arrays = checkpointer.restore(os.path.join(directory, "arrays"))
+    loaded = {}
+    for name in ("keys", "sources", "export"):
+        with open(os.path.join(directory, f"{name}.json")) as f:
+            loaded[name] = json.load(f)
+    return EmbeddingExport(
+        embeddings=np.asarray(arrays["embeddings"], np.float32),
+        rows=np.asarray(arrays["rows"], np.int64), labels=np.asarray(arrays["labels"], np.int64),
+        keys=loaded["keys"], sources=loaded["sources"], metadata=loaded["export"])

@@ -1,0 +1,47 @@
+"""The serving-time object: an Embedder and the Index it was built with."""
+
+import numpy as np
+
+from jaxretrieval.embed import Embedder
+from jaxretrieval.errors import JaxRetrievalError
+from jaxretrieval.index import Index
+from jaxretrieval.workdir import Workdir
+
+
+class Retriever:
+    """Embeds query images and searches the gallery index.
+
+        r = Retriever.load("runs/default")
+        keys, scores = r.search(images, k=10)   # images: HxWxC uint8 arrays or file paths
+    """
+
+    def __init__(self, embedder: Embedder, index: Index):
+        if embedder.embedding_dim != index.embedding_dim:
+            raise JaxRetrievalError(
+                f"the model embeds to {embedder.embedding_dim} dimensions, the index holds "
+                f"{index.embedding_dim}: rebuild the index with `python -m train --eval_only`")
+        self.embedder = embedder
+        self.index = index
+
+    @classmethod
+    def load(cls, workdir: str) -> "Retriever":
+        """The latest checkpoint and `DIR/index/`; refuses an index built by another model."""
+        embedder = Embedder.from_workdir(workdir)
+        index = Index.load(Workdir(workdir).index, expected={
+            "embedding_dim": embedder.embedding_dim,
+            "model_config_hash": embedder.model_config_hash,
+            "checkpoint_step": embedder.checkpoint_step,
+        })
+        return cls(embedder, index)
+
+    def embed(self, images) -> np.ndarray:
+        """L2-normalised float32 [n, d] embeddings of HxWxC uint8 arrays or image paths."""
+        return self.embedder.embed(images)
+
+    def search(self, images, k: int = 10, *, threshold: float | None = None):
+        """(keys, scores): per query image, up to k gallery keys and their scores, best first."""
+        return self.search_embeddings(self.embed(images), k, threshold=threshold)
+
+    def search_embeddings(self, vectors, k: int = 10, *, threshold: float | None = None):
+        """As `search`, for query embeddings [n, d] computed already."""
+        return self.index.search(np.asarray(vectors, np.float32), k, threshold=threshold)

@@ -1,0 +1,230 @@
+"""Training: the train state, the per-device step, and `train_and_evaluate(config, workdir)`.
+
+The loop reads top to bottom in sections: workdir, devices, data, model and optimiser,
+update step, checkpoint, loop. Progress goes to `logging`, to `DIR/metrics.jsonl`, and to
+an optional `on_progress(dict)` callback that entry points render (a progress bar).
+"""
+
+import json
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxretrieval import parallel
+from jaxretrieval.checkpoint import CheckpointStore
+from jaxretrieval.config import config_from_json, config_to_json, model_config_hash, validate_config
+from jaxretrieval.data.augment import augment_batch, preprocess
+from jaxretrieval.data.sources import load_dataset
+from jaxretrieval.data.splits import batch_rows, make_split
+from jaxretrieval.errors import JaxRetrievalError
+from jaxretrieval.models import build_model
+from jaxretrieval.workdir import Workdir, write_file_atomically
+
+logger = logging.getLogger(__name__)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array  # base key; each step and device folds in its own numbers
+
+
+def make_optimizer(config):
+    """AdamW with linear warm-up and cosine decay; returns (optimizer, schedule)."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.learning_rate,
+        # optax counts the warm-up inside decay_steps; keep at least one decaying step.
+        warmup_steps=min(config.warmup_steps, config.num_train_steps - 1),
+        decay_steps=config.num_train_steps, end_value=config.learning_rate * 0.01)
+    return optax.adamw(schedule, weight_decay=config.weight_decay), schedule
+
+
+def create_train_state(config, model, optimizer) -> TrainState:
+    """A fresh state on the host (numpy leaves), from `config.seed`."""
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    dummy = jnp.zeros((1, config.image_size, config.image_size, config.channels), jnp.float32)
+    variables = jax.jit(lambda rng: model.init(rng, dummy, train=False))(init_rng)
+    params = variables["params"]
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                       batch_stats=variables.get("batch_stats", {}),
+                       opt_state=optimizer.init(params), rng=train_rng)
+    return jax.tree.map(np.asarray, state)
+
+
+def make_train_step(model, optimizer, config) -> Callable:
+    """The per-device step: free of any parallel wrapper, collectives over DEVICE_AXIS."""
+    augment_config = config.augment
+
+    def train_step(state: TrainState, batch):
+        device_index = jax.lax.axis_index(parallel.DEVICE_AXIS)
+        rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), device_index)
+        images = preprocess(batch["images"])
+        if augment_config.enabled:
+            images = augment_batch(rng, images, augment_config)
+
+        def loss_fn(params):
+            outputs, updates = model.apply(
+                {"params": params, "batch_stats": state.batch_stats}, images, train=True,
+                mutable=["batch_stats"])
+            loss = optax.softmax_cross_entropy_with_integer_labels(
+                outputs["logits"], batch["labels"]).mean()
+            return loss, (outputs, updates.get("batch_stats", {}))
+
+        (loss, (outputs, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params)
+        grads = jax.lax.pmean(grads, parallel.DEVICE_AXIS)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        accuracy = jnp.mean(jnp.argmax(outputs["logits"], -1) == batch["labels"])
+        metrics = jax.lax.pmean({"loss": loss, "accuracy": accuracy}, parallel.DEVICE_AXIS)
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                                  opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def train_and_evaluate(config, workdir: str, *, on_progress: Callable | None = None) -> dict:
+    """Trains (resuming from the latest checkpoint), then evaluates, exports and indexes.
+
+    Returns the metrics written to `DIR/metrics.json`.
+    """
+    from jaxretrieval.evaluation import evaluate_and_index
+
+    train(config, workdir, on_progress=on_progress)
+    return evaluate_and_index(workdir)
+
+
+def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
+    validate_config(config)
+
+    # ---------------------------------------------------------------- workdir
+    wd = Workdir(workdir)
+    _write_or_check_config(wd, config)
+
+    # ---------------------------------------------------------------- devices
+    devices = parallel.local_devices()
+    if config.global_batch_size % len(devices):
+        raise JaxRetrievalError(
+            f"bad config: global_batch_size={config.global_batch_size} does not divide over "
+            f"{len(devices)} devices; use a multiple of {len(devices)}")
+    logger.info("training on %d %s device(s)", len(devices), devices[0].platform)
+
+    # ---------------------------------------------------------------- data
+    dataset = load_dataset(config)
+    split = make_split(dataset.labels, config.split, seed=config.seed,
+                       query_fraction=config.query_fraction)
+    logger.info("%s: %d images, %d classes; %d for training (%d classes)", dataset.name,
+                 len(dataset), dataset.num_classes, len(split.train_rows), split.num_train_classes)
+
+    def host_batch(step):
+        rows = batch_rows(split.train_rows, step, config.global_batch_size, config.seed)
+        return {"images": dataset.images(rows), "labels": dataset.labels[rows].astype(np.int32)}
+
+    # ---------------------------------------------------------------- model and optimiser
+    model = build_model(config, split.num_train_classes, bn_axis_name=parallel.DEVICE_AXIS)
+    optimizer, schedule = make_optimizer(config)
+    host_state = create_train_state(config, model, optimizer)
+
+    # ---------------------------------------------------------------- checkpoint
+    store = CheckpointStore(wd.checkpoints, every_steps=config.checkpoint_every_steps,
+                            keep=config.checkpoints_to_keep)
+    start_step = store.latest_step() or 0
+    if start_step:
+        host_state = store.restore(start_step, target=host_state)
+        logger.info("resumed from the checkpoint at step %d", start_step)
+    total_steps = config.num_train_steps
+    wd.truncate_train_log(after_step=start_step)
+
+    # ---------------------------------------------------------------- update step
+    state = parallel.replicate(host_state, devices)
+    train_step = parallel.data_parallel(make_train_step(model, optimizer, config),
+                                        config.parallel, devices)
+
+    # ---------------------------------------------------------------- loop
+    pending = []  # (step, metrics on device) not yet checked on the host
+    last_saved = start_step
+    interval_start, interval_steps = None, 0
+    try:
+        for step in range(start_step, total_steps):
+            state, metrics = train_step(state, parallel.shard_batch(host_batch(step), devices))
+            done = step + 1
+            pending.append((done, metrics))
+            if interval_start is None:  # the first step compiles: time from after it
+                jax.block_until_ready(metrics)
+                logger.info("first step (with compilation) done")
+                interval_start, interval_steps = time.perf_counter(), 0
+                continue_timing = False
+            else:
+                interval_steps += 1
+                continue_timing = True
+
+            is_last = done == total_steps
+            if done % config.log_every_steps == 0 or is_last:
+                host_metrics = _check_finite(pending, wd, last_saved)
+                pending = []
+                elapsed = time.perf_counter() - interval_start
+                images_per_sec = (interval_steps * config.global_batch_size / elapsed
+                                  if continue_timing and elapsed > 0 else float("nan"))
+                record = {"step": done, "loss": host_metrics["loss"],
+                          "accuracy": host_metrics["accuracy"],
+                          "learning_rate": float(schedule(done - 1)),
+                          "images_per_sec": images_per_sec}
+                wd.append_train_log(record)
+                if on_progress is not None:
+                    on_progress(dict(record, total_steps=total_steps))
+                interval_start, interval_steps = time.perf_counter(), 0
+
+            if store.should_save(done) or is_last:
+                _check_finite(pending, wd, last_saved)
+                pending = []
+                host_state = parallel.unreplicate(state)
+                if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(host_state.params)):
+                    raise _diverged(done, wd, last_saved)
+                store.save(done, host_state, force=is_last)
+                last_saved = done
+    finally:
+        store.wait()  # a checkpoint that was started is always finished
+        store.close()
+
+
+def _check_finite(pending, wd, last_saved) -> dict:
+    """Fetches pending step metrics; raises naming the first step whose loss is not finite."""
+    if not pending:
+        return {}
+    fetched = jax.device_get([m for _, m in pending])
+    for (step, _), metrics in zip(pending, fetched):
+        if not np.isfinite(metrics["loss"][0]):
+            raise _diverged(step, wd, last_saved)
+    return {name: float(value[0]) for name, value in fetched[-1].items()}
+
+
+def _diverged(step, wd, last_saved):
+    kept = (f"the last good checkpoint (step {last_saved}) is kept in {wd.checkpoints}"
+            if last_saved else "no checkpoint had been written")
+    return JaxRetrievalError(
+        f"training diverged: the loss is not finite at step {step}; {kept}. Lower "
+        "learning_rate or raise warmup_steps, then run again in a new workdir or this one "
+        "(it resumes from that checkpoint)")
+
+
+def _write_or_check_config(wd, config) -> None:
+    """Writes DIR/config.json; a workdir that holds another model is refused."""
+    if os.path.isfile(wd.config_path):
+        with open(wd.config_path) as f:
+            saved = config_from_json(f.read())
+        if model_config_hash(saved) != model_config_hash(config):
+            raise JaxRetrievalError(
+                f"workdir {wd.path!r} holds a model of another configuration (its "
+                f"config.json); use a new --workdir, or the same model settings to resume")
+    write_file_atomically(wd.config_path, config_to_json(config))

@@ -1,0 +1,10 @@
+"""`python -m train --config configs/default.py --workdir DIR [--config.KEY=VALUE ...]`.
+
+A thin entry point: `jaxretrieval.cli` parses the flags, `jaxretrieval.training` does the work.
+"""
+
+import sys
+
+from jaxretrieval.cli import main
+
+sys.exit(main(["train", *sys.argv[1:]]))
