@@ -21,9 +21,13 @@ class CheckpointStore:
     def __init__(self, directory: str, *, every_steps: int = 1, keep: int = 3,
                  asynchronous: bool = True, read_only: bool = False):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(
-            save_interval_steps=every_steps, max_to_keep=keep, create=not read_only,
-            read_only=read_only, enable_async_checkpointing=asynchronous)
+        if read_only:
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                                   enable_async_checkpointing=False)
+        else:
+            options = ocp.CheckpointManagerOptions(
+                save_interval_steps=every_steps, max_to_keep=keep,
+                enable_async_checkpointing=asynchronous)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:

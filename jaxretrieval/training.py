@@ -108,10 +108,6 @@ def train_and_evaluate(config, workdir: str, *, on_progress: Callable | None = N
 def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
     validate_config(config)
 
-    # ---------------------------------------------------------------- workdir
-    wd = Workdir(workdir)
-    _write_or_check_config(wd, config)
-
     # ---------------------------------------------------------------- devices
     devices = parallel.local_devices()
     if config.global_batch_size % len(devices):
@@ -119,6 +115,10 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
             f"bad config: global_batch_size={config.global_batch_size} does not divide over "
             f"{len(devices)} devices; use a multiple of {len(devices)}")
     logger.info("training on %d %s device(s)", len(devices), devices[0].platform)
+
+    # ---------------------------------------------------------------- workdir
+    wd = Workdir(workdir)
+    _write_or_check_config(wd, config)
 
     # ---------------------------------------------------------------- data
     dataset = load_dataset(config)
