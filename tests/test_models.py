@@ -1,0 +1,96 @@
+"""The seed CNN, its heads, and on-device augmentation."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from conftest import REPO
+from jaxretrieval.config import base_config, load_config_file
+from jaxretrieval.data.augment import augment_batch
+from jaxretrieval.models import GeM, build_model
+
+
+def init(config, num_classes=5, batch=2):
+    model = build_model(config, num_classes)
+    x = jnp.zeros((batch, config.image_size, config.image_size, config.channels))
+    variables = model.init(jax.random.PRNGKey(0), x)
+    return model, variables, x
+
+
+def test_seed_cnn_has_the_seed_layer_shapes():
+    config = load_config_file(os.path.join(REPO, "configs", "seed_cnn.py"))
+    model, variables, _ = init(config)
+    params = jax.tree.map(np.shape, variables["params"])
+    backbone = params["backbone"]
+    assert [backbone[f"Conv_{i}"]["kernel"] for i in range(3)] == [
+        (3, 3, 3, 32), (3, 3, 32, 64), (3, 3, 64, 128)]
+    # 224 -conv-> 222 -pool-> 111 -conv-> 109 -pool-> 54 -conv-> 52 -pool-> 26; flatten.
+    assert params["projection"]["kernel"] == (26 * 26 * 128, 128)
+
+
+def test_embeddings_are_unit_vectors_and_logits_have_one_column_per_class():
+    config = base_config()
+    model, variables, _ = init(config, num_classes=7, batch=3)
+    x = jax.random.uniform(jax.random.PRNGKey(1), (3, 32, 32, 1))
+    out = model.apply(variables, x)
+    assert out["embedding"].shape == (3, config.embedding_dim)
+    np.testing.assert_allclose(jnp.linalg.norm(out["embedding"], axis=1), 1.0, atol=1e-5)
+    assert out["logits"].shape == (3, 7)
+    assert float(jnp.abs(out["logits"]).max()) <= config.model.classifier_scale + 1e-4
+    embedding_only = model.apply(variables, x, method=model.embed)
+    np.testing.assert_allclose(embedding_only, out["embedding"], atol=1e-6)
+
+
+def test_every_pooling_runs():
+    for pooling in ("flatten", "avg", "max", "gem"):
+        config = base_config()
+        config.model.pooling = pooling
+        model, variables, x = init(config)
+        assert model.apply(variables, x)["embedding"].shape == (2, config.embedding_dim)
+
+
+def test_gem_is_average_at_p1_and_near_max_at_large_p():
+    x = jax.random.uniform(jax.random.PRNGKey(0), (2, 4, 4, 3)) + 0.1
+    at_1 = GeM(initial_p=1.0).apply({"params": {"p": jnp.array(1.0)}}, x)
+    np.testing.assert_allclose(at_1, x.mean(axis=(1, 2)), rtol=1e-5)
+    at_64 = GeM().apply({"params": {"p": jnp.array(64.0)}}, x)
+    np.testing.assert_allclose(at_64, x.max(axis=(1, 2)), rtol=0.05)
+
+
+def augment_config(**values):
+    config = ml_collections.ConfigDict(dict(
+        enabled=True, flip=False, max_rotation_degrees=0.0, max_translation=0.0,
+        brightness=0.0, contrast=0.0))
+    config.update(values)
+    return config
+
+
+def test_augmentation_with_zero_strength_is_the_identity():
+    x = jax.random.uniform(jax.random.PRNGKey(0), (4, 16, 16, 1))
+    out = augment_batch(jax.random.PRNGKey(1), x, augment_config())
+    np.testing.assert_allclose(out, x, atol=1e-5)
+
+
+def test_augmentation_changes_images_within_range_and_is_seeded():
+    x = jax.random.uniform(jax.random.PRNGKey(0), (4, 16, 16, 3))
+    config = augment_config(flip=True, max_rotation_degrees=10.0, max_translation=0.1,
+                            brightness=0.1, contrast=0.1)
+    a = augment_batch(jax.random.PRNGKey(1), x, config)
+    b = augment_batch(jax.random.PRNGKey(1), x, config)
+    c = augment_batch(jax.random.PRNGKey(2), x, config)
+    assert a.shape == x.shape
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    np.testing.assert_array_equal(a, b)
+    assert float(jnp.abs(a - x).mean()) > 0.01 and float(jnp.abs(a - c).mean()) > 0.01
+
+
+def test_a_flip_alone_mirrors_the_image():
+    x = jax.random.uniform(jax.random.PRNGKey(0), (16, 8, 8, 1))
+    out = augment_batch(jax.random.PRNGKey(3), x, augment_config(flip=True))
+    flipped = [bool(jnp.allclose(o, i[:, ::-1], atol=1e-5)) for o, i in zip(out, x)]
+    kept = [bool(jnp.allclose(o, i, atol=1e-5)) for o, i in zip(out, x)]
+    assert all(f or k for f, k in zip(flipped, kept))
+    assert any(flipped) and any(kept)

@@ -1,0 +1,115 @@
+"""The Python API over a trained workdir, the index it loads, and the command line."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import run_python
+from jaxretrieval.errors import JaxRetrievalError
+from jaxretrieval.evaluation import rebuild_index
+from jaxretrieval.index import Index
+from jaxretrieval.retriever import Retriever
+from jaxretrieval.workdir import Workdir
+
+
+def test_a_fresh_process_loads_embeds_and_searches(trained_workdir, data_dir):
+    workdir, _ = trained_workdir
+    code = (
+        "import sys, json, numpy as np\n"
+        "from sklearn.datasets import load_digits\n"
+        "from jaxretrieval import Retriever\n"
+        "r = Retriever.load(sys.argv[1])\n"
+        "images = np.round(load_digits().images[[5, 700]] * 255 / 16).astype(np.uint8)\n"
+        "vectors = r.embed(list(images[..., None]))\n"
+        "keys, scores = r.search(list(images[..., None]), k=10)\n"
+        "print(json.dumps({'norms': np.linalg.norm(vectors, axis=1).tolist(),\n"
+        "                  'shape': list(vectors.shape), 'dtype': str(vectors.dtype),\n"
+        "                  'keys': keys, 'scores': scores}))\n")
+    result = run_python(code, workdir, devices=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["shape"] == [2, 16] and out["dtype"] == "float32"
+    np.testing.assert_allclose(out["norms"], 1.0, atol=1e-5)
+    for row_keys, row_scores in zip(out["keys"], out["scores"]):
+        assert len(row_keys) == len(row_scores) == 10
+        assert all(isinstance(k, str) for k in row_keys)
+        assert row_scores == sorted(row_scores, reverse=True)
+    # Every image is in the index, so a gallery image finds itself first.
+    assert [k[0] for k in out["keys"]] == ["train/5", "train/700"]
+    assert out["scores"][0][0] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_search_takes_file_paths_thresholds_and_embeddings(trained_workdir, tmp_path):
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    workdir, _ = trained_workdir
+    retriever = Retriever.load(workdir)
+    pixels = np.round(load_digits().images[42] * 255 / 16).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "query.png")  # as stored: the same 8x8 pixels
+    keys, scores = retriever.search([str(tmp_path / "query.png")], k=5)
+    assert keys[0][0] == "train/42"
+    cut = (scores[0][1] + scores[0][2]) / 2
+    short_keys, short_scores = retriever.search([str(tmp_path / "query.png")], k=5, threshold=cut)
+    assert short_keys[0] == keys[0][:2] and min(short_scores[0]) >= cut
+    vector = retriever.embed([str(tmp_path / "query.png")])
+    assert retriever.search_embeddings(vector, k=5)[0] == keys
+
+
+def copy_workdir(workdir, tmp_path):
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    return copy
+
+
+def test_an_index_built_by_another_model_is_refused(trained_workdir, tmp_path):
+    workdir = copy_workdir(trained_workdir[0], tmp_path)
+    manifest_path = os.path.join(Workdir(workdir).index, "manifest.json")
+    manifest = json.load(open(manifest_path))
+    manifest["model_config_hash"] = "0123456789abcdef"
+    json.dump(manifest, open(manifest_path, "w"))
+    with pytest.raises(JaxRetrievalError, match="model_config_hash.*--eval_only"):
+        Retriever.load(workdir)
+
+
+def test_the_index_rebuilds_from_the_export_without_the_model(trained_workdir, tmp_path):
+    workdir = copy_workdir(trained_workdir[0], tmp_path)
+    wd = Workdir(workdir)
+    before = Index.load(wd.index)
+    queries = np.asarray(before.search_rows(np.eye(16, dtype=np.float32), 3)[0])
+    shutil.rmtree(wd.index)
+    shutil.rmtree(wd.checkpoints)
+    rebuild_index(workdir)
+    after = Index.load(wd.index)
+    assert after.manifest["checkpoint_step"] == before.manifest["checkpoint_step"] == 8
+    np.testing.assert_array_equal(after.search_rows(np.eye(16, dtype=np.float32), 3)[0], queries)
+
+
+def test_command_line_eval_only_and_search(trained_workdir, tmp_path):
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    workdir = copy_workdir(trained_workdir[0], tmp_path)
+    pixels = np.round(load_digits().images[9] * 255 / 16).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "nine.png")
+    code = ("import sys\nfrom jaxretrieval.cli import main\n"
+            "main(['train', '--eval_only', '--workdir', sys.argv[1]])\n"
+            "main(['search', '--workdir', sys.argv[1], '--k', '3', sys.argv[2]])\n")
+    result = run_python(code, workdir, tmp_path / "nine.png", devices=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "map@r" in result.stdout and "pixels" in result.stdout
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer["results"][0]["id"] == "train/9" and len(answer["results"]) == 3
+
+
+def test_command_line_bad_config_is_one_clear_error(tmp_path):
+    code = ("import sys\nfrom jaxretrieval.cli import main\n"
+            "sys.exit(main(['train', '--workdir', sys.argv[1], '--config.split=random']))\n")
+    result = run_python(code, tmp_path / "wd", devices=1)
+    assert result.returncode == 1
+    assert "error: bad config: split='random'; use one of" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not os.path.exists(tmp_path / "wd")
