@@ -37,6 +37,25 @@ def _quiet_dependencies():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+MIN_IMAGES_PER_CPU_DEVICE = 8
+
+
+def _use_one_cpu_device_per_core(global_batch_size: int) -> None:
+    """Exposes one XLA CPU device per core (up to what the batch feeds), before JAX starts.
+
+    XLA runs a CPU convolution on one thread; pmap over one device per core is what puts
+    every core to work (DESIGN.md). Accelerators are unaffected: this only shapes the host
+    platform. A count the user set in XLA_FLAGS wins.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" in flags or "jax" in sys.modules:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    most = max(1, min(cores or 1, global_batch_size // MIN_IMAGES_PER_CPU_DEVICE))
+    count = max(d for d in range(1, most + 1) if global_batch_size % d == 0)
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
 def _split_config_overrides(argv):
     """Separates `--config.KEY=VALUE` / `--config.KEY VALUE` from the other arguments."""
     overrides, rest, i = [], [], 0
@@ -89,19 +108,20 @@ def run_train(argv) -> int:
     parser.add_argument("--eval_only", action="store_true",
                         help="evaluate and index the workdir's latest checkpoint, no training")
     args = parser.parse_args(rest)
-
-    from jaxretrieval.evaluation import evaluate_and_index, metrics_table
-    from jaxretrieval.training import train
-
     if args.eval_only:
+        from jaxretrieval.evaluation import evaluate_and_index
         metrics = evaluate_and_index(args.workdir)
     else:
         config = resolve_config(args.config, args.workdir, overrides)
+        _use_one_cpu_device_per_core(config.global_batch_size)
+        from jaxretrieval.evaluation import evaluate_and_index
+        from jaxretrieval.training import train
         with _ProgressBar() as bar:
             train(config, args.workdir, on_progress=bar.update)
         metrics = evaluate_and_index(args.workdir)
     print(f"\nretrieval on {metrics['dataset']} ({metrics['split']}, "
           f"{metrics['num_queries']} queries), checkpoint step {metrics['checkpoint_step']}:")
+    from jaxretrieval.evaluation import metrics_table
     print(metrics_table(metrics))
     print(f"\nworkdir: {os.path.abspath(args.workdir)}")
     return 0
