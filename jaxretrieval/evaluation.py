@@ -6,11 +6,9 @@ without the model.
 """
 
 import logging
-import os
 
 import numpy as np
 
-from jaxretrieval.config import config_from_json
 from jaxretrieval.data.sources import load_dataset
 from jaxretrieval.data.splits import make_split
 from jaxretrieval.embed import (EmbeddingExport, Embedder, load_embedding_export,
@@ -91,12 +89,6 @@ def rebuild_index(workdir: str) -> Index:
     return index
 
 
-def load_run_config(workdir: str):
-    wd = Workdir(workdir)
-    with open(wd.config_path) as f:
-        return config_from_json(f.read())
-
-
 def metrics_table(metrics: dict) -> str:
     """The model's metrics beside the raw-pixel baseline's, one row per metric."""
     names = [n for n in ("recall@1", "recall@5", "recall@10", "map@r", "r_precision")
@@ -107,7 +99,3 @@ def metrics_table(metrics: dict) -> str:
         lines.append(f"{name:<12} {metrics[name]:>8.4f} {pixel:>8.4f}")
     return "\n".join(lines)
 
-
-__all__ = ["evaluate_and_index", "rebuild_index", "evaluate_split", "embed_dataset",
-           "metrics_table", "load_run_config"]
-_ = os  # noqa: keep the import list stable for later evaluators

@@ -24,11 +24,11 @@ import math
 import operator
 import os
 import shutil
-import tempfile
 
 import numpy as np
 
 from jaxretrieval.errors import JaxRetrievalError
+from jaxretrieval.workdir import new_sibling_directory, swap_in
 
 FORMAT_VERSION = 1
 EXACT_SEARCH_MAX_COUNT = 20_000  # above this, tree + asymmetric hashing + reordering
@@ -235,24 +235,6 @@ def _write_json(path, value):
         file.write("\n")
 
 
-def _swap_into_place(new_directory, directory):
-    """Renames `new_directory` to `directory`, replacing any old one."""
-    if not os.path.lexists(directory):
-        os.rename(new_directory, directory)
-        return
-    parent, name = os.path.split(directory)
-    old_directory = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-    # rename() over an existing non-empty directory fails, so move the old
-    # index aside first and put it back if the new one cannot take its place.
-    os.rename(directory, old_directory)
-    try:
-        os.rename(new_directory, directory)
-    except BaseException:
-        os.rename(old_directory, directory)
-        raise
-    shutil.rmtree(old_directory, ignore_errors=True)
-
-
 class Index:
     """A ScaNN searcher over a gallery, plus its keys and manifest.
 
@@ -447,7 +429,6 @@ class Index:
         If saving fails, an index already at `directory` is left untouched.
         """
         directory = os.path.abspath(os.fspath(directory))
-        parent, name = os.path.split(directory)
         if os.path.lexists(directory):
             if not os.path.isdir(directory):
                 raise JaxRetrievalError(
@@ -460,8 +441,7 @@ class Index:
                     f"cannot save the index to {directory}: it is a non-empty "
                     "directory without an index in it; choose another path "
                     "or empty it")
-        os.makedirs(parent, exist_ok=True)
-        new_directory = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+        new_directory = new_sibling_directory(directory)
         try:
             scann_dir = os.path.join(new_directory, SCANN_DIR)
             os.mkdir(scann_dir)
@@ -472,7 +452,7 @@ class Index:
             if self._sources is not None:
                 _write_json(os.path.join(new_directory, SOURCES_FILE), self._sources)
             _write_json(os.path.join(new_directory, MANIFEST_FILE), self._manifest)
-            _swap_into_place(new_directory, directory)
+            swap_in(new_directory, directory)
         except BaseException:
             shutil.rmtree(new_directory, ignore_errors=True)
             raise

@@ -5,7 +5,6 @@ update step, checkpoint, loop. Progress goes to `logging`, to `DIR/metrics.jsonl
 an optional `on_progress(dict)` callback that entry points render (a progress bar).
 """
 
-import json
 import logging
 import os
 import time

@@ -1,7 +1,6 @@
 """Image sources (folder, digits as TFDS), splits and batch order."""
 
 import os
-import shutil
 
 import numpy as np
 import pytest

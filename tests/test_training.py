@@ -66,7 +66,7 @@ class _Killed(Exception):
 
 def test_a_stopped_and_resumed_run_ends_where_an_unbroken_one_does(tmp_path, data_dir):
     config = tiny_config(data_dir, num_train_steps=10, log_every_steps=1,
-                         checkpoint_every_steps=4)
+                         checkpoint_every_steps=4, checkpoints_to_keep=2)
     train(config, str(tmp_path / "unbroken"))
 
     def kill_at_step_6(event):
@@ -82,6 +82,9 @@ def test_a_stopped_and_resumed_run_ends_where_an_unbroken_one_does(tmp_path, dat
     step_b, params_b = final_params(tmp_path / "resumed")
     assert step_a == step_b == 10
     assert_trees_close(params_a, params_b, atol=1e-6)
+    # Saved every 4 steps and at the end, the last 2 kept.
+    assert sorted(int(name) for name in os.listdir(Workdir(tmp_path / "unbroken").checkpoints)
+                  if name.isdigit()) == [8, 10]
     with open(Workdir(tmp_path / "resumed").train_log_path) as f:
         assert [json.loads(line)["step"] for line in f] == list(range(1, 11))
 
