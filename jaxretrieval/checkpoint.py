@@ -7,6 +7,7 @@ restores on 1, or on a machine without the accelerator it was trained on.
 import logging
 import os
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -21,6 +22,7 @@ class CheckpointStore:
     def __init__(self, directory: str, *, every_steps: int = 1, keep: int = 3,
                  asynchronous: bool = True, read_only: bool = False):
         self.directory = os.path.abspath(directory)
+        self.every_steps = every_steps
         if read_only:
             options = ocp.CheckpointManagerOptions(read_only=True, create=False,
                                                    enable_async_checkpointing=False)
@@ -34,12 +36,13 @@ class CheckpointStore:
         return self._manager.latest_step()
 
     def should_save(self, step: int) -> bool:
-        """Whether `step` is due for a save under `every_steps`."""
-        return self._manager.should_save(step)
+        """Whether `step` is due for a save: every `every_steps` steps (never step 1 for free,
+        as Orbax's default policy would)."""
+        return step % self.every_steps == 0
 
-    def save(self, step: int, state, *, force: bool = False) -> bool:
-        """Starts saving host pytree `state` at `step` if due (or `force`); True if started."""
-        return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    def save(self, step: int, state) -> None:
+        """Starts saving host pytree `state` at `step`, in the background."""
+        self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
     def restore(self, step: int | None = None, target=None):
         """The state at `step` (default: latest), shaped like `target` when given."""
@@ -48,8 +51,18 @@ class CheckpointStore:
             raise JaxRetrievalError(
                 f"no checkpoint in {self.directory}: train first with python -m train")
         args = ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
-        restored = self._manager.restore(step, args=args)
-        return _to_host(restored)
+        restored = _to_host(self._manager.restore(step, args=args))
+        if target is not None:
+            # Orbax restores what was saved even when the target's shapes differ; a mismatch
+            # means the checkpoint belongs to another model.
+            for (path, want), got in zip(jax.tree_util.tree_flatten_with_path(target)[0],
+                                         jax.tree.leaves(restored)):
+                if np.shape(want) != np.shape(got):
+                    raise JaxRetrievalError(
+                        f"the checkpoint at step {step} in {self.directory} does not fit this "
+                        f"model ({jax.tree_util.keystr(path)}: {np.shape(got)} saved, "
+                        f"{np.shape(want)} expected); train in a new workdir")
+        return restored
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk."""
@@ -66,7 +79,6 @@ class CheckpointStore:
 
 
 def _to_host(tree):
-    import jax
     return jax.tree.map(np.asarray, tree)
 
 

@@ -81,12 +81,11 @@ def resolve_config(config_path, workdir, overrides):
     from jaxretrieval import config as config_lib
     from jaxretrieval.workdir import Workdir
 
-    saved = Workdir(workdir).config_path
+    wd = Workdir(workdir)
     if config_path:
         config = config_lib.load_config_file(config_path)
-    elif os.path.isfile(saved):
-        with open(saved) as f:
-            config = config_lib.config_from_json(f.read())
+    elif os.path.isfile(wd.config_path):
+        config = wd.read_config()
     else:
         config = config_lib.base_config()
     for key, value in overrides:
@@ -109,6 +108,11 @@ def run_train(argv) -> int:
                         help="evaluate and index the workdir's latest checkpoint, no training")
     args = parser.parse_args(rest)
     if args.eval_only:
+        if args.config or overrides:
+            from jaxretrieval.errors import JaxRetrievalError
+            raise JaxRetrievalError(
+                "--eval_only evaluates the workdir's own run (its config.json); drop --config "
+                "and --config.KEY flags, or train a new workdir with them")
         from jaxretrieval.evaluation import evaluate_and_index
         metrics = evaluate_and_index(args.workdir)
     else:

@@ -19,6 +19,9 @@ PARALLEL_WRAPPERS = ("pmap", "shard_map")
 # The keys that decide the network's shape and its input: a checkpoint, an embedding export
 # and an index belong together only when these agree.
 MODEL_KEYS = ("image_size", "channels", "embedding_dim", "model")
+# With the model keys, the keys that make a checkpoint this run's: another dataset, split or
+# seed trains on other images (and often another number of classes).
+RUN_KEYS = MODEL_KEYS + ("dataset", "label_key", "split", "query_fraction", "seed")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -80,10 +83,16 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
             f"config file {path!r} not found: pass --config with the path of a file in configs/")
     spec = importlib.util.spec_from_file_location("_jaxretrieval_config", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise JaxRetrievalError(f"config file {path!r} defines no get_config()")
-    return module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise JaxRetrievalError(f"config file {path!r} defines no get_config()")
+        return module.get_config()
+    except JaxRetrievalError:
+        raise
+    except Exception as err:  # the file is user code: report where it failed
+        raise JaxRetrievalError(
+            f"config file {path!r} failed: {type(err).__name__}: {err}") from err
 
 
 def apply_override(config: ml_collections.ConfigDict, dotted_key: str, text: str) -> None:
@@ -136,7 +145,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise JaxRetrievalError(f"bad config: {message}")
 
     dataset = config.dataset
-    if not (dataset == "digits" or dataset.startswith("tfds:") or dataset.startswith("folder:")):
+    kind, _, argument = dataset.partition(":")
+    if not (dataset == "digits" or (kind in ("tfds", "folder") and argument)):
         fail(f"dataset={dataset!r}; use digits, tfds:NAME or folder:PATH")
     if config.split not in SPLITS:
         fail(f"split={config.split!r}; use one of {', '.join(SPLITS)}")
@@ -166,13 +176,24 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                  "embed_batch_size"):
         if config[name] < 1:
             fail(f"{name}={config[name]}; use a positive integer")
-    if config.warmup_steps < 0 or config.learning_rate <= 0:
-        fail("learning_rate must be positive and warmup_steps not negative")
+    if config.warmup_steps < 0 or config.learning_rate <= 0 or config.weight_decay < 0:
+        fail("learning_rate must be positive, warmup_steps and weight_decay not negative")
+    m = config.model
+    if not m.widths or min(m.widths) < 1 or m.kernel_size < 1 or m.hidden_dim < 0:
+        fail("model.widths needs at least one positive width, model.kernel_size >= 1 and "
+             "model.hidden_dim >= 0")
+    if m.classifier_scale <= 0:
+        fail(f"model.classifier_scale={m.classifier_scale}; use a positive number")
+    a = config.augment
+    if not (0 <= a.max_translation < 0.5 and 0 <= a.contrast < 1 and 0 <= a.brightness <= 1
+            and 0 <= a.max_rotation_degrees <= 180):
+        fail("augment: use 0 <= max_translation < 0.5, 0 <= contrast < 1, "
+             "0 <= brightness <= 1 and 0 <= max_rotation_degrees <= 180")
 
 
-def model_config_hash(config: ml_collections.ConfigDict) -> str:
-    """A short digest of the keys that decide the model (MODEL_KEYS)."""
-    subset = {key: config[key] for key in MODEL_KEYS}
+def model_config_hash(config: ml_collections.ConfigDict, keys=MODEL_KEYS) -> str:
+    """A short digest of the keys that decide the model (MODEL_KEYS), or of other `keys`."""
+    subset = {key: config[key] for key in keys}
     text = json.dumps(ml_collections.ConfigDict(subset).to_dict(), sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -13,12 +13,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxretrieval import parallel
 from jaxretrieval.checkpoint import open_for_reading
-from jaxretrieval.config import config_from_json, model_config_hash
+from jaxretrieval.config import model_config_hash
 from jaxretrieval.data.augment import preprocess
 from jaxretrieval.data.images import load_images
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.models import build_model
-from jaxretrieval.workdir import Workdir, new_sibling_directory, swap_in
+from jaxretrieval.workdir import Workdir, new_sibling_directory, recover_interrupted_swap, swap_in
 
 
 class Embedder:
@@ -48,13 +48,7 @@ class Embedder:
     @classmethod
     def from_workdir(cls, workdir: str, step: int | None = None, devices=None) -> "Embedder":
         """Loads `DIR/config.json` and the checkpoint at `step` (default: the latest)."""
-        wd = Workdir(workdir)
-        if not os.path.isfile(wd.config_path):
-            raise JaxRetrievalError(
-                f"{workdir!r} is not a training workdir (no config.json): train into it with "
-                f"`python -m train --workdir {workdir}`")
-        with open(wd.config_path) as f:
-            config = config_from_json(f.read())
+        config = Workdir(workdir).read_config()
         store = open_for_reading(workdir)
         try:
             step = store.latest_step() if step is None else step
@@ -67,9 +61,10 @@ class Embedder:
     def embed_uint8(self, images: np.ndarray) -> np.ndarray:
         """uint8 [n, size, size, channels] -> float32 [n, embedding_dim]."""
         expected = (self.config.image_size, self.config.image_size, self.config.channels)
-        if images.ndim != 4 or images.shape[1:] != expected:
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected:
             raise JaxRetrievalError(
-                f"images of shape {images.shape[1:]} given; this model takes {expected}: pass "
+                f"{images.dtype} images of shape {images.shape[1:]} given; this model takes "
+                f"uint8 {expected}: pass "
                 "them through Embedder.embed, which resizes and converts any image")
         out = np.empty((len(images), self.embedding_dim), np.float32)
         largest = self._buckets[-1]
@@ -130,6 +125,7 @@ def save_embedding_export(directory: str, export: EmbeddingExport) -> None:
 
 
 def load_embedding_export(directory: str) -> EmbeddingExport:
+    recover_interrupted_swap(directory)
     if not os.path.isfile(os.path.join(directory, "export.json")):
         raise JaxRetrievalError(
             f"no embedding export in {directory!r}: run `python -m train --eval_only "
@@ -140,7 +136,14 @@ def load_embedding_export(directory: str) -> EmbeddingExport:
     for name in ("keys", "sources", "export"):
         with open(os.path.join(directory, f"{name}.json")) as f:
             loaded[name] = json.load(f)
-    return EmbeddingExport(
+    export = EmbeddingExport(
         embeddings=np.asarray(arrays["embeddings"], np.float32),
-        rows=np.asarray(arrays["rows"], np.int64), labels=np.asarray(arrays["labels"], np.int64),
+        rows=np.asarray(arrays["rows"]), labels=np.asarray(arrays["labels"]),
         keys=loaded["keys"], sources=loaded["sources"], metadata=loaded["export"])
+    count = export.metadata.get("count")
+    if not (len(export.embeddings) == len(export.rows) == len(export.labels)
+            == len(export.keys) == len(export.sources) == count):
+        raise JaxRetrievalError(
+            f"the embedding export in {directory!r} is inconsistent (its arrays, keys and "
+            "count differ): rewrite it with `python -m train --eval_only --workdir DIR`")
+    return export

@@ -43,13 +43,10 @@ def evaluate_and_index(workdir: str) -> dict:
                   "dataset": config.dataset, "data_dir": config.data_dir}))
 
     split = make_split(dataset.labels, config.split, seed=config.seed,
-                       query_fraction=config.query_fraction)
+                       query_fraction=config.query_fraction, num_classes=dataset.num_classes)
     metrics = evaluate_split(embeddings, dataset.labels, split)
-    eval_rows = np.union1d(split.query_rows, split.gallery_rows)
-    pixels = np.zeros((len(dataset), int(np.prod(dataset.images([0]).shape[1:]))), np.float32)
-    pixels[eval_rows] = pixel_embeddings(dataset.images(eval_rows))
     metrics.update({PIXEL_PREFIX + name: value
-                    for name, value in evaluate_split(pixels, dataset.labels, split).items()})
+                    for name, value in evaluate_pixels(dataset, split).items()})
     metrics.update(checkpoint_step=embedder.checkpoint_step, split=config.split,
                    dataset=config.dataset)
     write_json_atomically(wd.metrics_path, metrics)
@@ -71,6 +68,17 @@ def evaluate_split(embeddings: np.ndarray, labels: np.ndarray, split) -> dict:
     """Recall@1/5/10, MAP@R and R-precision of the split's queries against its gallery."""
     return retrieval_metrics(embeddings[split.query_rows], labels[split.query_rows],
                              embeddings[split.gallery_rows], labels[split.gallery_rows],
+                             query_gallery_rows=split.query_gallery_rows)
+
+
+def evaluate_pixels(dataset, split) -> dict:
+    """The raw-pixel baseline on the same split: cosine of mean-centred pixels."""
+    eval_rows = np.union1d(split.query_rows, split.gallery_rows)  # sorted; only these are read
+    pixels = pixel_embeddings(dataset.images(eval_rows))
+    queries = np.searchsorted(eval_rows, split.query_rows)
+    gallery = np.searchsorted(eval_rows, split.gallery_rows)
+    return retrieval_metrics(pixels[queries], dataset.labels[split.query_rows],
+                             pixels[gallery], dataset.labels[split.gallery_rows],
                              query_gallery_rows=split.query_gallery_rows)
 
 

@@ -28,7 +28,7 @@ import shutil
 import numpy as np
 
 from jaxretrieval.errors import JaxRetrievalError
-from jaxretrieval.workdir import new_sibling_directory, swap_in
+from jaxretrieval.workdir import new_sibling_directory, recover_interrupted_swap, swap_in
 
 FORMAT_VERSION = 1
 EXACT_SEARCH_MAX_COUNT = 20_000  # above this, tree + asymmetric hashing + reordering
@@ -466,6 +466,7 @@ class Index:
         an error telling the user to rebuild the index.
         """
         directory = os.fspath(directory)
+        recover_interrupted_swap(directory)
         if not os.path.isdir(directory):
             raise JaxRetrievalError(
                 f"no index at {directory}: build it with "

@@ -18,7 +18,7 @@ import optax
 
 from jaxretrieval import parallel
 from jaxretrieval.checkpoint import CheckpointStore
-from jaxretrieval.config import config_from_json, config_to_json, model_config_hash, validate_config
+from jaxretrieval.config import RUN_KEYS, config_to_json, model_config_hash, validate_config
 from jaxretrieval.data.augment import augment_batch, preprocess
 from jaxretrieval.data.sources import load_dataset
 from jaxretrieval.data.splits import batch_rows, make_split
@@ -45,7 +45,9 @@ def make_optimizer(config):
         # optax counts the warm-up inside decay_steps; keep at least one decaying step.
         warmup_steps=min(config.warmup_steps, config.num_train_steps - 1),
         decay_steps=config.num_train_steps, end_value=config.learning_rate * 0.01)
-    return optax.adamw(schedule, weight_decay=config.weight_decay), schedule
+    # Decay weights only: not biases, BatchNorm scales or GeM's exponent (all 0- or 1-D).
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    return optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask), schedule
 
 
 def create_train_state(config, model, optimizer) -> TrainState:
@@ -65,11 +67,16 @@ def make_train_step(model, optimizer, config) -> Callable:
     augment_config = config.augment
 
     def train_step(state: TrainState, batch):
-        device_index = jax.lax.axis_index(parallel.DEVICE_AXIS)
-        rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), device_index)
         images = preprocess(batch["images"])
         if augment_config.enabled:
-            images = augment_batch(rng, images, augment_config)
+            # One key per example of the global batch, so the run does not depend on how
+            # many devices share the batch.
+            per_device = images.shape[0]
+            keys = jax.random.split(jax.random.fold_in(state.rng, state.step),
+                                    config.global_batch_size)
+            keys = jax.lax.dynamic_slice_in_dim(
+                keys, jax.lax.axis_index(parallel.DEVICE_AXIS) * per_device, per_device)
+            images = augment_batch(keys, images, augment_config)
 
         def loss_fn(params):
             outputs, updates = model.apply(
@@ -122,7 +129,7 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
     # ---------------------------------------------------------------- data
     dataset = load_dataset(config)
     split = make_split(dataset.labels, config.split, seed=config.seed,
-                       query_fraction=config.query_fraction)
+                       query_fraction=config.query_fraction, num_classes=dataset.num_classes)
     logger.info("%s: %d images, %d classes; %d for training (%d classes)", dataset.name,
                  len(dataset), dataset.num_classes, len(split.train_rows), split.num_train_classes)
 
@@ -170,7 +177,7 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
 
             is_last = done == total_steps
             if done % config.log_every_steps == 0 or is_last:
-                host_metrics = _check_finite(pending, wd, last_saved)
+                host_metrics = _fetch_step_metrics(pending, wd, last_saved)
                 pending = []
                 elapsed = time.perf_counter() - interval_start
                 images_per_sec = (interval_steps * config.global_batch_size / elapsed
@@ -185,19 +192,20 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
                 interval_start, interval_steps = time.perf_counter(), 0
 
             if store.should_save(done) or is_last:
-                _check_finite(pending, wd, last_saved)
+                _fetch_step_metrics(pending, wd, last_saved)
                 pending = []
                 host_state = parallel.unreplicate(state)
-                if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(host_state.params)):
-                    raise _diverged(done, wd, last_saved)
-                store.save(done, host_state, force=is_last)
+                if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(host_state)
+                           if np.issubdtype(x.dtype, np.floating)):
+                    raise _diverged(done, wd, last_saved, what="the model or optimiser state")
+                store.save(done, host_state)
                 last_saved = done
     finally:
         store.wait()  # a checkpoint that was started is always finished
         store.close()
 
 
-def _check_finite(pending, wd, last_saved) -> dict:
+def _fetch_step_metrics(pending, wd, last_saved) -> dict:
     """Fetches pending step metrics; raises naming the first step whose loss is not finite."""
     if not pending:
         return {}
@@ -208,11 +216,11 @@ def _check_finite(pending, wd, last_saved) -> dict:
     return {name: float(value[0]) for name, value in fetched[-1].items()}
 
 
-def _diverged(step, wd, last_saved):
+def _diverged(step, wd, last_saved, what="the loss"):
     kept = (f"the last good checkpoint (step {last_saved}) is kept in {wd.checkpoints}"
             if last_saved else "no checkpoint had been written")
     return JaxRetrievalError(
-        f"training diverged: the loss is not finite at step {step}; {kept}. Lower "
+        f"training diverged: {what} is not finite at step {step}; {kept}. Lower "
         "learning_rate or raise warmup_steps, then run again in a new workdir or this one "
         "(it resumes from that checkpoint)")
 
@@ -220,10 +228,11 @@ def _diverged(step, wd, last_saved):
 def _write_or_check_config(wd, config) -> None:
     """Writes DIR/config.json; a workdir that holds another model is refused."""
     if os.path.isfile(wd.config_path):
-        with open(wd.config_path) as f:
-            saved = config_from_json(f.read())
-        if model_config_hash(saved) != model_config_hash(config):
+        saved = wd.read_config()
+        differing = [key for key in RUN_KEYS
+                     if model_config_hash(saved, (key,)) != model_config_hash(config, (key,))]
+        if differing:
             raise JaxRetrievalError(
-                f"workdir {wd.path!r} holds a model of another configuration (its "
-                f"config.json); use a new --workdir, or the same model settings to resume")
+                f"workdir {wd.path!r} holds a run of another configuration ({', '.join(differing)} "
+                "differ from its config.json); use a new --workdir, or the same settings to resume")
     write_file_atomically(wd.config_path, config_to_json(config))

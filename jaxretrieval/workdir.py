@@ -5,6 +5,8 @@ import math
 import os
 import tempfile
 
+from jaxretrieval.errors import JaxRetrievalError
+
 
 def write_file_atomically(path: str, text: str) -> None:
     """Writes `text` to a temporary file beside `path`, then renames it into place."""
@@ -57,6 +59,17 @@ class Workdir:
     def train_log_path(self):
         return os.path.join(self.path, "metrics.jsonl")
 
+    def read_config(self):
+        """The run's config from DIR/config.json."""
+        from jaxretrieval.config import config_from_json
+
+        if not os.path.isfile(self.config_path):
+            raise JaxRetrievalError(
+                f"{self.path!r} is not a training workdir (no config.json): train into it "
+                f"with `python -m train --workdir {self.path}`")
+        with open(self.config_path) as f:
+            return config_from_json(f.read())
+
     def append_train_log(self, record: dict) -> None:
         """One line of metrics.jsonl (non-finite numbers become null, so it stays JSON)."""
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
@@ -71,9 +84,16 @@ class Workdir:
             return
         with open(self.train_log_path) as f:
             lines = [line for line in f if line.strip()]
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= after_step]
+        kept = [line for line in lines if _logged_step(line) <= after_step]
         if len(kept) != len(lines):
             write_file_atomically(self.train_log_path, "".join(kept))
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return math.inf  # a line cut short by a kill: drop it
 
 
 def new_sibling_directory(final_dir: str) -> str:
@@ -86,10 +106,13 @@ def new_sibling_directory(final_dir: str) -> str:
 def swap_in(tmp_dir: str, final_dir: str) -> None:
     """Replaces `final_dir` by the finished `tmp_dir`; the old one is removed only after.
 
-    Either the old or the new directory is in place at every moment, never a half-written one.
+    `final_dir` never holds a half-written directory. Between the two renames it is briefly
+    absent; a process killed right there leaves the old copy beside it, which
+    `recover_interrupted_swap` (called by every reader and by the next swap) puts back.
     """
     import shutil
 
+    recover_interrupted_swap(final_dir)
     old = None
     if os.path.exists(final_dir):
         old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(final_dir)),
@@ -104,3 +127,15 @@ def swap_in(tmp_dir: str, final_dir: str) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_interrupted_swap(final_dir: str) -> None:
+    """Puts back the old copy of `final_dir` if a swap was killed between its two renames."""
+    if os.path.exists(final_dir):
+        return
+    parent = os.path.dirname(os.path.abspath(final_dir))
+    prefix = f".{os.path.basename(final_dir)}.old-"
+    leftovers = sorted((e for e in os.scandir(parent) if e.name.startswith(prefix))
+                       if os.path.isdir(parent) else [], key=lambda e: e.stat().st_mtime)
+    if leftovers:
+        os.rename(leftovers[-1].path, final_dir)

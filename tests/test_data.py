@@ -119,3 +119,21 @@ def test_load_images_takes_paths_arrays_and_any_channel_count(tmp_path):
         load_images([np.zeros((4, 4, 2), np.uint8)], 8, 1)
     with pytest.raises(JaxRetrievalError, match="not found"):
         load_images([str(tmp_path / "nope.png")], 8, 1)
+
+
+def test_an_interrupted_directory_swap_is_undone_by_the_next_reader(tmp_path):
+    from jaxretrieval.workdir import new_sibling_directory, recover_interrupted_swap, swap_in
+
+    final = str(tmp_path / "index")
+    first = new_sibling_directory(final)
+    open(os.path.join(first, "v"), "w").write("1")
+    swap_in(first, final)
+    second = new_sibling_directory(final)
+    open(os.path.join(second, "v"), "w").write("2")
+    swap_in(second, final)
+    assert open(os.path.join(final, "v")).read() == "2"
+    assert os.listdir(tmp_path) == ["index"]  # no temporary or old copies left
+    # A kill between the swap's two renames: the old copy sits aside, the final name is gone.
+    os.rename(final, str(tmp_path / ".index.old-abc"))
+    recover_interrupted_swap(final)
+    assert open(os.path.join(final, "v")).read() == "2"

@@ -9,7 +9,7 @@ import numpy as np
 
 from conftest import REPO
 from jaxretrieval.config import base_config, load_config_file
-from jaxretrieval.data.augment import augment_batch
+from jaxretrieval.data.augment import augment_batch, warp_image
 from jaxretrieval.models import GeM, build_model
 
 
@@ -60,6 +60,10 @@ def test_gem_is_average_at_p1_and_near_max_at_large_p():
     np.testing.assert_allclose(at_64, x.max(axis=(1, 2)), rtol=0.05)
 
 
+def keys(seed, count):
+    return jax.random.split(jax.random.PRNGKey(seed), count)
+
+
 def augment_config(**values):
     config = ml_collections.ConfigDict(dict(
         enabled=True, flip=False, max_rotation_degrees=0.0, max_translation=0.0,
@@ -70,7 +74,7 @@ def augment_config(**values):
 
 def test_augmentation_with_zero_strength_is_the_identity():
     x = jax.random.uniform(jax.random.PRNGKey(0), (4, 16, 16, 1))
-    out = augment_batch(jax.random.PRNGKey(1), x, augment_config())
+    out = augment_batch(keys(1, 4), x, augment_config())
     np.testing.assert_allclose(out, x, atol=1e-5)
 
 
@@ -78,9 +82,9 @@ def test_augmentation_changes_images_within_range_and_is_seeded():
     x = jax.random.uniform(jax.random.PRNGKey(0), (4, 16, 16, 3))
     config = augment_config(flip=True, max_rotation_degrees=10.0, max_translation=0.1,
                             brightness=0.1, contrast=0.1)
-    a = augment_batch(jax.random.PRNGKey(1), x, config)
-    b = augment_batch(jax.random.PRNGKey(1), x, config)
-    c = augment_batch(jax.random.PRNGKey(2), x, config)
+    a = augment_batch(keys(1, 4), x, config)
+    b = augment_batch(keys(1, 4), x, config)
+    c = augment_batch(keys(2, 4), x, config)
     assert a.shape == x.shape
     assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
     np.testing.assert_array_equal(a, b)
@@ -89,8 +93,30 @@ def test_augmentation_changes_images_within_range_and_is_seeded():
 
 def test_a_flip_alone_mirrors_the_image():
     x = jax.random.uniform(jax.random.PRNGKey(0), (16, 8, 8, 1))
-    out = augment_batch(jax.random.PRNGKey(3), x, augment_config(flip=True))
+    out = augment_batch(keys(3, 16), x, augment_config(flip=True))
     flipped = [bool(jnp.allclose(o, i[:, ::-1], atol=1e-5)) for o, i in zip(out, x)]
     kept = [bool(jnp.allclose(o, i, atol=1e-5)) for o, i in zip(out, x)]
     assert all(f or k for f, k in zip(flipped, kept))
     assert any(flipped) and any(kept)
+
+
+def one_hot_image(row, col, size=9):
+    return jnp.zeros((size, size, 1)).at[row, col, 0].set(1.0)
+
+
+def lit_pixel(image):
+    return tuple(int(i) for i in np.unravel_index(np.argmax(image[..., 0]), image.shape[:2]))
+
+
+def test_warp_moves_pixels_where_the_geometry_says():
+    image = one_hot_image(2, 4)  # two rows above the centre (4, 4)
+    no_shift = jnp.zeros(2)
+    assert lit_pixel(warp_image(image, 0.0, jnp.array([1.0, 0.0]), False)) == (3, 4)
+    assert lit_pixel(warp_image(image, 0.0, jnp.array([0.0, -2.0]), False)) == (2, 2)
+    assert lit_pixel(warp_image(one_hot_image(2, 1), 0.0, no_shift, True)) == (2, 7)
+    # A quarter turn either way keeps the distance to the centre: the pixel lands beside it.
+    quarter = {lit_pixel(warp_image(image, s * np.pi / 2, no_shift, False)) for s in (1, -1)}
+    assert quarter == {(4, 2), (4, 6)}
+    half = warp_image(image, np.pi, no_shift, False)
+    assert lit_pixel(half) == (6, 4)
+    np.testing.assert_allclose(float(half.sum()), 1.0, atol=1e-4)

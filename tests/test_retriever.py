@@ -96,13 +96,16 @@ def test_command_line_eval_only_and_search(trained_workdir, tmp_path):
     pixels = np.round(load_digits().images[9] * 255 / 16).astype(np.uint8)
     Image.fromarray(pixels).save(tmp_path / "nine.png")
     code = ("import sys\nfrom jaxretrieval.cli import main\n"
-            "main(['train', '--eval_only', '--workdir', sys.argv[1]])\n"
-            "main(['search', '--workdir', sys.argv[1], '--k', '3', sys.argv[2]])\n")
+            "assert main(['train', '--eval_only', '--workdir', sys.argv[1]]) == 0\n"
+            "assert main(['search', '--workdir', sys.argv[1], '--k', '3', sys.argv[2]]) == 0\n"
+            "assert main(['train', '--eval_only', '--workdir', sys.argv[1],\n"
+            "             '--config.seed=3']) == 1\n")
     result = run_python(code, workdir, tmp_path / "nine.png", devices=1)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "map@r" in result.stdout and "pixels" in result.stdout
     answer = json.loads(result.stdout.strip().splitlines()[-1])
     assert answer["results"][0]["id"] == "train/9" and len(answer["results"]) == 3
+    assert "--eval_only evaluates the workdir's own run" in result.stderr
 
 
 def test_command_line_bad_config_is_one_clear_error(tmp_path):

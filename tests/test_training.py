@@ -134,10 +134,15 @@ def test_a_batch_that_does_not_divide_over_the_devices_is_refused(tmp_path, data
     assert not os.path.exists(Workdir(tmp_path / "wd").checkpoints)
 
 
-def test_a_workdir_of_another_model_is_refused(tmp_path, data_dir):
+def test_a_workdir_of_another_run_is_refused(tmp_path, data_dir):
     train(tiny_config(data_dir, num_train_steps=2), str(tmp_path / "wd"))
-    with pytest.raises(JaxRetrievalError, match="another configuration"):
+    config_before = open(Workdir(tmp_path / "wd").config_path).read()
+    with pytest.raises(JaxRetrievalError, match=r"another configuration \(embedding_dim"):
         train(tiny_config(data_dir, num_train_steps=2, embedding_dim=8), str(tmp_path / "wd"))
+    with pytest.raises(JaxRetrievalError, match=r"another configuration \(split"):
+        train(tiny_config(data_dir, num_train_steps=2, split="unseen_classes"),
+              str(tmp_path / "wd"))
+    assert open(Workdir(tmp_path / "wd").config_path).read() == config_before
 
 
 def test_embedding_export_holds_every_item_with_keys_and_sources(trained_workdir):

@@ -9,12 +9,11 @@ def preprocess(images_uint8: jax.Array) -> jax.Array:
     return images_uint8.astype(jnp.float32) * (1.0 / 255.0)
 
 
-def augment_batch(rng: jax.Array, images: jax.Array, augment_config) -> jax.Array:
+def augment_batch(keys: jax.Array, images: jax.Array, augment_config) -> jax.Array:
     """Randomly flips, rotates, translates and changes brightness/contrast of each image.
 
-    images: float32 [B, H, W, C] in [0, 1]. Each image draws its own parameters from `rng`.
+    images: float32 [B, H, W, C] in [0, 1]; keys: [B] PRNG keys, one per image.
     """
-    keys = jax.random.split(rng, images.shape[0])
     return jax.vmap(lambda key, image: _augment_image(key, image, augment_config))(keys, images)
 
 
@@ -26,8 +25,22 @@ def _augment_image(rng, image, cfg):
     angle = jax.random.uniform(k_angle, (), minval=-max_angle, maxval=max_angle)
     shift = jax.random.uniform(k_shift, (2,), minval=-cfg.max_translation,
                                maxval=cfg.max_translation) * jnp.array([height, width])
-    flip = jnp.where(cfg.flip & (jax.random.uniform(k_flip) < 0.5), -1.0, 1.0)
+    flip = cfg.flip & (jax.random.uniform(k_flip) < 0.5)
+    image = warp_image(image, angle, shift, flip)
 
+    brightness = jax.random.uniform(k_bright, (), minval=-cfg.brightness, maxval=cfg.brightness)
+    contrast = jax.random.uniform(k_contrast, (), minval=1.0 - cfg.contrast,
+                                  maxval=1.0 + cfg.contrast)
+    mean = image.mean()
+    image = (image - mean) * contrast + mean + brightness
+    return jnp.clip(image, 0.0, 1.0)
+
+
+def warp_image(image, angle, shift, flip):
+    """Rotates [H, W, C] `image` by `angle` radians about its centre, mirrors it left-right
+    if `flip`, and moves it by `shift` (rows, columns) pixels; edges repeat outward."""
+    height, width, _ = image.shape
+    flip = jnp.where(flip, -1.0, 1.0)
     # One inverse warp for rotation, translation and flip: for every output pixel, find the
     # input position it comes from (rotate about the centre), then sample bilinearly.
     rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32),
@@ -39,11 +52,4 @@ def _augment_image(rng, image, cfg):
     src_c = sin * r + cos * c + centre_c
     warp = lambda channel: jax.scipy.ndimage.map_coordinates(
         channel, [src_r, src_c], order=1, mode="nearest")
-    image = jax.vmap(warp, in_axes=2, out_axes=2)(image)
-
-    brightness = jax.random.uniform(k_bright, (), minval=-cfg.brightness, maxval=cfg.brightness)
-    contrast = jax.random.uniform(k_contrast, (), minval=1.0 - cfg.contrast,
-                                  maxval=1.0 + cfg.contrast)
-    mean = image.mean()
-    image = (image - mean) * contrast + mean + brightness
-    return jnp.clip(image, 0.0, 1.0)
+    return jax.vmap(warp, in_axes=2, out_axes=2)(image)

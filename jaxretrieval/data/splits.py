@@ -22,10 +22,14 @@ class Split:
     num_train_classes: int
 
 
-def make_split(labels: np.ndarray, split: str, *, seed: int, query_fraction: float = 0.2) -> Split:
-    """Builds `held_out_images` or `unseen_classes` over `labels` (label-index order)."""
+def make_split(labels: np.ndarray, split: str, *, seed: int, query_fraction: float = 0.2,
+               num_classes: int | None = None) -> Split:
+    """Builds `held_out_images` or `unseen_classes` over `labels` (label-index order).
+
+    `num_classes` is the dataset's class count (default: the largest label + 1).
+    """
     labels = np.asarray(labels)
-    num_classes = int(labels.max()) + 1
+    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
     if split == "held_out_images":
         rng = np.random.default_rng(seed)
         query_mask = np.zeros(len(labels), bool)

@@ -13,7 +13,8 @@ class GeM(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        p = self.param("p", nn.initializers.constant(self.initial_p), ())
+        # p below 1 is no longer a pooling between average and max (and 0 divides by zero).
+        p = jnp.maximum(self.param("p", nn.initializers.constant(self.initial_p), ()), 1.0)
         x = jnp.maximum(x, self.eps) ** p
         return jnp.mean(x, axis=(1, 2)) ** (1.0 / p)
 
