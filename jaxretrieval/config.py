@@ -13,15 +13,16 @@ import ml_collections
 
 from jaxretrieval.errors import JaxRetrievalError
 
-SPLITS = ("held_out_images", "unseen_classes")
+SPLITS = ("held_out_images", "unseen_classes", "dataset_splits")
 POOLINGS = ("flatten", "avg", "max", "gem")
 PARALLEL_WRAPPERS = ("pmap", "shard_map")
+SAMPLERS = ("random", "class_balanced")
 # The keys that decide the network's shape and its input: a checkpoint, an embedding export
 # and an index belong together only when these agree.
 MODEL_KEYS = ("image_size", "channels", "embedding_dim", "model")
 # With the model keys, the keys that make a checkpoint this run's: another dataset, split or
 # seed trains on other images (and often another number of classes).
-RUN_KEYS = MODEL_KEYS + ("dataset", "label_key", "split", "query_fraction", "seed")
+RUN_KEYS = MODEL_KEYS + ("dataset", "label_key", "split", "query_fraction", "seed", "loss")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -31,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset = "digits"  # digits | tfds:NAME | folder:PATH
     c.label_key = "label"  # the label feature of a TFDS dataset
     c.data_dir = ""  # TFDS data directory; "" means TFDS's own default
-    c.split = "held_out_images"  # held_out_images | unseen_classes
+    c.split = "held_out_images"  # held_out_images | unseen_classes | dataset_splits
     c.query_fraction = 0.2  # held_out_images: share of each class's images used as queries
     c.image_size = 32
     c.channels = 1
@@ -39,14 +40,18 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Model.
     c.model = ml_collections.ConfigDict()
-    c.model.name = "seed_cnn"
+    c.model.name = "seed_cnn"  # seed_cnn | resnet18 | resnet50
+    # seed_cnn:
     c.model.widths = (32, 64, 128)
     c.model.kernel_size = 3
     c.model.padding = "SAME"  # the seed uses VALID
     c.model.batch_norm = True
+    # resnet18 / resnet50 (always with BatchNorm):
+    c.model.num_filters = 64
+    c.model.small_stem = True  # 3x3 stride-1 stem, no max-pool: for inputs under ~100 pixels
+    # The head:
     c.model.pooling = "gem"  # flatten | avg | max | gem
     c.model.hidden_dim = 0  # a Dense+ReLU before the projection (the seed: 128); 0 for none
-    c.model.classifier_scale = 16.0  # logits = scale * (W . unit embedding): a cosine classifier
     c.embedding_dim = 64
 
     # Augmentation, on device inside the train step; never applied at evaluation.
@@ -59,7 +64,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.augment.contrast = 0.1  # scale around the image mean, uniform in 1 +- this
 
     # Optimisation.
-    c.loss = "softmax"
+    # Loss, by name (jaxretrieval.losses.LOSSES). Pair and triplet losses see the whole
+    # global batch, gathered across devices.
+    c.loss = "normalized_softmax"
+    # Each loss reads its own keys (jaxretrieval.losses.DEFAULT_LOSS_OPTIONS, kept equal).
+    c.loss_options = ml_collections.ConfigDict(dict(
+        normalized_softmax_scale=16.0,  # logits = scale * cosine to the class proxy
+        arcface_scale=30.0, arcface_margin=0.2,  # margin in radians
+        contrastive_margin=0.5, triplet_margin=0.2,
+        multi_similarity_alpha=2.0, multi_similarity_beta=50.0,
+        multi_similarity_lambda=0.5, multi_similarity_epsilon=0.1,
+        supcon_temperature=0.1))
+    # Batches: `random` (shuffled epochs) or `class_balanced` (P classes x K images each,
+    # P = global_batch_size / images_per_class).
+    c.sampler = "random"
+    c.images_per_class = 4
     c.global_batch_size = 64
     c.num_train_steps = 600
     c.learning_rate = 3e-3
@@ -73,6 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 200
     c.checkpoints_to_keep = 3
     c.embed_batch_size = 256
+    # Matching: the similarity threshold calibrated on the split's queries for this precision.
+    c.match_target_precision = 0.99
     return c
 
 
@@ -160,11 +181,25 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         fail(f"model.padding={config.model.padding!r}; use SAME or VALID")
     if config.parallel not in PARALLEL_WRAPPERS:
         fail(f"parallel={config.parallel!r}; use one of {', '.join(PARALLEL_WRAPPERS)}")
-    if config.loss != "softmax":
-        fail(f"loss={config.loss!r}; use softmax")
+    o = config.loss_options
+    positive = ("normalized_softmax_scale", "arcface_scale", "multi_similarity_alpha",
+                "multi_similarity_beta", "supcon_temperature")
+    if any(o[k] <= 0 for k in positive) or not 0 <= o.arcface_margin < 1.5707963 or any(
+            o[k] < 0 for k in ("contrastive_margin", "triplet_margin",
+                               "multi_similarity_epsilon")):
+        fail(f"loss_options: use positive {', '.join(positive)}; 0 <= arcface_margin < pi/2; "
+             "margins and multi_similarity_epsilon not negative")
+    if config.sampler not in SAMPLERS:
+        fail(f"sampler={config.sampler!r}; use one of {', '.join(SAMPLERS)}")
+    if config.sampler == "class_balanced" and (
+            config.images_per_class < 2 or config.global_batch_size % config.images_per_class):
+        fail(f"sampler=class_balanced needs images_per_class >= 2 dividing global_batch_size "
+             f"({config.images_per_class} and {config.global_batch_size} given)")
+    if not 0.0 < config.match_target_precision <= 1.0:
+        fail(f"match_target_precision={config.match_target_precision}; use a value in (0, 1]")
     # The stack must leave at least one pixel: each stage is a conv (VALID loses k-1) then a 2x pool.
     side = config.image_size
-    for _ in config.model.widths:
+    for _ in (config.model.widths if config.model.name == "seed_cnn" else ()):
         if config.model.padding == "VALID":
             side -= config.model.kernel_size - 1
         side //= 2
@@ -182,8 +217,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not m.widths or min(m.widths) < 1 or m.kernel_size < 1 or m.hidden_dim < 0:
         fail("model.widths needs at least one positive width, model.kernel_size >= 1 and "
              "model.hidden_dim >= 0")
-    if m.classifier_scale <= 0:
-        fail(f"model.classifier_scale={m.classifier_scale}; use a positive number")
+    if m.num_filters < 1:
+        fail(f"model.num_filters={m.num_filters}; use a positive integer")
     a = config.augment
     if not (0 <= a.max_translation < 0.5 and 0 <= a.contrast < 1 and 0 <= a.brightness <= 1
             and 0 <= a.max_rotation_degrees <= 180):

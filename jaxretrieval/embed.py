@@ -35,14 +35,12 @@ class Embedder:
         self.model_config_hash = model_config_hash(config)
         self.embedding_dim = config.embedding_dim
         self.devices = devices or parallel.local_devices()
-        num_classes = variables["params"]["class_weights"].shape[1]
-        model = build_model(config, num_classes)
+        model = build_model(config)
         mesh = parallel.device_mesh(self.devices)
         self._batch_sharding = NamedSharding(mesh, PartitionSpec(parallel.DEVICE_AXIS))
         self._variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
         self._embed_fn = jax.jit(
-            lambda variables, images: model.apply(variables, preprocess(images),
-                                                  method=model.embed))
+            lambda variables, images: model.apply(variables, preprocess(images)))
         self._buckets = _bucket_sizes(config.embed_batch_size, len(self.devices))
 
     @classmethod
@@ -55,7 +53,7 @@ class Embedder:
             state = store.restore(step)
         finally:
             store.close()
-        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        variables = {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}
         return cls(config, variables, checkpoint_step=int(step), devices=devices)
 
     def embed_uint8(self, images: np.ndarray) -> np.ndarray:

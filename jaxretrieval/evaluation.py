@@ -10,11 +10,12 @@ import logging
 import numpy as np
 
 from jaxretrieval.data.sources import load_dataset
-from jaxretrieval.data.splits import make_split
+from jaxretrieval.data.splits import split_dataset
 from jaxretrieval.embed import (EmbeddingExport, Embedder, load_embedding_export,
                                 save_embedding_export)
 from jaxretrieval.index import Index
-from jaxretrieval.metrics import pixel_embeddings, retrieval_metrics
+from jaxretrieval.metrics import (calibrate_match_thresholds, pair_similarities, pixel_embeddings,
+                                  retrieval_metrics)
 from jaxretrieval.workdir import Workdir, write_json_atomically
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,16 @@ def evaluate_and_index(workdir: str) -> dict:
                  embedder.checkpoint_step)
     embeddings = embed_dataset(embedder, dataset)
 
+    split = split_dataset(config, dataset)
+    metrics = evaluate_split(embeddings, dataset.labels, split)
+    metrics.update({PIXEL_PREFIX + name: value
+                    for name, value in evaluate_pixels(dataset, split).items()})
+    thresholds = calibrate_match_thresholds(
+        *split_pair_similarities(embeddings, dataset.labels, split),
+        target_precision=config.match_target_precision)
+    metrics.update(checkpoint_step=embedder.checkpoint_step, split=config.split,
+                   dataset=config.dataset, match_thresholds=thresholds)
+
     save_embedding_export(wd.embeddings, EmbeddingExport(
         embeddings=embeddings, rows=np.arange(len(dataset), dtype=np.int64),
         labels=dataset.labels.astype(np.int64), keys=list(dataset.keys),
@@ -40,15 +51,8 @@ def evaluate_and_index(workdir: str) -> dict:
         metadata={"checkpoint_step": embedder.checkpoint_step,
                   "model_config_hash": embedder.model_config_hash,
                   "embedding_dim": embedder.embedding_dim, "count": len(dataset),
-                  "dataset": config.dataset, "data_dir": config.data_dir}))
-
-    split = make_split(dataset.labels, config.split, seed=config.seed,
-                       query_fraction=config.query_fraction, num_classes=dataset.num_classes)
-    metrics = evaluate_split(embeddings, dataset.labels, split)
-    metrics.update({PIXEL_PREFIX + name: value
-                    for name, value in evaluate_pixels(dataset, split).items()})
-    metrics.update(checkpoint_step=embedder.checkpoint_step, split=config.split,
-                   dataset=config.dataset)
+                  "dataset": config.dataset, "data_dir": config.data_dir,
+                  "match_thresholds": thresholds}))
     write_json_atomically(wd.metrics_path, metrics)
 
     rebuild_index(workdir)
@@ -67,6 +71,13 @@ def embed_dataset(embedder: Embedder, dataset, chunk: int = 4096) -> np.ndarray:
 def evaluate_split(embeddings: np.ndarray, labels: np.ndarray, split) -> dict:
     """Recall@1/5/10, MAP@R and R-precision of the split's queries against its gallery."""
     return retrieval_metrics(embeddings[split.query_rows], labels[split.query_rows],
+                             embeddings[split.gallery_rows], labels[split.gallery_rows],
+                             query_gallery_rows=split.query_gallery_rows)
+
+
+def split_pair_similarities(embeddings, labels, split):
+    """(similarities, same) of the split's query-gallery pairs, for match calibration."""
+    return pair_similarities(embeddings[split.query_rows], labels[split.query_rows],
                              embeddings[split.gallery_rows], labels[split.gallery_rows],
                              query_gallery_rows=split.query_gallery_rows)
 
@@ -91,7 +102,8 @@ def rebuild_index(workdir: str) -> Index:
                         checkpoint_step=meta["checkpoint_step"],
                         model_config_hash=meta["model_config_hash"],
                         extra_manifest={"dataset": meta.get("dataset"),
-                                        "data_dir": meta.get("data_dir", "")})
+                                        "data_dir": meta.get("data_dir", ""),
+                                        "match_thresholds": meta.get("match_thresholds")})
     index.save(wd.index)
     logger.info("index of %d items saved to %s", index.count, wd.index)
     return index

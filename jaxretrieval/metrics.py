@@ -326,3 +326,73 @@ def _top_r_mask(relevance, num_relevant, counted):
             f"A query has R = {int(r.max())} relevant items but relevance has only "
             f"{relevance.shape[1]} ranks; call ranked_relevance with max_rank=None or >= R.")
     return np.arange(relevance.shape[1]) < r[:, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Matching ("same or not"): similarity thresholds calibrated on labelled pairs.
+
+MAX_CALIBRATION_PAIRS = 4_000_000
+
+
+def pair_similarities(query_embeddings, query_labels, gallery_embeddings, gallery_labels,
+                      *, query_gallery_rows=None, max_pairs=MAX_CALIBRATION_PAIRS, seed=0):
+    """Similarities and same-label flags of every (query, gallery item) pair, self-pairs left
+    out; a seeded subset of queries when there would be more than `max_pairs` pairs."""
+    queries = _as_embeddings(query_embeddings, "query_embeddings")
+    gallery = _as_embeddings(gallery_embeddings, "gallery_embeddings")
+    query_labels = np.asarray(query_labels)
+    gallery_labels = np.asarray(gallery_labels)
+    self_rows = (np.full(len(queries), -1) if query_gallery_rows is None
+                 else np.asarray(query_gallery_rows))
+    chosen = np.arange(len(queries))
+    if len(queries) * len(gallery) > max_pairs:
+        keep = max(1, max_pairs // len(gallery))
+        chosen = np.sort(np.random.default_rng(seed).choice(len(queries), keep, replace=False))
+    similarities = queries[chosen] @ gallery.T
+    same = query_labels[chosen, None] == gallery_labels[None, :]
+    not_self = np.ones_like(same)
+    has_self = self_rows[chosen] >= 0
+    not_self[np.flatnonzero(has_self), self_rows[chosen][has_self]] = False
+    return similarities[not_self].astype(np.float64), same[not_self]
+
+
+def calibrate_match_thresholds(similarities, same, *, target_precision=0.99) -> dict:
+    """Thresholds for "same if similarity >= t" from labelled pairs.
+
+    `at_target_precision`: the lowest threshold whose precision is at least
+    `target_precision` (the most matches at that precision), or None if no threshold reaches
+    it. `best_f1`: the threshold with the highest F1. Each comes with its precision and recall
+    on these pairs.
+    """
+    similarities = np.asarray(similarities, np.float64)
+    same = np.asarray(same, bool)
+    positives = int(same.sum())
+    if positives == 0 or positives == len(same):
+        raise JaxRetrievalError(
+            "calibrating a match threshold needs both same and different pairs; evaluate on "
+            "a split with at least two classes of two or more images")
+    order = np.argsort(-similarities, kind="stable")
+    sorted_sims = similarities[order]
+    true_pos = np.cumsum(same[order])
+    accepted = np.arange(1, len(order) + 1)
+    # Only cut between distinct values: a threshold accepts every pair at or above it.
+    cuts = np.flatnonzero(np.append(sorted_sims[1:] != sorted_sims[:-1], True))
+    precision = true_pos[cuts] / accepted[cuts]
+    recall = true_pos[cuts] / positives
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+
+    def described(i):
+        return float(sorted_sims[cuts[i]]), float(precision[i]), float(recall[i])
+
+    result = {"target_precision": float(target_precision), "positives": positives,
+              "negatives": int(len(same) - positives)}
+    reaching = np.flatnonzero(precision >= target_precision)
+    if len(reaching):
+        t, p, r = described(reaching[-1])
+        result.update(at_target_precision=t, precision_at_target=p, recall_at_target=r)
+    else:
+        result.update(at_target_precision=None, precision_at_target=None, recall_at_target=None)
+    best = int(np.argmax(f1))
+    t, p, r = described(best)
+    result.update(best_f1=t, f1=float(f1[best]), precision_at_best_f1=p, recall_at_best_f1=r)
+    return result

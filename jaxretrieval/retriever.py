@@ -1,11 +1,22 @@
 """The serving-time object: an Embedder and the Index it was built with."""
 
+import dataclasses
+
 import numpy as np
 
 from jaxretrieval.embed import Embedder
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.index import Index
 from jaxretrieval.workdir import Workdir
+
+
+@dataclasses.dataclass(frozen=True)
+class Match:
+    """The similarity of two images and, when a threshold is known, whether they match."""
+
+    similarity: float
+    same: bool | None
+    threshold: float | None
 
 
 class Retriever:
@@ -45,3 +56,20 @@ class Retriever:
     def search_embeddings(self, vectors, k: int = 10, *, threshold: float | None = None):
         """As `search`, for query embeddings [n, d] computed already."""
         return self.index.search(np.asarray(vectors, np.float32), k, threshold=threshold)
+
+    @property
+    def match_threshold(self) -> float | None:
+        """The calibrated threshold: at the target precision (default 0.99) if one reached
+        it, else the best-F1 one; None for an index without calibration."""
+        thresholds = self.index.manifest.get("match_thresholds") or {}
+        value = thresholds.get("at_target_precision")
+        return value if value is not None else thresholds.get("best_f1")
+
+    def match(self, image_a, image_b, *, threshold: float | None = None) -> Match:
+        """Are two images of the same class? Cosine similarity against `threshold`
+        (default: the index's calibrated `match_threshold`)."""
+        a, b = self.embed([image_a, image_b])
+        similarity = float(np.dot(a, b))
+        threshold = self.match_threshold if threshold is None else float(threshold)
+        same = None if threshold is None else similarity >= threshold
+        return Match(similarity=similarity, same=same, threshold=threshold)

@@ -21,8 +21,9 @@ from jaxretrieval.checkpoint import CheckpointStore
 from jaxretrieval.config import RUN_KEYS, config_to_json, model_config_hash, validate_config
 from jaxretrieval.data.augment import augment_batch, preprocess
 from jaxretrieval.data.sources import load_dataset
-from jaxretrieval.data.splits import batch_rows, make_split
+from jaxretrieval.data.splits import batch_rows, class_balanced_batch_rows, split_dataset
 from jaxretrieval.errors import JaxRetrievalError
+from jaxretrieval.losses import gather_batch, get_loss
 from jaxretrieval.models import build_model
 from jaxretrieval.workdir import Workdir, write_file_atomically
 
@@ -50,19 +51,23 @@ def make_optimizer(config):
     return optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask), schedule
 
 
-def create_train_state(config, model, optimizer) -> TrainState:
-    """A fresh state on the host (numpy leaves), from `config.seed`."""
-    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+def create_train_state(config, model, loss, num_classes, optimizer) -> TrainState:
+    """A fresh state on the host (numpy leaves), from `config.seed`.
+
+    `params` holds the model's ("model") and the loss's learned parameters ("loss").
+    """
+    init_rng, loss_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
     dummy = jnp.zeros((1, config.image_size, config.image_size, config.channels), jnp.float32)
     variables = jax.jit(lambda rng: model.init(rng, dummy, train=False))(init_rng)
-    params = variables["params"]
+    params = {"model": variables["params"],
+              "loss": loss.init(loss_rng, num_classes, config.embedding_dim, config)}
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                        batch_stats=variables.get("batch_stats", {}),
                        opt_state=optimizer.init(params), rng=train_rng)
     return jax.tree.map(np.asarray, state)
 
 
-def make_train_step(model, optimizer, config) -> Callable:
+def make_train_step(model, loss, optimizer, config) -> Callable:
     """The per-device step: free of any parallel wrapper, collectives over DEVICE_AXIS."""
     augment_config = config.augment
 
@@ -79,20 +84,21 @@ def make_train_step(model, optimizer, config) -> Callable:
             images = augment_batch(keys, images, augment_config)
 
         def loss_fn(params):
-            outputs, updates = model.apply(
-                {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-                mutable=["batch_stats"])
-            loss = optax.softmax_cross_entropy_with_integer_labels(
-                outputs["logits"], batch["labels"]).mean()
-            return loss, (outputs, updates.get("batch_stats", {}))
+            embeddings, updates = model.apply(
+                {"params": params["model"], "batch_stats": state.batch_stats}, images,
+                train=True, mutable=["batch_stats"])
+            # Every device scores the whole global batch, so pair and triplet losses find
+            # their positives and negatives on all devices (the pmean below then yields the
+            # gradient of that one global loss).
+            embeddings, labels = gather_batch(embeddings, batch["labels"], parallel.DEVICE_AXIS)
+            value = loss.apply(params["loss"], embeddings, labels, config)
+            return value, updates.get("batch_stats", {})
 
-        (loss, (outputs, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params)
+        (value, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grads = jax.lax.pmean(grads, parallel.DEVICE_AXIS)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        accuracy = jnp.mean(jnp.argmax(outputs["logits"], -1) == batch["labels"])
-        metrics = jax.lax.pmean({"loss": loss, "accuracy": accuracy}, parallel.DEVICE_AXIS)
+        metrics = {"loss": jax.lax.pmean(value, parallel.DEVICE_AXIS)}
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                                   opt_state=opt_state)
         return new_state, metrics
@@ -121,6 +127,7 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
             f"bad config: global_batch_size={config.global_batch_size} does not divide over "
             f"{len(devices)} devices; use a multiple of {len(devices)}")
     logger.info("training on %d %s device(s)", len(devices), devices[0].platform)
+    loss = get_loss(config.loss)
 
     # ---------------------------------------------------------------- workdir
     wd = Workdir(workdir)
@@ -128,19 +135,23 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
 
     # ---------------------------------------------------------------- data
     dataset = load_dataset(config)
-    split = make_split(dataset.labels, config.split, seed=config.seed,
-                       query_fraction=config.query_fraction, num_classes=dataset.num_classes)
+    split = split_dataset(config, dataset)
     logger.info("%s: %d images, %d classes; %d for training (%d classes)", dataset.name,
                  len(dataset), dataset.num_classes, len(split.train_rows), split.num_train_classes)
 
     def host_batch(step):
-        rows = batch_rows(split.train_rows, step, config.global_batch_size, config.seed)
+        if config.sampler == "class_balanced":
+            rows = class_balanced_batch_rows(
+                split.train_rows, dataset.labels[split.train_rows], step,
+                config.global_batch_size, config.images_per_class, config.seed)
+        else:
+            rows = batch_rows(split.train_rows, step, config.global_batch_size, config.seed)
         return {"images": dataset.images(rows), "labels": dataset.labels[rows].astype(np.int32)}
 
     # ---------------------------------------------------------------- model and optimiser
-    model = build_model(config, split.num_train_classes, bn_axis_name=parallel.DEVICE_AXIS)
+    model = build_model(config, bn_axis_name=parallel.DEVICE_AXIS)
     optimizer, schedule = make_optimizer(config)
-    host_state = create_train_state(config, model, optimizer)
+    host_state = create_train_state(config, model, loss, split.num_train_classes, optimizer)
 
     # ---------------------------------------------------------------- checkpoint
     store = CheckpointStore(wd.checkpoints, every_steps=config.checkpoint_every_steps,
@@ -154,7 +165,7 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
 
     # ---------------------------------------------------------------- update step
     state = parallel.replicate(host_state, devices)
-    train_step = parallel.data_parallel(make_train_step(model, optimizer, config),
+    train_step = parallel.data_parallel(make_train_step(model, loss, optimizer, config),
                                         config.parallel, devices)
 
     # ---------------------------------------------------------------- loop
@@ -183,7 +194,6 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
                 images_per_sec = (interval_steps * config.global_batch_size / elapsed
                                   if continue_timing and elapsed > 0 else float("nan"))
                 record = {"step": done, "loss": host_metrics["loss"],
-                          "accuracy": host_metrics["accuracy"],
                           "learning_rate": float(schedule(done - 1)),
                           "images_per_sec": images_per_sec}
                 wd.append_train_log(record)

@@ -48,7 +48,7 @@ def test_bad_overrides_name_the_key_and_the_fix():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("split", "random", "use one of held_out_images, unseen_classes"),
+    ("split", "random", "use one of held_out_images, unseen_classes, dataset_splits"),
     ("dataset", "imagenet", "use digits, tfds:NAME or folder:PATH"),
     ("channels", 2, "use 1 .* or 3"),
     ("parallel", "vmap", "use one of pmap, shard_map"),

@@ -137,3 +137,27 @@ def test_an_interrupted_directory_swap_is_undone_by_the_next_reader(tmp_path):
     os.rename(final, str(tmp_path / ".index.old-abc"))
     recover_interrupted_swap(final)
     assert open(os.path.join(final, "v")).read() == "2"
+
+
+def test_class_balanced_batches_hold_p_classes_of_k_images():
+    from jaxretrieval.data.splits import class_balanced_batch_rows
+
+    labels = np.repeat(np.arange(10), [6, 6, 6, 6, 6, 6, 6, 6, 6, 2])
+    rows = np.arange(len(labels)) + 1000  # rows are dataset rows, not positions
+    batch = class_balanced_batch_rows(rows, labels, step=5, batch_size=16, images_per_class=4,
+                                      seed=0)
+    batch_labels = labels[batch - 1000]
+    assert len(batch) == 16
+    assert sorted(np.bincount(batch_labels, minlength=10)[np.unique(batch_labels)]) == [4] * 4
+    for chunk in batch_labels.reshape(4, 4):  # class by class
+        assert len(set(chunk)) == 1
+    again = class_balanced_batch_rows(rows, labels, 5, 16, 4, seed=0)
+    np.testing.assert_array_equal(batch, again)  # a function of (seed, step) alone
+    other = class_balanced_batch_rows(rows, labels, 6, 16, 4, seed=0)
+    assert not np.array_equal(batch, other)
+    # A class with fewer than K images is drawn with replacement; others never repeat a row.
+    many = np.concatenate([class_balanced_batch_rows(rows, labels, s, 16, 4, 0)
+                           for s in range(50)]).reshape(-1, 4)
+    for chunk in many:
+        if labels[chunk[0] - 1000] != 9:
+            assert len(set(chunk)) == 4

@@ -23,13 +23,25 @@ class Split:
 
 
 def make_split(labels: np.ndarray, split: str, *, seed: int, query_fraction: float = 0.2,
-               num_classes: int | None = None) -> Split:
-    """Builds `held_out_images` or `unseen_classes` over `labels` (label-index order).
+               num_classes: int | None = None, keys=None) -> Split:
+    """Builds `held_out_images`, `unseen_classes` or `dataset_splits` over `labels`.
 
     `num_classes` is the dataset's class count (default: the largest label + 1).
+    `dataset_splits` uses the dataset's own class-disjoint splits, read from the item keys
+    (`split/index`): train on `train/...`, evaluate leave-one-out on `test/...`.
     """
     labels = np.asarray(labels)
     num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    if split == "dataset_splits":
+        split_names = np.array([key.split("/", 1)[0] for key in (keys or [])])
+        train_rows = np.flatnonzero(split_names == "train")
+        eval_rows = np.flatnonzero(split_names == "test")
+        if not len(train_rows) or not len(eval_rows):
+            raise JaxRetrievalError(
+                "split=dataset_splits needs a TFDS dataset with `train` and `test` splits; "
+                "use held_out_images or unseen_classes for this dataset")
+        return Split(train_rows, eval_rows, eval_rows, np.arange(len(eval_rows)),
+                     int(labels[train_rows].max()) + 1)
     if split == "held_out_images":
         rng = np.random.default_rng(seed)
         query_mask = np.zeros(len(labels), bool)
@@ -55,6 +67,13 @@ def make_split(labels: np.ndarray, split: str, *, seed: int, query_fraction: flo
     raise JaxRetrievalError(f"bad config: split={split!r}; use held_out_images or unseen_classes")
 
 
+def split_dataset(config, dataset) -> Split:
+    """The split `config.split` of an ImageDataset, as training and evaluation both use it."""
+    return make_split(dataset.labels, config.split, seed=config.seed,
+                      query_fraction=config.query_fraction, num_classes=dataset.num_classes,
+                      keys=dataset.keys)
+
+
 def batch_rows(train_rows: np.ndarray, step: int, batch_size: int, seed: int) -> np.ndarray:
     """The dataset rows of global batch `step`: a function of (seed, step) alone.
 
@@ -70,3 +89,24 @@ def batch_rows(train_rows: np.ndarray, step: int, batch_size: int, seed: int) ->
         chosen = epochs == epoch
         out[chosen] = train_rows[permutation[offsets[chosen]]]
     return out
+
+
+def class_balanced_batch_rows(train_rows: np.ndarray, train_labels: np.ndarray, step: int,
+                              batch_size: int, images_per_class: int, seed: int) -> np.ndarray:
+    """P classes x K images: the rows of global batch `step`, from (seed, step) alone.
+
+    P = batch_size / K classes are drawn without replacement (with replacement only when the
+    split has fewer classes), then K images of each (without replacement when the class has
+    K or more). Rows come class by class, so every class has its K images in the batch.
+    """
+    classes, inverse = np.unique(train_labels, return_inverse=True)
+    num_classes_needed = batch_size // images_per_class
+    rng = np.random.default_rng([seed, step, 1])  # 1: a stream apart from batch_rows's
+    chosen = rng.choice(len(classes), num_classes_needed,
+                        replace=len(classes) < num_classes_needed)
+    out = []
+    for class_index in chosen:
+        members = train_rows[inverse == class_index]
+        out.append(rng.choice(members, images_per_class,
+                              replace=len(members) < images_per_class))
+    return np.concatenate(out).astype(np.int64)

@@ -1,7 +1,8 @@
 """Models: backbones found by name, and the retrieval model that wraps one.
 
-`RetrievalModel(x)` returns {"embedding": unit vectors [B, d], "logits": [B, classes]};
-`RetrievalModel.embed(x)` the embedding alone. Inputs are float32 images in [0, 1].
+`RetrievalModel(x, train)` maps float32 images in [0, 1] to L2-normalised embeddings
+[B, embedding_dim]. Anything a loss learns besides the model (classifier weights, proxies)
+belongs to the loss (`jaxretrieval.losses`), not to the model.
 """
 
 import flax.linen as nn
@@ -10,8 +11,25 @@ import jax.numpy as jnp
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.models.cnn import SeedCNN
 from jaxretrieval.models.heads import GeM, l2_normalize, pool_features
+from jaxretrieval.models.resnet import resnet18, resnet50
 
-BACKBONES = {"seed_cnn": SeedCNN}
+
+def _seed_cnn(m, bn_axis_name):
+    return SeedCNN(widths=tuple(m.widths), kernel_size=m.kernel_size, padding=m.padding,
+                   batch_norm=m.batch_norm, bn_axis_name=bn_axis_name)
+
+
+def _resnet(factory):
+    return lambda m, bn_axis_name: factory(num_filters=m.num_filters, small_stem=m.small_stem,
+                                           bn_axis_name=bn_axis_name)
+
+
+# name -> (model config, BatchNorm axis name) -> backbone module returning a feature map.
+BACKBONES = {
+    "seed_cnn": _seed_cnn,
+    "resnet18": _resnet(resnet18),
+    "resnet50": _resnet(resnet50),
+}
 
 
 class RetrievalModel(nn.Module):
@@ -19,40 +37,22 @@ class RetrievalModel(nn.Module):
     pooling: str
     hidden_dim: int
     embedding_dim: int
-    num_classes: int
-    classifier_scale: float
 
-    def setup(self):
-        self.gem = GeM() if self.pooling == "gem" else None
-        self.hidden = nn.Dense(self.hidden_dim) if self.hidden_dim else None
-        self.projection = nn.Dense(self.embedding_dim)
-        # A cosine classifier: unit embeddings against unit class weights, scaled, so the
-        # softmax loss shapes the same angles that retrieval compares.
-        self.class_weights = self.param("class_weights", nn.initializers.lecun_normal(),
-                                        (self.embedding_dim, self.num_classes))
-
-    def embed(self, x, train: bool = False):
-        x = self.backbone((x - 0.5) * 4.0, train=train)  # centre [0, 1] pixels
-        x = pool_features(x, self.pooling, self.gem)
-        if self.hidden is not None:
-            x = nn.relu(self.hidden(x))
-        return l2_normalize(self.projection(x).astype(jnp.float32))
-
+    @nn.compact
     def __call__(self, x, train: bool = False):
-        embedding = self.embed(x, train=train)
-        logits = self.classifier_scale * embedding @ l2_normalize(self.class_weights.T).T
-        return {"embedding": embedding, "logits": logits}
+        x = self.backbone((x - 0.5) * 4.0, train=train)  # centre [0, 1] pixels
+        x = pool_features(x, self.pooling, GeM() if self.pooling == "gem" else None)
+        if self.hidden_dim:
+            x = nn.relu(nn.Dense(self.hidden_dim, name="hidden")(x))
+        x = nn.Dense(self.embedding_dim, name="projection")(x)
+        return l2_normalize(x.astype(jnp.float32))
 
 
-def build_model(config, num_classes: int, bn_axis_name: str | None = None) -> RetrievalModel:
-    """The model named by `config.model.name`, with its retrieval and classification heads."""
+def build_model(config, bn_axis_name: str | None = None) -> RetrievalModel:
+    """The model named by `config.model.name` with its pooling and projection head."""
     m = config.model
     if m.name not in BACKBONES:
         raise JaxRetrievalError(
             f"bad config: model.name={m.name!r}; use one of {', '.join(sorted(BACKBONES))}")
-    backbone = BACKBONES[m.name](widths=tuple(m.widths), kernel_size=m.kernel_size,
-                                 padding=m.padding, batch_norm=m.batch_norm,
-                                 bn_axis_name=bn_axis_name)
-    return RetrievalModel(backbone=backbone, pooling=m.pooling, hidden_dim=m.hidden_dim,
-                          embedding_dim=config.embedding_dim, num_classes=num_classes,
-                          classifier_scale=m.classifier_scale)
+    return RetrievalModel(backbone=BACKBONES[m.name](m, bn_axis_name), pooling=m.pooling,
+                          hidden_dim=m.hidden_dim, embedding_dim=config.embedding_dim)

@@ -1,0 +1,131 @@
+"""ResNet backbones (v1.5: the stride sits on the 3x3 conv of a bottleneck) for retrieval.
+
+`ResNet(x)` returns the feature map [B, H', W', C] after the last ReLU, with no pooling and
+no classifier; the retrieval head pools and projects it, as it does for SeedCNN.
+"""
+
+import functools
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxretrieval.errors import JaxRetrievalError
+
+# He-normal over fan_out, as torchvision initialises its ResNets: the variance is kept
+# for the backward pass through each ReLU. A plain (untruncated) normal, as there.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+# Explicit symmetric padding: "SAME" pads a stride-2 conv on an even input (0, 1), which
+# shifts the sampling grid by a pixel against the standard (1, 1).
+PAD_1 = ((1, 1), (1, 1))
+PAD_3 = ((3, 3), (3, 3))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs; the block's output has `filters` channels."""
+
+    filters: int
+    strides: int
+    conv: Callable[..., nn.Module]  # nn.Conv with the trunk's settings bound
+    norm: Callable[..., nn.Module]  # nn.BatchNorm with the trunk's settings bound
+
+    @nn.compact
+    def __call__(self, x):
+        residual = x
+        y = self.conv(self.filters, (3, 3), (self.strides, self.strides), padding=PAD_1,
+                      name="conv1")(x)
+        y = nn.relu(self.norm(name="bn1")(y))
+        y = self.conv(self.filters, (3, 3), padding=PAD_1, name="conv2")(y)
+        # Zero scale: each block starts out passing on just its shortcut, so a deep net
+        # trains like a shallow one at first (Goyal et al., 2017).
+        y = self.norm(scale_init=nn.initializers.zeros, name="bn2")(y)
+        return nn.relu(y + project_shortcut(residual, y.shape[-1], self.strides, self.conv,
+                                            self.norm))
+
+
+class BottleneckBlock(nn.Module):
+    """1x1 reduce, 3x3 (strided), 1x1 expand to 4 * `filters` channels."""
+
+    filters: int
+    strides: int
+    conv: Callable[..., nn.Module]  # nn.Conv with the trunk's settings bound
+    norm: Callable[..., nn.Module]  # nn.BatchNorm with the trunk's settings bound
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x):
+        residual = x
+        y = self.conv(self.filters, (1, 1), name="conv1")(x)
+        y = nn.relu(self.norm(name="bn1")(y))
+        # v1.5: striding the 3x3 rather than the first 1x1 loses no input pixels.
+        y = self.conv(self.filters, (3, 3), (self.strides, self.strides), padding=PAD_1,
+                      name="conv2")(y)
+        y = nn.relu(self.norm(name="bn2")(y))
+        y = self.conv(self.filters * self.expansion, (1, 1), name="conv3")(y)
+        y = self.norm(scale_init=nn.initializers.zeros, name="bn3")(y)  # see BasicBlock
+        return nn.relu(y + project_shortcut(residual, y.shape[-1], self.strides, self.conv,
+                                            self.norm))
+
+
+def project_shortcut(x, channels: int, strides: int, conv, norm):
+    """The identity, or a strided 1x1 conv + BN where the block changes the shape."""
+    if x.shape[-1] == channels and strides == 1:
+        return x
+    x = conv(channels, (1, 1), (strides, strides), name="shortcut_conv")(x)
+    return norm(name="shortcut_bn")(x)
+
+
+BLOCKS = {"basic": BasicBlock, "bottleneck": BottleneckBlock}
+
+
+class ResNet(nn.Module):
+    """A ResNet trunk: stem, then stages of residual blocks doubling the width each stage.
+
+    `small_stem` swaps the ImageNet 7x7/2 conv + 3x3/2 max-pool for one 3x3/1 conv, so
+    small inputs (32x32, 64x64) are not shrunk 4x before the first block.
+    """
+
+    stage_sizes: Sequence[int]
+    block: str  # "basic" (ResNet-18/34) or "bottleneck" (ResNet-50/101/152)
+    num_filters: int = 64
+    small_stem: bool = False
+    bn_axis_name: str | None = None  # averages BatchNorm statistics across devices
+    dtype: jnp.dtype = jnp.float32  # compute dtype; params stay float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if self.block not in BLOCKS:
+            raise JaxRetrievalError(
+                f"bad ResNet block {self.block!r}; use one of {', '.join(sorted(BLOCKS))}")
+        block_cls = BLOCKS[self.block]
+        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init,
+                                 dtype=self.dtype)
+        # Outside training there is no batch to average over devices, and no axis to name.
+        norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                                 epsilon=1e-5, axis_name=self.bn_axis_name if train else None,
+                                 dtype=self.dtype)
+
+        if self.small_stem:
+            x = conv(self.num_filters, (3, 3), padding=PAD_1, name="stem_conv")(x)
+        else:
+            x = conv(self.num_filters, (7, 7), (2, 2), padding=PAD_3, name="stem_conv")(x)
+        x = nn.relu(norm(name="stem_bn")(x))
+        if not self.small_stem:
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=PAD_1)
+
+        for stage, num_blocks in enumerate(self.stage_sizes):
+            for index in range(num_blocks):
+                # The first stage keeps the stem's resolution; each later one halves it.
+                strides = 2 if stage > 0 and index == 0 else 1
+                x = block_cls(self.num_filters * 2 ** stage, strides, conv, norm,
+                              name=f"stage{stage + 1}_block{index + 1}")(x)
+        return x
+
+
+def resnet18(**kwargs) -> ResNet:
+    return ResNet(stage_sizes=(2, 2, 2, 2), block="basic", **kwargs)
+
+
+def resnet50(**kwargs) -> ResNet:
+    return ResNet(stage_sizes=(3, 4, 6, 3), block="bottleneck", **kwargs)
