@@ -14,7 +14,8 @@ DEFAULT_WORKDIR = os.path.join("runs", "default")
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": run_train, "index": run_index, "search": run_search}
+    commands = {"train": run_train, "index": run_index, "search": run_search,
+                "serve": run_serve}
     if not argv or argv[0] not in commands:
         print(f"usage: jaxretrieval {{{','.join(commands)}}} [--help]", file=sys.stderr)
         return 2
@@ -158,6 +159,48 @@ def run_search(argv) -> int:
     for path, row_keys, row_scores in zip(args.images, keys, scores):
         print(json.dumps({"query": path, "results": [
             {"id": key, "score": round(score, 6)} for key, score in zip(row_keys, row_scores)]}))
+    return 0
+
+
+def run_serve(argv) -> int:
+    from jaxretrieval.service.app import ServiceSettings
+
+    defaults = ServiceSettings()
+    parser = argparse.ArgumentParser(
+        prog="python -m serve",
+        description="Serve search, match and live item updates over HTTP for a trained "
+                    "workdir (API docs at /docs, a web page at /).")
+    parser.add_argument("--workdir", default=DEFAULT_WORKDIR)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("JAXRETRIEVAL_API_KEY"),
+                        help="required in header X-API-Key to add or delete items "
+                             "(default: $JAXRETRIEVAL_API_KEY; none: updates are open)")
+    parser.add_argument("--max-k", type=int, default=defaults.max_k)
+    parser.add_argument("--max-batch", type=int, default=defaults.max_batch,
+                        help="images per compiled embedding call")
+    parser.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
+                        help="how long a query waits for others to share its batch")
+    parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                        help="queries waiting to be embedded before the service answers 503")
+    args = parser.parse_args(argv)
+
+    import uvicorn
+
+    from jaxretrieval.retriever import Retriever
+    from jaxretrieval.service.app import create_app
+
+    retriever = Retriever.load(args.workdir, writable=True)
+    settings = ServiceSettings(
+        api_key=args.api_key or None, max_k=args.max_k, max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        data_dir=retriever.embedder.config.data_dir)
+    retriever.warm_up(settings.max_batch)
+    app = create_app(retriever, settings)
+    print(f"serving {os.path.abspath(args.workdir)} on http://{args.host}:{args.port} "
+          f"({retriever.index.count} items)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 

@@ -76,6 +76,14 @@ class Embedder:
                 :len(chunk)]
         return out
 
+    def warm_up(self, max_batch: int | None = None) -> None:
+        """Compiles the programs for every batch bucket up to `max_batch`, so that the first
+        queries of a service do not wait for XLA."""
+        shape = (self.config.image_size, self.config.image_size, self.config.channels)
+        for size in self._buckets:
+            if max_batch is None or size <= max(max_batch, self._buckets[0]):
+                self.embed_uint8(np.zeros((size,) + shape, np.uint8))
+
     def embed(self, images) -> np.ndarray:
         """Any batch of HxWxC uint8 arrays or image file paths -> float32 [n, d], unit norm."""
         return self.embed_uint8(load_images(images, self.config.image_size, self.config.channels))

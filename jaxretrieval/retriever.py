@@ -35,15 +35,23 @@ class Retriever:
         self.index = index
 
     @classmethod
-    def load(cls, workdir: str) -> "Retriever":
-        """The latest checkpoint and `DIR/index/`; refuses an index built by another model."""
+    def load(cls, workdir: str, *, writable: bool = False) -> "Retriever":
+        """The latest checkpoint and `DIR/index/`; refuses an index built by another model.
+
+        `writable=True` opens the index for live updates (`index.upsert`, `index.delete`),
+        each logged durably before it returns; one writer per workdir at a time.
+        """
         embedder = Embedder.from_workdir(workdir)
-        index = Index.load(Workdir(workdir).index, expected={
+        index = Index.load(Workdir(workdir).index, writable=writable, expected={
             "embedding_dim": embedder.embedding_dim,
             "model_config_hash": embedder.model_config_hash,
             "checkpoint_step": embedder.checkpoint_step,
         })
         return cls(embedder, index)
+
+    def warm_up(self, max_batch: int | None = None) -> None:
+        """Compiles the embedding programs ahead of the first query."""
+        self.embedder.warm_up(max_batch)
 
     def embed(self, images) -> np.ndarray:
         """L2-normalised float32 [n, d] embeddings of HxWxC uint8 arrays or image paths."""
@@ -69,6 +77,10 @@ class Retriever:
         """Are two images of the same class? Cosine similarity against `threshold`
         (default: the index's calibrated `match_threshold`)."""
         a, b = self.embed([image_a, image_b])
+        return self.match_embeddings(a, b, threshold=threshold)
+
+    def match_embeddings(self, a, b, *, threshold: float | None = None) -> Match:
+        """As `match`, for two embeddings computed already."""
         similarity = float(np.dot(a, b))
         threshold = self.match_threshold if threshold is None else float(threshold)
         same = None if threshold is None else similarity >= threshold

@@ -174,17 +174,17 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
     interval_start, interval_steps = None, 0
     try:
         for step in range(start_step, total_steps):
+            step_start = time.perf_counter()
             state, metrics = train_step(state, parallel.shard_batch(host_batch(step), devices))
             done = step + 1
             pending.append((done, metrics))
-            if interval_start is None:  # the first step compiles: time from after it
+            if interval_start is None:  # the first step compiles: images/s count from after it
                 jax.block_until_ready(metrics)
-                logger.info("first step (with compilation) done")
+                logger.info("first step (with compilation) took %.1f s",
+                            time.perf_counter() - step_start)
                 interval_start, interval_steps = time.perf_counter(), 0
-                continue_timing = False
             else:
                 interval_steps += 1
-                continue_timing = True
 
             is_last = done == total_steps
             if done % config.log_every_steps == 0 or is_last:
@@ -192,7 +192,7 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
                 pending = []
                 elapsed = time.perf_counter() - interval_start
                 images_per_sec = (interval_steps * config.global_batch_size / elapsed
-                                  if continue_timing and elapsed > 0 else float("nan"))
+                                  if interval_steps else float("nan"))
                 record = {"step": done, "loss": host_metrics["loss"],
                           "learning_rate": float(schedule(done - 1)),
                           "images_per_sec": images_per_sec}

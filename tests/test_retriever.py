@@ -10,7 +10,7 @@ import pytest
 from conftest import run_python
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.evaluation import rebuild_index
-from jaxretrieval.index import Index
+from jaxretrieval.index import Index, snapshot_directory
 from jaxretrieval.retriever import Retriever
 from jaxretrieval.workdir import Workdir
 
@@ -67,7 +67,7 @@ def copy_workdir(workdir, tmp_path):
 
 def test_an_index_built_by_another_model_is_refused(trained_workdir, tmp_path):
     workdir = copy_workdir(trained_workdir[0], tmp_path)
-    manifest_path = os.path.join(Workdir(workdir).index, "manifest.json")
+    manifest_path = os.path.join(snapshot_directory(Workdir(workdir).index), "manifest.json")
     manifest = json.load(open(manifest_path))
     manifest["model_config_hash"] = "0123456789abcdef"
     json.dump(manifest, open(manifest_path, "w"))
@@ -116,3 +116,23 @@ def test_command_line_bad_config_is_one_clear_error(tmp_path):
     assert "error: bad config: split='random'; use one of" in result.stderr
     assert "Traceback" not in result.stderr
     assert not os.path.exists(tmp_path / "wd")
+
+
+def test_match_uses_the_calibrated_threshold(trained_workdir):
+    from sklearn.datasets import load_digits
+
+    workdir, metrics = trained_workdir
+    retriever = Retriever.load(workdir)
+    thresholds = retriever.index.manifest["match_thresholds"]
+    assert thresholds == metrics["match_thresholds"]
+    assert thresholds["target_precision"] == 0.99
+    assert -1.0 <= thresholds["best_f1"] <= 1.0 and 0.0 < thresholds["f1"] <= 1.0
+    digits = load_digits()
+    images = list(np.round(digits.images * 255 / 16).astype(np.uint8)[..., None])
+    same = retriever.match(images[0], images[0])
+    assert same.similarity == pytest.approx(1.0, abs=1e-4) and same.same is True
+    assert same.threshold == retriever.match_threshold is not None
+    forced = retriever.match(images[0], images[1], threshold=1.01)
+    assert forced.same is False and forced.threshold == 1.01
+    expected = float(np.dot(*retriever.embed([images[0], images[1]])))
+    assert forced.similarity == pytest.approx(expected, abs=1e-6)

@@ -67,3 +67,29 @@ def load_images(images, image_size: int, channels: int) -> np.ndarray:
             image = read_image_file(os.fspath(image))
         out[i] = to_model_input(image, image_size, channels)
     return out
+
+
+def decode_image_bytes(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Decodes an uploaded image; refuses non-images, truncated files and decompression bombs.
+
+    The pixel count is checked from the header, before any pixel is decoded, so a small file
+    that claims a huge image costs nothing.
+    """
+    import io
+
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise JaxRetrievalError("the upload is not an image Pillow can read; send a PNG, "
+                                "JPEG, GIF or another common format") from None
+    except Image.DecompressionBombError:
+        raise JaxRetrievalError(f"the image has too many pixels; send at most {max_pixels}")
+    width, height = image.size
+    if width * height > max_pixels:
+        raise JaxRetrievalError(
+            f"the image is {width}x{height} pixels; send at most {max_pixels} pixels")
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise JaxRetrievalError(f"the image is truncated or corrupt ({err}); send it whole")
+    return image

@@ -1,0 +1,10 @@
+"""`python -m serve --workdir DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY]`.
+
+A thin entry point: `jaxretrieval.cli` parses the flags, `jaxretrieval.service` serves.
+"""
+
+import sys
+
+from jaxretrieval.cli import main
+
+sys.exit(main(["serve", *sys.argv[1:]]))
