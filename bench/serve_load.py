@@ -1,0 +1,155 @@
+"""Load on the HTTP service: latency percentiles and throughput for image and embedding
+queries, with and without micro-batching.
+
+    python bench/serve_load.py --workdir runs/default [--clients 8] [--requests 2000]
+        [--seconds 30]
+
+For each setting it starts `python -m serve` on a free local port (micro-batching on:
+`--max-batch 32`; off: `--max-batch 1`), sends `--requests` queries per kind from
+`--clients` threads (each on its own keep-alive connection, stopping after `--seconds` at
+most), and prints a markdown table; `--markdown FILE` also appends it to FILE.
+"""
+
+import argparse
+import http.client
+import io
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(workdir, port, max_batch):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serve", "--workdir", workdir, "--port", str(port),
+         "--max-batch", str(max_batch)], cwd=REPO, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            connection.request("GET", "/healthz")
+            if connection.getresponse().status == 200:
+                return process
+        except OSError:
+            time.sleep(0.5)
+    process.kill()
+    raise SystemExit("the server did not start within 180 s")
+
+
+def query_bodies(workdir):
+    """(image multipart body and its content type, embedding JSON body) for a real item."""
+    from jaxretrieval.data.sources import read_source
+    from jaxretrieval.embed import load_embedding_export
+    from jaxretrieval.workdir import Workdir
+
+    export = load_embedding_export(Workdir(workdir).embeddings)
+    png = io.BytesIO()
+    read_source(export.sources[1], export.metadata.get("data_dir")).save(png, format="PNG")
+    boundary = uuid.uuid4().hex
+    multipart = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; "
+                 f"filename=\"q.png\"\r\nContent-Type: image/png\r\n\r\n").encode() + \
+        png.getvalue() + f"\r\n--{boundary}--\r\n".encode()
+    embedding = json.dumps({"embedding": export.embeddings[1].tolist()}).encode()
+    return ((multipart, f"multipart/form-data; boundary={boundary}"),
+            (embedding, "application/json"))
+
+
+def load(port, body, content_type, clients, requests, seconds):
+    """Latencies (s) of `requests` POST /search from `clients` threads, errors, wall time."""
+    latencies, errors = [], [0]
+    lock = threading.Lock()
+    remaining = [requests]
+    deadline = time.monotonic() + seconds
+
+    def client():
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        while time.monotonic() < deadline:
+            with lock:
+                if remaining[0] == 0:
+                    break
+                remaining[0] -= 1
+            start = time.perf_counter()
+            try:
+                connection.request("POST", "/search?k=10", body=body,
+                                   headers={"content-type": content_type})
+                response = connection.getresponse()
+                response.read()
+                ok = response.status == 200
+            except OSError:
+                ok = False
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            elapsed = time.perf_counter() - start
+            with lock:
+                if ok:
+                    latencies.append(elapsed)
+                else:
+                    errors[0] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return np.asarray(latencies), errors[0], time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", default="runs/default")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--markdown")
+    args = parser.parse_args()
+    image_query, embedding_query = query_bodies(args.workdir)
+
+    lines = [f"Service load, {time.strftime('%Y-%m-%d')}, {platform.machine()} "
+             f"{os.cpu_count()} cores, {args.clients} concurrent clients, workdir "
+             f"`{args.workdir}`:", "",
+             f"`python bench/serve_load.py --workdir {args.workdir} --clients {args.clients} "
+             f"--requests {args.requests} --seconds {args.seconds:g}`", "",
+             "| query | micro-batching | requests | errors | p50 ms | p95 ms | p99 ms | req/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for max_batch in (32, 1):
+        port = free_port()
+        server = start_server(args.workdir, port, max_batch)
+        try:
+            for kind, (body, content_type) in (("embedding", embedding_query),
+                                              ("image", image_query)):
+                load(port, body, content_type, args.clients, 50, 10)  # warm-up
+                latencies, errors, wall = load(port, body, content_type, args.clients,
+                                               args.requests, args.seconds)
+                p50, p95, p99 = np.percentile(latencies, [50, 95, 99]) * 1000
+                lines.append(f"| {kind} | {'on (32)' if max_batch > 1 else 'off'} | "
+                             f"{len(latencies) + errors} | {errors} | {p50:.1f} | {p95:.1f} | "
+                             f"{p99:.1f} | {len(latencies) / wall:.0f} |")
+                print(lines[-1], flush=True)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
