@@ -27,6 +27,7 @@ from jaxretrieval.service.batching import MicroBatcher, QueueFull
 
 PAGE = os.path.join(os.path.dirname(__file__), "page.html")
 THUMBNAIL_SIDE = 160
+INLINE_SEARCH_MAX_ITEMS = 20_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,15 +88,7 @@ def create_app(retriever, settings: ServiceSettings = ServiceSettings()) -> Fast
         return JSONResponse(error_body("internal", f"{type(err).__name__}: {err}"),
                             status_code=500)
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "unmatched")
-        metrics.observe(request.method, endpoint, response.status_code,
-                        time.perf_counter() - start)
-        return response
+    app.add_middleware(_MeasureRequests, metrics=metrics)
 
     # ------------------------------------------------------------------ helpers
     async def read_upload(upload) -> np.ndarray:
@@ -199,8 +192,10 @@ def create_app(retriever, settings: ServiceSettings = ServiceSettings()) -> Fast
                 raise ServiceError(400, "missing_field",
                                    "send multipart field `image` or JSON {\"embedding\": [...]}")
             vector = parse_embedding(body["embedding"])
-        keys, scores = await run_in_threadpool(
-            retriever.search_embeddings, vector[None], k, threshold=threshold)
+        search = lambda: retriever.search_embeddings(vector[None], k, threshold=threshold)
+        # A small exact index answers in tens of microseconds: a thread hop would cost more.
+        keys, scores = (search() if retriever.index.count <= INLINE_SEARCH_MAX_ITEMS
+                        else await run_in_threadpool(search))
         return {"results": [{"id": key, "score": score} for key, score in zip(keys[0], scores[0])]}
 
     @app.post("/match", summary="Similarity of two images and whether they match",
@@ -269,6 +264,32 @@ def create_app(retriever, settings: ServiceSettings = ServiceSettings()) -> Fast
         return Response(out.getvalue(), media_type="image/png")
 
     return app
+
+
+class _MeasureRequests:
+    """Counts and times every request (plain ASGI: Starlette's BaseHTTPMiddleware costs about
+    as much as a small search)."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = [500]
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            endpoint = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.observe(scope["method"], endpoint, status[0],
+                                 time.perf_counter() - start)
 
 
 class _Metrics:
