@@ -210,3 +210,11 @@ def test_micro_batcher_refuses_work_beyond_its_queue():
     release.set()
     assert first.result(timeout=10).shape == (1, 1)
     batcher.close()
+
+
+def test_an_oversized_request_is_refused_before_it_is_read(service):
+    client, _ = service
+    huge = b"0" * (200_000 * 32 + (1 << 20) + 1)  # over max_upload_bytes x max_batch + 1 MiB
+    response = client.post("/items", headers={"X-API-Key": API_KEY},
+                           files={"image": ("x.png", huge, "image/png")}, data={"id": "big"})
+    assert_error(response, 413, "too_large")

@@ -144,6 +144,13 @@ def create_app(retriever, settings: ServiceSettings = ServiceSettings()) -> Fast
         return request.headers.get("content-type", "").startswith("multipart/form-data")
 
     async def form_of(request: Request):
+        # Refuse an oversized body before Starlette spools it to disk: at most one batch of
+        # images per request, plus room for the other fields.
+        most = settings.max_upload_bytes * settings.max_batch + (1 << 20)
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > most:
+            raise ServiceError(413, "too_large", f"requests are limited to {most} bytes "
+                               f"({settings.max_batch} images of {settings.max_upload_bytes})")
         try:
             return await request.form(max_part_size=settings.max_upload_bytes + 1)
         except Exception as err:  # malformed multipart bodies raise several types
