@@ -8,9 +8,12 @@ queries and gallery, split=unseen_classes). Any other face folder, with no other
     python -m train --config configs/faces.py --workdir runs/my_faces \
         --config.dataset=folder:/path/to/faces
 
-The recipe for small face sets: 64x64 grayscale, the seed CNN with BatchNorm and GeM, a
-supervised-contrastive loss over P x K class-balanced batches (every identity in a batch has
-8 images), lighting and pose augmentation. A few hundred images train in minutes on a CPU.
+The recipe for small face sets: 64x64 grayscale, the seed CNN with BatchNorm and GeM, P x K
+class-balanced batches (every identity in a batch has 8 images), lighting and pose
+augmentation, and softmax cross-entropy: on yalefaces it gave the best MAP@R on unseen
+identities of the seven losses (README, "Metric learning"); any other is one flag away,
+e.g. `--config.loss=arcface`. A few hundred images train in about 2.5 minutes on a 2-core
+CPU.
 """
 
 from jaxretrieval.config import base_config
@@ -26,7 +29,7 @@ def get_config():
     config.model.batch_norm = True
     config.model.pooling = "gem"
     config.embedding_dim = 64
-    config.loss = "supcon"
+    config.loss = "softmax"
     config.sampler = "class_balanced"
     config.images_per_class = 8
     config.global_batch_size = 56
