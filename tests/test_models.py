@@ -119,3 +119,22 @@ def test_warp_moves_pixels_where_the_geometry_says():
     half = warp_image(image, np.pi, no_shift, False)
     assert lit_pixel(half) == (6, 4)
     np.testing.assert_allclose(float(half.sum()), 1.0, atol=1e-4)
+
+
+def test_reshape_max_pool_equals_reduce_window_in_value_and_gradient():
+    import flax.linen as nn
+
+    from jaxretrieval.models.cnn import max_pool_2x2
+
+    ties = jnp.zeros((2, 6, 6, 2)).at[:, ::3, ::2].set(1.0)  # equal maxima inside windows
+    for x in (jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3)),
+              jax.random.normal(jax.random.PRNGKey(0), (2, 9, 7, 4)),  # odd sides: cropped
+              jax.nn.relu(jax.random.normal(jax.random.PRNGKey(2), (2, 8, 8, 3))), ties):
+        reference = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
+        np.testing.assert_array_equal(max_pool_2x2(x), reference(x))
+        weights = jax.random.normal(jax.random.PRNGKey(1), reference(x).shape)
+        grad = jax.grad(lambda x: jnp.sum(max_pool_2x2(x) * weights))(x)
+        grad_reference = jax.grad(lambda x: jnp.sum(reference(x) * weights))(x)
+        np.testing.assert_allclose(grad, grad_reference, atol=1e-6)
+        jitted = jax.jit(jax.grad(lambda x: jnp.sum(max_pool_2x2(x) * weights)))(x)
+        np.testing.assert_allclose(jitted, grad_reference, atol=1e-6)
