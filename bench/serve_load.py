@@ -55,7 +55,7 @@ def start_server(workdir, port, max_batch):
 def query_bodies(workdir):
     """(image multipart body and its content type, embedding JSON body) for a real item."""
     from jaxretrieval.data.sources import read_source
-    from jaxretrieval.embed import load_embedding_export
+    from jaxretrieval.export import load_embedding_export
     from jaxretrieval.workdir import Workdir
 
     export = load_embedding_export(Workdir(workdir).embeddings)

@@ -1,4 +1,4 @@
-"""The command line: `jaxretrieval train|index|search ...` (and `python -m train`).
+"""The command line: `jaxretrieval train|embed|index|search|serve ...` (and `python -m train`).
 
 The one place that parses argv and renders progress; everything it runs lives in the library.
 """
@@ -14,8 +14,8 @@ DEFAULT_WORKDIR = os.path.join("runs", "default")
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": run_train, "index": run_index, "search": run_search,
-                "serve": run_serve}
+    commands = {"train": run_train, "embed": run_embed, "index": run_index,
+                "search": run_search, "serve": run_serve}
     if not argv or argv[0] not in commands:
         print(f"usage: jaxretrieval {{{','.join(commands)}}} [--help]", file=sys.stderr)
         return 2
@@ -31,6 +31,26 @@ def main(argv=None) -> int:
     except JaxRetrievalError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except Exception as err:
+        lost = _lost_process_message(err)
+        if lost is None:
+            raise
+        print(f"error: {lost}", file=sys.stderr)
+        return 1
+
+
+def _lost_process_message(err) -> str | None:
+    """One clear sentence when a collective of a multi-process run failed because another
+    process went away (JAX itself then stops this one once heartbeats time out)."""
+    jax = sys.modules.get("jax")
+    if (jax is None or not isinstance(err, jax.errors.JaxRuntimeError)
+            or jax.process_count() == 1):
+        return None
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"process {jax.process_index()} of {jax.process_count()} lost contact with another "
+            f"process of the run ({detail}); see the other processes' logs for why it stopped, "
+            "then start every process again with the same command: training resumes from the "
+            "workdir's last checkpoint")
 
 
 def _quiet_dependencies():
@@ -113,6 +133,7 @@ def run_train(argv) -> int:
     parser.add_argument("--workdir", default=DEFAULT_WORKDIR)
     parser.add_argument("--eval_only", action="store_true",
                         help="evaluate and index the workdir's latest checkpoint, no training")
+    _add_distributed_arguments(parser)
     args = parser.parse_args(rest)
     if args.eval_only:
         if args.config or overrides:
@@ -120,22 +141,89 @@ def run_train(argv) -> int:
             raise JaxRetrievalError(
                 "--eval_only evaluates the workdir's own run (its config.json); drop --config "
                 "and --config.KEY flags, or train a new workdir with them")
-        from jaxretrieval.evaluation import evaluate_and_index
-        metrics = evaluate_and_index(args.workdir)
+        config = resolve_config(None, args.workdir, [])
     else:
         config = resolve_config(args.config, args.workdir, overrides)
-        _use_one_cpu_device_per_core(config.global_batch_size)
-        from jaxretrieval.evaluation import evaluate_and_index
+    _use_one_cpu_device_per_core(config.global_batch_size // (args.num_processes or 1))
+    primary = _join_distributed(args)
+    from jaxretrieval.evaluation import evaluate_and_index
+    if not args.eval_only:
         from jaxretrieval.training import train
-        with _ProgressBar() as bar:
-            train(config, args.workdir, on_progress=bar.update)
-        metrics = evaluate_and_index(args.workdir)
-    print(f"\nretrieval on {metrics['dataset']} ({metrics['split']}, "
-          f"{metrics['num_queries']} queries), checkpoint step {metrics['checkpoint_step']}:")
-    from jaxretrieval.evaluation import metrics_table
-    print(metrics_table(metrics))
-    print(f"\nworkdir: {os.path.abspath(args.workdir)}")
+        with _ProgressBar("step", enabled=primary) as bar:
+            train(config, args.workdir, on_progress=lambda event: bar.update(
+                event["step"], event["total_steps"], loss=f"{event['loss']:.4f}",
+                img_s=_rate(event["images_per_sec"])))
+    with _ProgressBar("chunk", enabled=primary) as bar:
+        metrics = evaluate_and_index(args.workdir, on_progress=bar.update_chunks)
+    if primary:
+        print(f"\nretrieval on {metrics['dataset']} ({metrics['split']}, "
+              f"{metrics['num_queries']} queries), checkpoint step "
+              f"{metrics['checkpoint_step']}:")
+        from jaxretrieval.evaluation import metrics_table
+        print(metrics_table(metrics))
+        print(f"\nworkdir: {os.path.abspath(args.workdir)}")
     return 0
+
+
+def run_embed(argv) -> int:
+    parser = argparse.ArgumentParser(
+        prog="jaxretrieval embed",
+        description="Embed a dataset or a folder of any size with the workdir's latest "
+                    "checkpoint, on every device of every process, into an Orbax export in "
+                    "chunks (an interrupted run resumes: finished chunks are kept). "
+                    "`jaxretrieval index --workdir DIR` then builds the index from it.")
+    parser.add_argument("--workdir", default=DEFAULT_WORKDIR)
+    parser.add_argument("--dataset", help="digits, tfds:NAME or folder:PATH (a folder of "
+                        "images, or of class sub-folders); default: the run's own dataset")
+    parser.add_argument("--data_dir", help="TFDS data directory (default: the run's)")
+    parser.add_argument("--output", help="export directory (default: DIR/embeddings, the one "
+                        "the index is built from)")
+    from jaxretrieval.export import DEFAULT_CHUNK_SIZE
+    parser.add_argument("--chunk_size", type=int, default=DEFAULT_CHUNK_SIZE,
+                        help="items per chunk: the unit that is written, and kept when resumed")
+    _add_distributed_arguments(parser)
+    args = parser.parse_args(argv)
+    config = resolve_config(None, args.workdir, [])
+    _use_one_cpu_device_per_core(config.embed_batch_size)
+    primary = _join_distributed(args)
+    from jaxretrieval.evaluation import embed_corpus
+    with _ProgressBar("chunk", enabled=primary) as bar:
+        meta = embed_corpus(args.workdir, dataset=args.dataset, data_dir=args.data_dir,
+                            output=args.output, chunk_size=args.chunk_size,
+                            on_progress=bar.update_chunks)
+    if primary:
+        print(json.dumps({key: meta[key] for key in ("dataset", "count", "embedding_dim",
+                                                     "num_chunks", "checkpoint_step")}))
+    return 0
+
+
+def _add_distributed_arguments(parser) -> None:
+    from jaxretrieval.parallel import DEFAULT_HEARTBEAT_TIMEOUT_SECONDS
+
+    group = parser.add_argument_group(
+        "several processes (hosts)", "Run the same command on every host, each with its "
+        "own --process_id; the workdir must be one folder all of them share.")
+    group.add_argument("--coordinator_address", metavar="HOST:PORT",
+                       help="the address of process 0 and a free port, on every process")
+    group.add_argument("--num_processes", type=int, metavar="N")
+    group.add_argument("--process_id", type=int, metavar="I", help="0 .. N-1")
+    group.add_argument("--distributed", choices=["auto"],
+                       help="auto: read the cluster from the platform (TPU pod slice, SLURM, "
+                            "Open MPI; Kubernetes with the kubernetes client)")
+    group.add_argument("--heartbeat_timeout", type=int, default=DEFAULT_HEARTBEAT_TIMEOUT_SECONDS,
+                       metavar="SECONDS", help="after this long without word from a process, "
+                       "the others stop with an error instead of waiting (default %(default)s)")
+
+
+def _join_distributed(args) -> bool:
+    """Joins the multi-process run the arguments describe, if any; True on process 0."""
+    from jaxretrieval import parallel
+
+    parallel.initialize_distributed(
+        coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+        process_id=args.process_id, auto=args.distributed == "auto",
+        heartbeat_timeout_seconds=args.heartbeat_timeout)
+    return parallel.is_primary_process()
 
 
 def run_index(argv) -> int:
@@ -143,9 +231,13 @@ def run_index(argv) -> int:
         prog="jaxretrieval index",
         description="Rebuild DIR/index/ from DIR/embeddings/ (no model needed).")
     parser.add_argument("--workdir", default=DEFAULT_WORKDIR)
+    parser.add_argument("--shards", type=int, default=None,
+                        help="split the index into this many ScaNN shards by key (1: one "
+                             "flat index; default: as many as the index there has, else 1); "
+                             "replaces either layout in place")
     args = parser.parse_args(argv)
     from jaxretrieval.evaluation import rebuild_index
-    index = rebuild_index(args.workdir)
+    index = rebuild_index(args.workdir, num_shards=args.shards)
     print(json.dumps(index.manifest, indent=2, sort_keys=True))
     return 0
 
@@ -210,22 +302,29 @@ def run_serve(argv) -> int:
     return 0
 
 
+def _rate(images_per_sec) -> str:
+    return f"{images_per_sec:.0f}" if images_per_sec == images_per_sec else "-"  # NaN: compiling
+
+
 class _ProgressBar:
-    """Renders the trainer's progress events as a tqdm bar with loss, images/s and ETA."""
+    """Renders progress events as a tqdm bar (on process 0 only: `enabled`)."""
 
-    def __init__(self):
-        self._bar = None
+    def __init__(self, unit: str, *, enabled: bool = True):
+        self._unit, self._enabled, self._bar = unit, enabled, None
 
-    def update(self, event: dict) -> None:
+    def update(self, done: int, total: int, **postfix) -> None:
+        if not self._enabled:
+            return
         from tqdm import tqdm
         if self._bar is None:
-            self._bar = tqdm(total=event["total_steps"], initial=event["step"], unit="step",
-                             dynamic_ncols=True)
-        self._bar.n = event["step"]
-        rate = event["images_per_sec"]
-        self._bar.set_postfix(loss=f"{event['loss']:.4f}",
-                              img_s=f"{rate:.0f}" if rate == rate else "-")  # NaN: compiling
+            self._bar = tqdm(total=total, initial=done, unit=self._unit, dynamic_ncols=True)
+        self._bar.n = done
+        self._bar.set_postfix(**postfix)
         self._bar.refresh()
+
+    def update_chunks(self, event: dict) -> None:
+        """For the embedding export's events."""
+        self.update(event["done"], event["total"], img_s=_rate(event["images_per_sec"]))
 
     def __enter__(self):
         return self

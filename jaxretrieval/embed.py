@@ -1,14 +1,7 @@
-"""The Embedder (checkpoint -> jit-compiled, batched embedding on any device count), and the
-embedding export that the index is built from (`DIR/embeddings/`).
-"""
-
-import dataclasses
-import json
-import os
+"""The Embedder: checkpoint -> jit-compiled, batched embedding on any device count."""
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxretrieval import parallel
@@ -18,7 +11,7 @@ from jaxretrieval.data.augment import preprocess
 from jaxretrieval.data.images import load_images
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.models import build_model
-from jaxretrieval.workdir import Workdir, new_sibling_directory, recover_interrupted_swap, swap_in
+from jaxretrieval.workdir import Workdir
 
 
 class Embedder:
@@ -96,60 +89,3 @@ def _bucket_sizes(max_batch: int, num_devices: int) -> list:
         sizes.append(size)
         size *= 2
     return sizes + [top]
-
-
-# ---------------------------------------------------------------------------------------------
-# The embedding export: arrays with Orbax, keys and sources beside them as JSON.
-
-@dataclasses.dataclass
-class EmbeddingExport:
-    embeddings: np.ndarray  # float32 [n, d]
-    rows: np.ndarray  # int64 [n]: the dataset row of each embedding
-    labels: np.ndarray  # int64 [n]
-    keys: list  # str [n]
-    sources: list  # str [n]
-    metadata: dict  # checkpoint_step, model_config_hash, embedding_dim, count, dataset
-
-
-def save_embedding_export(directory: str, export: EmbeddingExport) -> None:
-    """Writes the export to a temporary directory, then swaps it in whole."""
-    tmp = new_sibling_directory(directory)
-    try:
-        arrays = {"embeddings": export.embeddings, "rows": export.rows, "labels": export.labels}
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(os.path.join(tmp, "arrays"), arrays)
-            checkpointer.wait_until_finished()
-        for name, value in (("keys.json", export.keys), ("sources.json", export.sources),
-                            ("export.json", export.metadata)):
-            with open(os.path.join(tmp, name), "w") as f:
-                json.dump(value, f)
-        swap_in(tmp, directory)
-    except BaseException:
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def load_embedding_export(directory: str) -> EmbeddingExport:
-    recover_interrupted_swap(directory)
-    if not os.path.isfile(os.path.join(directory, "export.json")):
-        raise JaxRetrievalError(
-            f"no embedding export in {directory!r}: run `python -m train --eval_only "
-            "--workdir DIR` to write it")
-    with ocp.StandardCheckpointer() as checkpointer:
-        arrays = checkpointer.restore(os.path.join(directory, "arrays"))
-    loaded = {}
-    for name in ("keys", "sources", "export"):
-        with open(os.path.join(directory, f"{name}.json")) as f:
-            loaded[name] = json.load(f)
-    export = EmbeddingExport(
-        embeddings=np.asarray(arrays["embeddings"], np.float32),
-        rows=np.asarray(arrays["rows"]), labels=np.asarray(arrays["labels"]),
-        keys=loaded["keys"], sources=loaded["sources"], metadata=loaded["export"])
-    count = export.metadata.get("count")
-    if not (len(export.embeddings) == len(export.rows) == len(export.labels)
-            == len(export.keys) == len(export.sources) == count):
-        raise JaxRetrievalError(
-            f"the embedding export in {directory!r} is inconsistent (its arrays, keys and "
-            "count differ): rewrite it with `python -m train --eval_only --workdir DIR`")
-    return export

@@ -5,14 +5,18 @@
 without the model.
 """
 
+import json
 import logging
+import os
 
 import numpy as np
 
+from jaxretrieval import parallel
 from jaxretrieval.data.sources import load_dataset
 from jaxretrieval.data.splits import split_dataset
-from jaxretrieval.embed import (EmbeddingExport, Embedder, load_embedding_export,
-                                save_embedding_export)
+from jaxretrieval.embed import Embedder
+from jaxretrieval.export import (DEFAULT_CHUNK_SIZE, load_embedding_export,
+                                 update_export_metadata, write_embedding_export)
 from jaxretrieval.index import Index
 from jaxretrieval.metrics import (calibrate_match_thresholds, pair_similarities, pixel_embeddings,
                                   retrieval_metrics)
@@ -23,49 +27,69 @@ logger = logging.getLogger(__name__)
 PIXEL_PREFIX = "pixels/"
 
 
-def evaluate_and_index(workdir: str) -> dict:
+def evaluate_and_index(workdir: str, *, on_progress=None) -> dict:
     """Embeds the whole dataset with the latest checkpoint, writes `DIR/embeddings/`,
-    `DIR/metrics.json` and `DIR/index/`; returns the metrics."""
+    `DIR/metrics.json` and `DIR/index/`; returns the metrics.
+
+    In a multi-process run every process calls this: all of them embed, process 0 alone
+    evaluates and writes the index, and the others return what it wrote.
+    """
     wd = Workdir(workdir)
     embedder = Embedder.from_workdir(workdir)
     config = embedder.config
     dataset = load_dataset(config)
-    logger.info("embedding %d images with the checkpoint of step %d", len(dataset),
-                 embedder.checkpoint_step)
-    embeddings = embed_dataset(embedder, dataset)
-
-    split = split_dataset(config, dataset)
-    metrics = evaluate_split(embeddings, dataset.labels, split)
-    metrics.update({PIXEL_PREFIX + name: value
-                    for name, value in evaluate_pixels(dataset, split).items()})
-    thresholds = calibrate_match_thresholds(
-        *split_pair_similarities(embeddings, dataset.labels, split),
-        target_precision=config.match_target_precision)
-    metrics.update(checkpoint_step=embedder.checkpoint_step, split=config.split,
-                   dataset=config.dataset, match_thresholds=thresholds)
-
-    save_embedding_export(wd.embeddings, EmbeddingExport(
-        embeddings=embeddings, rows=np.arange(len(dataset), dtype=np.int64),
-        labels=dataset.labels.astype(np.int64), keys=list(dataset.keys),
-        sources=list(dataset.sources),
-        metadata={"checkpoint_step": embedder.checkpoint_step,
-                  "model_config_hash": embedder.model_config_hash,
-                  "embedding_dim": embedder.embedding_dim, "count": len(dataset),
-                  "dataset": config.dataset, "data_dir": config.data_dir,
-                  "match_thresholds": thresholds}))
-    write_json_atomically(wd.metrics_path, metrics)
-
-    rebuild_index(workdir)
-    return metrics
+    write_embedding_export(wd.embeddings, embedder, dataset, on_progress=on_progress,
+                           metadata={"dataset": config.dataset, "data_dir": config.data_dir})
+    if parallel.is_primary_process():
+        export = load_embedding_export(wd.embeddings)
+        embeddings = export.embeddings
+        split = split_dataset(config, dataset)
+        metrics = evaluate_split(embeddings, dataset.labels, split)
+        metrics.update({PIXEL_PREFIX + name: value
+                        for name, value in evaluate_pixels(dataset, split).items()})
+        thresholds = calibrate_match_thresholds(
+            *split_pair_similarities(embeddings, dataset.labels, split),
+            target_precision=config.match_target_precision)
+        metrics.update(checkpoint_step=embedder.checkpoint_step, split=config.split,
+                       dataset=config.dataset, match_thresholds=thresholds)
+        update_export_metadata(wd.embeddings, match_thresholds=thresholds)
+        write_json_atomically(wd.metrics_path, metrics)
+        rebuild_index(workdir)
+    parallel.barrier("evaluated")
+    with open(wd.metrics_path) as f:
+        return json.load(f)
 
 
-def embed_dataset(embedder: Embedder, dataset, chunk: int = 4096) -> np.ndarray:
-    """float32 [len(dataset), d], read and embedded chunk by chunk."""
-    out = np.empty((len(dataset), embedder.embedding_dim), np.float32)
-    for start in range(0, len(dataset), chunk):
-        rows = np.arange(start, min(start + chunk, len(dataset)))
-        out[rows] = embedder.embed_uint8(dataset.images(rows))
-    return out
+def embed_corpus(workdir: str, *, dataset: str | None = None, data_dir: str | None = None,
+                 output: str | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 on_progress=None) -> dict:
+    """Embeds a dataset of any size (default: the run's own) with the workdir's latest
+    checkpoint into an export (default `DIR/embeddings/`, which `rebuild_index` reads), on
+    every device of every process; an interrupted run resumes where it stopped.
+
+    The match thresholds evaluation calibrated for this checkpoint are a property of the
+    model, so they are carried into the export. Returns the export's metadata.
+    """
+    wd = Workdir(workdir)
+    embedder = Embedder.from_workdir(workdir)
+    config = embedder.config.copy_and_resolve_references()
+    if dataset is not None:
+        config.dataset = dataset
+    if data_dir is not None:
+        config.data_dir = data_dir
+    config.cache_max_bytes = 0  # a corpus is read once: never hold it in memory
+    corpus = load_dataset(config)
+    thresholds = None
+    if os.path.isfile(wd.metrics_path):
+        with open(wd.metrics_path) as f:
+            evaluated = json.load(f)
+        if evaluated.get("checkpoint_step") == embedder.checkpoint_step:
+            thresholds = evaluated.get("match_thresholds")
+    return write_embedding_export(
+        output or wd.embeddings, embedder, corpus, chunk_size=chunk_size,
+        on_progress=on_progress,
+        metadata={"dataset": config.dataset, "data_dir": config.data_dir,
+                  "match_thresholds": thresholds})
 
 
 def evaluate_split(embeddings: np.ndarray, labels: np.ndarray, split) -> dict:
@@ -93,19 +117,32 @@ def evaluate_pixels(dataset, split) -> dict:
                              query_gallery_rows=split.query_gallery_rows)
 
 
-def rebuild_index(workdir: str) -> Index:
-    """Builds `DIR/index/` from the embedding export alone (no model needed)."""
+def rebuild_index(workdir: str, num_shards: int | None = None):
+    """Builds `DIR/index/` from the embedding export alone (no model needed) and returns it:
+    an Index, or with `num_shards` > 1 a ShardedIndex; it replaces the index there, whichever layout.
+    `num_shards=None` keeps the shard count of the index there (1 when there is none), so
+    re-evaluating a run does not undo its sharding."""
+    from jaxretrieval.sharded_index import (ShardedIndex, checked_num_shards, num_shards_on_disk,
+                                            save_index)
+
     wd = Workdir(workdir)
+    num_shards = checked_num_shards(num_shards_on_disk(wd.index) if num_shards is None
+                                    else num_shards)
     export = load_embedding_export(wd.embeddings)
     meta = export.metadata
-    index = Index.build(export.embeddings, export.keys, sources=export.sources,
-                        checkpoint_step=meta["checkpoint_step"],
-                        model_config_hash=meta["model_config_hash"],
-                        extra_manifest={"dataset": meta.get("dataset"),
-                                        "data_dir": meta.get("data_dir", ""),
-                                        "match_thresholds": meta.get("match_thresholds")})
-    index.save(wd.index)
-    logger.info("index of %d items saved to %s", index.count, wd.index)
+    arguments = dict(sources=export.sources, checkpoint_step=meta["checkpoint_step"],
+                     model_config_hash=meta["model_config_hash"],
+                     extra_manifest={"dataset": meta.get("dataset"),
+                                     "data_dir": meta.get("data_dir", ""),
+                                     "match_thresholds": meta.get("match_thresholds")})
+    if num_shards > 1:
+        index = ShardedIndex.build(export.embeddings, export.keys, num_shards=num_shards,
+                                   **arguments)
+    else:
+        index = Index.build(export.embeddings, export.keys, **arguments)
+    save_index(index, wd.index)
+    logger.info("index of %d items in %d shard(s) saved to %s", index.count, num_shards,
+                wd.index)
     return index
 
 

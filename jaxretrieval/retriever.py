@@ -1,4 +1,4 @@
-"""The serving-time object: an Embedder and the Index it was built with."""
+"""The serving-time object: an Embedder and the index (flat or sharded) it was built with."""
 
 import dataclasses
 
@@ -7,6 +7,7 @@ import numpy as np
 from jaxretrieval.embed import Embedder
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.index import Index
+from jaxretrieval.sharded_index import ShardedIndex, open_index
 from jaxretrieval.workdir import Workdir
 
 
@@ -26,7 +27,7 @@ class Retriever:
         keys, scores = r.search(images, k=10)   # images: HxWxC uint8 arrays or file paths
     """
 
-    def __init__(self, embedder: Embedder, index: Index):
+    def __init__(self, embedder: Embedder, index: Index | ShardedIndex):
         if embedder.embedding_dim != index.embedding_dim:
             raise JaxRetrievalError(
                 f"the model embeds to {embedder.embedding_dim} dimensions, the index holds "
@@ -36,13 +37,14 @@ class Retriever:
 
     @classmethod
     def load(cls, workdir: str, *, writable: bool = False) -> "Retriever":
-        """The latest checkpoint and `DIR/index/`; refuses an index built by another model.
+        """The latest checkpoint and `DIR/index/` (flat or sharded); refuses an index built
+        by another model.
 
         `writable=True` opens the index for live updates (`index.upsert`, `index.delete`),
         each logged durably before it returns; one writer per workdir at a time.
         """
         embedder = Embedder.from_workdir(workdir)
-        index = Index.load(Workdir(workdir).index, writable=writable, expected={
+        index = open_index(Workdir(workdir).index, writable=writable, expected={
             "embedding_dim": embedder.embedding_dim,
             "model_config_hash": embedder.model_config_hash,
             "checkpoint_step": embedder.checkpoint_step,

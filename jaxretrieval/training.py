@@ -121,31 +121,42 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
     validate_config(config)
 
     # ---------------------------------------------------------------- devices
-    devices = parallel.local_devices()
+    # Every device of every process; this process feeds and reads only its own.
+    devices = parallel.global_devices()
     if config.global_batch_size % len(devices):
         raise JaxRetrievalError(
             f"bad config: global_batch_size={config.global_batch_size} does not divide over "
             f"{len(devices)} devices; use a multiple of {len(devices)}")
-    logger.info("training on %d %s device(s)", len(devices), devices[0].platform)
+    primary = parallel.is_primary_process()
+    logger.info("training on %d %s device(s) in %d process(es)", len(devices),
+                devices[0].platform, jax.process_count())
     loss = get_loss(config.loss)
 
     # ---------------------------------------------------------------- workdir
+    # With several processes the workdir is one shared folder (NFS, Filestore, ...): every
+    # process checks the config, process 0 alone writes it and the train log.
     wd = Workdir(workdir)
-    _write_or_check_config(wd, config)
+    _write_or_check_config(wd, config, write=primary)
 
     # ---------------------------------------------------------------- data
-    dataset = load_dataset(config)
+    # Several processes: each decodes only the images of its own shares of the batches.
+    dataset = load_dataset(config, decode_now=jax.process_count() == 1)
     split = split_dataset(config, dataset)
     logger.info("%s: %d images, %d classes; %d for training (%d classes)", dataset.name,
                  len(dataset), dataset.num_classes, len(split.train_rows), split.num_train_classes)
 
+    share = parallel.process_share(config.global_batch_size)
+
     def host_batch(step):
+        """This process's part of the global batch of `step`: the global rows are a function
+        of (seed, step) alone, so each process reads and decodes only its own."""
         if config.sampler == "class_balanced":
             rows = class_balanced_batch_rows(
                 split.train_rows, dataset.labels[split.train_rows], step,
                 config.global_batch_size, config.images_per_class, config.seed)
         else:
             rows = batch_rows(split.train_rows, step, config.global_batch_size, config.seed)
+        rows = rows[share]
         return {"images": dataset.images(rows), "labels": dataset.labels[rows].astype(np.int32)}
 
     # ---------------------------------------------------------------- model and optimiser
@@ -161,7 +172,8 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
         host_state = store.restore(start_step, target=host_state)
         logger.info("resumed from the checkpoint at step %d", start_step)
     total_steps = config.num_train_steps
-    wd.truncate_train_log(after_step=start_step)
+    if primary:
+        wd.truncate_train_log(after_step=start_step)
 
     # ---------------------------------------------------------------- update step
     state = parallel.replicate(host_state, devices)
@@ -196,8 +208,9 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
                 record = {"step": done, "loss": host_metrics["loss"],
                           "learning_rate": float(schedule(done - 1)),
                           "images_per_sec": images_per_sec}
-                wd.append_train_log(record)
-                if on_progress is not None:
+                if primary:
+                    wd.append_train_log(record)
+                if on_progress is not None and primary:
                     on_progress(dict(record, total_steps=total_steps))
                 interval_start, interval_steps = time.perf_counter(), 0
 
@@ -219,11 +232,11 @@ def _fetch_step_metrics(pending, wd, last_saved) -> dict:
     """Fetches pending step metrics; raises naming the first step whose loss is not finite."""
     if not pending:
         return {}
-    fetched = jax.device_get([m for _, m in pending])
+    fetched = [parallel.unreplicate(metrics) for _, metrics in pending]
     for (step, _), metrics in zip(pending, fetched):
-        if not np.isfinite(metrics["loss"][0]):
+        if not np.isfinite(metrics["loss"]):
             raise _diverged(step, wd, last_saved)
-    return {name: float(value[0]) for name, value in fetched[-1].items()}
+    return {name: float(value) for name, value in fetched[-1].items()}
 
 
 def _diverged(step, wd, last_saved, what="the loss"):
@@ -235,8 +248,8 @@ def _diverged(step, wd, last_saved, what="the loss"):
         "(it resumes from that checkpoint)")
 
 
-def _write_or_check_config(wd, config) -> None:
-    """Writes DIR/config.json; a workdir that holds another model is refused."""
+def _write_or_check_config(wd, config, *, write: bool = True) -> None:
+    """Writes DIR/config.json (when `write`); a workdir that holds another model is refused."""
     if os.path.isfile(wd.config_path):
         saved = wd.read_config()
         differing = [key for key in RUN_KEYS
@@ -245,4 +258,5 @@ def _write_or_check_config(wd, config) -> None:
             raise JaxRetrievalError(
                 f"workdir {wd.path!r} holds a run of another configuration ({', '.join(differing)} "
                 "differ from its config.json); use a new --workdir, or the same settings to resume")
-    write_file_atomically(wd.config_path, config_to_json(config))
+    if write:
+        write_file_atomically(wd.config_path, config_to_json(config))

@@ -45,6 +45,32 @@ def test_folder_source_converts_any_format_and_colour(tmp_path):
     assert dataset.images(np.arange(9)).shape == (9, 12, 12, 3)
 
 
+def test_a_flat_folder_of_images_is_one_class_keyed_by_file_name(tmp_path):
+    gallery = tmp_path / "gallery"
+    os.makedirs(gallery)
+    for name in ("b.png", "a.png"):
+        Image.new("RGB", (9, 7), (200, 10, 10)).save(gallery / name)
+    dataset = load_dataset(folder_config(gallery, channels=3))
+    assert dataset.keys == ["a.png", "b.png"]
+    assert dataset.sources == [str(gallery / "a.png"), str(gallery / "b.png")]
+    assert dataset.labels.tolist() == [0, 0] and dataset.class_names == ["gallery"]
+    assert dataset.images([1])[0, 0, 0].tolist() == [200, 10, 10]
+
+
+def test_images_decoded_lazily_are_decoded_once_and_only_when_read(tmp_path):
+    for i in range(4):
+        os.makedirs(tmp_path / f"c{i}")
+        Image.new("L", (8, 8), 50 * i).save(tmp_path / f"c{i}" / "x.png")
+    (tmp_path / "c3" / "x.png").write_bytes(b"broken")  # never read below
+    dataset = load_dataset(folder_config(tmp_path), decode_now=False)
+    reads = []
+    read_one = dataset._read_one
+    dataset._read_one = lambda i: reads.append(i) or read_one(i)
+    assert dataset.images([1, 0, 1])[:, 0, 0, 0].tolist() == [50, 0, 50]
+    assert dataset.images([0, 2])[:, 0, 0, 0].tolist() == [0, 100]
+    assert sorted(reads) == [0, 1, 2]
+
+
 def test_a_corrupt_image_is_reported_by_its_path(tmp_path):
     os.makedirs(tmp_path / "cats")
     Image.new("L", (8, 8)).save(tmp_path / "cats" / "good.png")

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import run_python, tiny_config
 from jaxretrieval.checkpoint import CheckpointStore
-from jaxretrieval.embed import load_embedding_export
+from jaxretrieval.export import load_embedding_export
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.index import snapshot_directory
 from jaxretrieval.training import train
@@ -93,19 +93,20 @@ def test_a_stopped_and_resumed_run_ends_where_an_unbroken_one_does(tmp_path, dat
 def test_checkpoint_from_four_devices_restores_and_embeds_on_one(trained_workdir):
     workdir, _ = trained_workdir
     code = (
-        "import sys, jax, numpy as np\n"
-        "from jaxretrieval.embed import Embedder, load_embedding_export\n"
-        "from jaxretrieval.evaluation import embed_dataset\n"
+        "import sys, jax\n"
+        "from jaxretrieval.embed import Embedder\n"
+        "from jaxretrieval.export import write_embedding_export\n"
         "from jaxretrieval.data.sources import load_dataset\n"
         "assert jax.local_device_count() == 1\n"
         "e = Embedder.from_workdir(sys.argv[1])\n"
-        "x = embed_dataset(e, load_dataset(e.config))\n"
-        "np.save(sys.argv[2], x)\n")
-    out = os.path.join(workdir, "..", "one_device.npy")
+        "write_embedding_export(sys.argv[2], e, load_dataset(e.config), chunk_size=500)\n")
+    out = os.path.join(workdir, "..", "one_device_export")
     result = run_python(code, workdir, out, devices=1)
     assert result.returncode == 0, result.stderr[-3000:]
+    on_one = load_embedding_export(out)
+    assert on_one.metadata["num_chunks"] == 4  # 1797 items in chunks of 500
     export = load_embedding_export(Workdir(workdir).embeddings)
-    np.testing.assert_allclose(np.load(out), export.embeddings, atol=1e-5)
+    np.testing.assert_allclose(on_one.embeddings, export.embeddings, atol=1e-5)
 
 
 def test_a_diverging_run_stops_naming_the_step_and_keeps_the_good_checkpoint(
@@ -150,7 +151,7 @@ def test_embedding_export_holds_every_item_with_keys_and_sources(trained_workdir
     workdir, _ = trained_workdir
     export = load_embedding_export(Workdir(workdir).embeddings)
     assert export.embeddings.shape == (1797, 16)
-    assert export.rows.dtype == np.int64 and list(export.rows[:3]) == [0, 1, 2]
+    assert export.labels.dtype == np.int64 and list(export.labels[:3]) == [0, 1, 2]
     assert export.keys[:2] == ["train/0", "train/1"]
     assert export.sources[0] == "tfds:sklearn_digits/train/0"
     np.testing.assert_allclose(np.linalg.norm(export.embeddings, axis=1), 1.0, atol=1e-5)

@@ -35,7 +35,8 @@ class ImageDataset:
     image_size: int
     channels: int
     _read_one: Callable[[int], np.ndarray]  # index -> uint8 [size, size, channels]
-    _cache: np.ndarray = None
+    _cache: np.ndarray = None  # filled as images are first read; see cache_in_memory
+    _cached: np.ndarray = None  # bool [n]: which rows of _cache are decoded
 
     def __len__(self):
         return len(self.labels)
@@ -48,22 +49,38 @@ class ImageDataset:
         """uint8 [len(indices), size, size, channels]."""
         indices = np.asarray(indices, np.int64)
         if self._cache is not None:
+            missing = np.unique(indices[~self._cached[indices]])
+            self._cache[missing] = self._decode(missing)
+            self._cached[missing] = True
             return self._cache[indices]
+        return self._decode(indices)
+
+    def _decode(self, indices) -> np.ndarray:
         out = np.empty((len(indices), self.image_size, self.image_size, self.channels), np.uint8)
         for i, index in enumerate(indices):
             out[i] = self._read_one(int(index))
         return out
 
-    def cache_in_memory(self, max_bytes: int) -> bool:
-        """Decodes every image once and keeps them, if they fit in `max_bytes`."""
+    def cache_in_memory(self, max_bytes: int, *, decode_now: bool = True) -> bool:
+        """Keeps every image once decoded, if all of them fit in `max_bytes`.
+
+        `decode_now` decodes them all at once (a corrupt file is reported before training
+        starts); otherwise each is decoded when first read, so a process of a multi-process
+        run that reads only its share of each batch decodes only that.
+        """
         size = len(self) * self.image_size * self.image_size * self.channels
         if self._cache is None and size <= max_bytes:
-            self._cache = self.images(np.arange(len(self)))
+            self._cache = np.empty((len(self), self.image_size, self.image_size, self.channels),
+                                   np.uint8)
+            self._cached = np.zeros(len(self), bool)
+            if decode_now:
+                self.images(np.arange(len(self)))
         return self._cache is not None
 
 
-def load_dataset(config) -> ImageDataset:
-    """The dataset named by `config.dataset`, its images sized per the config."""
+def load_dataset(config, *, decode_now: bool = True) -> ImageDataset:
+    """The dataset named by `config.dataset`, its images sized per the config (decoded now
+    into memory when they fit `config.cache_max_bytes`, see `cache_in_memory`)."""
     name = config.dataset
     if name == "digits":
         dataset = _digits_dataset(config)
@@ -75,7 +92,7 @@ def load_dataset(config) -> ImageDataset:
         raise JaxRetrievalError(f"bad config: dataset={name!r}; use digits, tfds:NAME or folder:PATH")
     if len(dataset) == 0:
         raise JaxRetrievalError(f"dataset {name!r} holds no images")
-    dataset.cache_in_memory(config.cache_max_bytes)
+    dataset.cache_in_memory(config.cache_max_bytes, decode_now=decode_now)
     return dataset
 
 
@@ -189,33 +206,50 @@ def _folder_dataset(root, config) -> ImageDataset:
     if not os.path.isdir(root):
         raise JaxRetrievalError(
             f"dataset folder {root!r} not found: pass folder:PATH with one sub-folder per class")
+    extensions = _image_extensions()
+
+    def image_files(folder):
+        return sorted(f for f in os.listdir(folder)
+                      if not f.startswith(".") and os.path.splitext(f)[1].lower() in extensions
+                      and os.path.isfile(os.path.join(folder, f)))
+
     class_names = sorted(entry.name for entry in os.scandir(root)
                          if entry.is_dir() and not entry.name.startswith("."))
     if not class_names:
+        if image_files(root):
+            # A flat folder of images (a gallery to embed, not a training set): one class.
+            return _image_files_dataset(root, [""], [image_files(root)], config)
         raise JaxRetrievalError(
-            f"dataset folder {root!r} has no class sub-folders: put each class's images in "
-            "a sub-folder named after the class")
-    extensions = _image_extensions()
-    keys, sources, labels = [], [], []
-    for label, class_name in enumerate(class_names):
+            f"dataset folder {root!r} has no class sub-folders and no images: put each "
+            "class's images in a sub-folder named after the class (or, for a gallery to "
+            "embed, the images themselves)")
+    files_per_class = []
+    for class_name in class_names:
         class_dir = os.path.join(root, class_name)
-        files = sorted(f for f in os.listdir(class_dir)
-                       if not f.startswith(".") and os.path.splitext(f)[1].lower() in extensions
-                       and os.path.isfile(os.path.join(class_dir, f)))
+        files = image_files(class_dir)
         if not files:
             raise JaxRetrievalError(
                 f"class folder {class_dir!r} holds no image files; add images or remove it "
                 "(the label index of a class is its position in sorted folder order)")
+        files_per_class.append(files)
+    return _image_files_dataset(root, class_names, files_per_class, config)
+
+
+def _image_files_dataset(root, class_names, files_per_class, config) -> ImageDataset:
+    """Keys are paths relative to `root`; a class is a sub-folder ("" for the root)."""
+    keys, sources, labels = [], [], []
+    for label, (class_name, files) in enumerate(zip(class_names, files_per_class)):
         for file_name in files:
-            keys.append(f"{class_name}/{file_name}")
-            sources.append(os.path.join(class_dir, file_name))
+            keys.append(f"{class_name}/{file_name}" if class_name else file_name)
+            sources.append(os.path.join(root, class_name, file_name))
             labels.append(label)
 
     def read_one(i):
         return to_model_input(read_image_file(sources[i]), config.image_size, config.channels)
 
     return ImageDataset(f"folder:{root}", np.asarray(labels, np.int64), keys, sources,
-                        class_names, config.image_size, config.channels, read_one)
+                        [name or os.path.basename(root) for name in class_names],
+                        config.image_size, config.channels, read_one)
 
 
 def read_source(reference: str, data_dir=None) -> Image.Image:

@@ -1,0 +1,692 @@
+"""An index split by key over S shards, each an ordinary `Index`, searched together.
+
+An item lives in shard `zlib.crc32(key as UTF-8) % S` (`shard_of`): stable across
+machines, processes and Python versions, unlike `hash()`. A search asks every shard for
+its best k and merges them by score, equal scores by key.
+
+With exact scoring (at most EXACT_SEARCH_MAX_COUNT items) the results, keys and scores,
+are those of one Index over the same vectors and changes, with two exceptions that come
+from ScaNN: items whose scores are exactly equal come in key order here and in row order
+there; and a batch of one query goes through ScaNN's one-query kernel, whose rounding
+depends on where an item sits in its searcher, so its scores can differ in the last bit
+(batches of two or more use a kernel that does not).
+
+On-disk layout of a sharded index directory:
+
+    shards.json                       the manifest: format_version, num_shards, routing,
+                                      generation, shards (the folder names, relative),
+                                      embedding_dim, model_config_hash, checkpoint_step,
+                                      scann_version, distance and the extra entries
+                                      (match_thresholds, dataset, data_dir, ...)
+    LOCK                              held (flock) by the one writer, as for an Index
+    shards/<generation>/shard-00000-of-00004/   one complete Index directory per shard
+    ...
+
+`open_index` opens either layout: with shards.json the directory is sharded, without it
+it is a plain Index directory (CURRENT, snapshots/).
+
+The switch rule. Every save, whatever the layout before and after (flat to sharded,
+sharded to flat, S shards to S'), writes the new parts completely and fsyncs them first,
+beside the old ones and under names nothing references yet (a new generation of shard
+folders, or a new flat snapshot), then switches with one atomic step, then removes what
+is no longer referenced:
+
+- to sharded: shards.json is replaced atomically (rename) to name the new generation;
+  then the flat layout (CURRENT, snapshots/) and all generations but the new one and
+  the previous one are removed;
+- to flat: Index's own snapshot writer writes snapshots/<version> and CURRENT while
+  shards.json still decides, then shards.json is removed; then shards/ is removed.
+
+A reader therefore sees the old whole index or the new whole index, never a mix; one that
+loses a race with the clean-up starts again from what the directory names now. A save
+that fails before its switch leaves the old index as it was.
+
+A writable ShardedIndex holds the directory's LOCK and each shard's. Its updates are
+logged by the shards they route to, so a change is durable and atomic per shard; a
+batch spanning several shards that is cut short by a crash may survive in some of them.
+Manifest updates are written to shards.json (atomically) and to every shard.
+"""
+
+import collections.abc
+import concurrent.futures
+import copy
+import logging
+import operator
+import os
+import shutil
+import threading
+import zlib
+
+from jaxretrieval.errors import JaxRetrievalError
+# Index's own checks and snapshot writing, reused so both layouts behave alike.
+from jaxretrieval.index import (CURRENT_FILE, FLAT_LAYOUT_ENTRIES, LOAD_ATTEMPTS, LOCK_FILE,
+                                REBUILD_HINT, SCANN_DIR, SNAPSHOTS_DIR, VERSION_PATTERN, Index,
+                                _WriterLock, _as_float_matrix, _check_expected,
+                                _checked_embeddings, _checked_manifest_updates,
+                                _checked_string_list, _checked_strings, _finish_switch,
+                                _fsync_path, _is_index_directory, _read_json, _row_by_key,
+                                _write_snapshot)
+from jaxretrieval.workdir import recover_interrupted_swap, write_json_atomically
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SHARDS_FILE = "shards.json"
+SHARDS_DIR = "shards"
+ROUTING = "crc32(utf-8 key) % num_shards"
+# A writable shard holds two open files (its log and its lock): this many stay well
+# inside the usual limit of 1024.
+MAX_NUM_SHARDS = 256
+# Below this many items a shard answers in tens of microseconds, less than a thread hop.
+PARALLEL_SEARCH_MIN_COUNT = 20_000
+
+# Per shard, so not part of the sharded manifest.
+PER_SHARD_KEYS = frozenset({"format_version", "count", "scann"})
+# What a shard must agree on with shards.json.
+IDENTITY_KEYS = ("embedding_dim", "model_config_hash", "checkpoint_step", "distance")
+# Kept by the sharded index itself; callers may add any other manifest entries.
+SHARDED_KEYS = frozenset({"num_shards", "routing", "generation", "shards", "shard_counts"})
+REQUIRED_KEYS = frozenset({"format_version", "num_shards", "routing", "generation", "shards",
+                           "embedding_dim", "model_config_hash", "checkpoint_step"})
+
+
+def shard_of(key, num_shards):
+    """The shard that holds `key`: crc32 of its UTF-8 bytes modulo `num_shards`."""
+    # surrogatepass: a lone surrogate (valid in a Python str, e.g. from JSON) still routes.
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % num_shards
+
+
+def checked_num_shards(num_shards):
+    """`num_shards` as an int in 1..MAX_NUM_SHARDS, or a JaxRetrievalError."""
+    try:
+        value = None if isinstance(num_shards, bool) else operator.index(num_shards)
+    except TypeError:
+        value = None
+    if value is None or not 1 <= value <= MAX_NUM_SHARDS:
+        raise JaxRetrievalError(
+            f"the number of shards must be an integer from 1 to {MAX_NUM_SHARDS}, "
+            f"got {num_shards!r}")
+    return value
+
+
+def _rebuild_hint(num_shards="S"):
+    return (f"rebuild it with `jaxretrieval index --workdir DIR --shards {num_shards}` "
+            "(DIR is the training workdir)")
+
+
+def _corrupt(directory, problem, num_shards="S"):
+    return JaxRetrievalError(
+        f"the index at {directory} is corrupt ({problem}): {_rebuild_hint(num_shards)}")
+
+
+def _shard_names(generation, num_shards):
+    return [f"{SHARDS_DIR}/{generation}/shard-{number:05d}-of-{num_shards:05d}"
+            for number in range(num_shards)]
+
+
+def _rows_by_shard(keys, num_shards):
+    rows = [[] for _ in range(num_shards)]
+    for row, key in enumerate(keys):
+        rows[shard_of(key, num_shards)].append(row)
+    return rows
+
+
+def _refuse_sharded_keys(updates, what):
+    clashing = sorted(SHARDED_KEYS.intersection(updates))
+    if clashing:
+        raise JaxRetrievalError(
+            f"{what} may not set {', '.join(clashing)}: the sharded index maintains those "
+            "itself")
+
+
+def _build_shard(embeddings, keys, sources, rows, identity):
+    empty = not rows
+    if empty:
+        # Index.build refuses an empty gallery (ScaNN cannot index nothing): build the
+        # first item alone and delete it, which leaves an empty, searchable index.
+        rows = [0]
+    shard = Index.build(embeddings[rows], [keys[row] for row in rows],
+                        sources=None if sources is None else [sources[row] for row in rows],
+                        **identity)
+    if empty:
+        shard.delete([keys[0]])
+        shard.compact()
+    return shard
+
+
+def _read_layout(directory):
+    """The checked contents of shards.json, or None when the directory is not sharded."""
+    path = os.path.join(directory, SHARDS_FILE)
+    try:
+        layout = _read_json(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as error:
+        raise _corrupt(directory, f"unreadable {SHARDS_FILE}: {error}") from None
+    if not isinstance(layout, dict):
+        raise _corrupt(directory, f"{SHARDS_FILE} is not a JSON object")
+    missing = sorted(REQUIRED_KEYS - layout.keys())
+    if missing:
+        raise _corrupt(directory, f"{SHARDS_FILE} lacks {', '.join(missing)}")
+    format_version = layout["format_version"]
+    if not isinstance(format_version, int) or isinstance(format_version, bool) \
+            or format_version < 1:
+        raise _corrupt(directory, f"{SHARDS_FILE} has format_version {format_version!r}")
+    if format_version > FORMAT_VERSION:
+        raise JaxRetrievalError(
+            f"the sharded index at {directory} has format_version {format_version}, but "
+            f"this jaxretrieval reads only up to {FORMAT_VERSION}: upgrade jaxretrieval or "
+            f"{_rebuild_hint()}")
+    try:
+        num_shards = checked_num_shards(layout["num_shards"])
+    except JaxRetrievalError as error:
+        raise _corrupt(directory, f"{SHARDS_FILE}: {error}") from None
+    if layout["routing"] != ROUTING:
+        raise _corrupt(directory, f"{SHARDS_FILE} routes by {layout['routing']!r}, "
+                       f"not {ROUTING!r}", num_shards)
+    generation = layout["generation"]
+    # Checked against the names we write, so a damaged file cannot point elsewhere.
+    if not (isinstance(generation, str) and VERSION_PATTERN.fullmatch(generation)
+            and layout["shards"] == _shard_names(generation, num_shards)):
+        raise _corrupt(directory, f"{SHARDS_FILE} does not list the shard folders "
+                       f"{SHARDS_DIR}/<generation>/shard-<i>-of-<num_shards>", num_shards)
+    return layout
+
+
+def num_shards_on_disk(directory):
+    """How many shards the index saved at `directory` has: 1 when flat or absent."""
+    try:
+        layout = _read_layout(directory)
+    except JaxRetrievalError:
+        return 1  # a damaged layout is replaced by a rebuild, which starts from 1
+    return 1 if layout is None else layout["num_shards"]
+
+
+def _current_generation(directory):
+    layout = _read_layout(directory)
+    return None if layout is None else layout["generation"]
+
+
+def _load_shard(directory, name, num_shards, writable):
+    path = os.path.join(directory, name)
+    if not os.path.isdir(path):
+        raise JaxRetrievalError(
+            f"the index at {directory} is incomplete (shard folder {name} is missing): "
+            f"{_rebuild_hint(num_shards)}")
+    try:
+        return Index.load(path, writable=writable)
+    except JaxRetrievalError as error:
+        # Index's advice rebuilds a flat index; a shard is rebuilt with the sharded whole.
+        raise JaxRetrievalError(
+            str(error).replace(REBUILD_HINT, _rebuild_hint(num_shards))) from None
+
+
+def _check_shards(directory, manifest, shards, names):
+    num_shards = len(shards)
+    for number, (shard, name) in enumerate(zip(shards, names)):
+        shard_manifest = shard.manifest
+        for key in IDENTITY_KEYS:
+            if shard_manifest.get(key) != manifest.get(key):
+                raise JaxRetrievalError(
+                    f"the index at {directory} is inconsistent ({name} has {key} "
+                    f"{shard_manifest.get(key)!r} but {SHARDS_FILE} says "
+                    f"{manifest.get(key)!r}): {_rebuild_hint(num_shards)}")
+        stray = next((key for key in shard.keys if shard_of(key, num_shards) != number), None)
+        if stray is not None:
+            raise JaxRetrievalError(
+                f"the index at {directory} is inconsistent ({name} holds key {stray!r}, "
+                f"which belongs in shard {shard_of(stray, num_shards)}): "
+                f"{_rebuild_hint(num_shards)}")
+
+
+def _load(directory, expected, writable, *, sharded_only):
+    directory = os.path.abspath(os.fspath(directory))
+    # A directory left mid-swap by a format 1 save is put back first, as Index.load does.
+    recover_interrupted_swap(directory)
+    for attempt in range(LOAD_ATTEMPTS):
+        generation = _current_generation(directory)
+        try:
+            if generation is not None:
+                return ShardedIndex._open(directory, expected, writable)
+            if sharded_only:
+                raise JaxRetrievalError(
+                    f"no sharded index at {directory} (no {SHARDS_FILE}): build one with "
+                    "`jaxretrieval index --workdir DIR --shards S`, or open either layout "
+                    "with open_index")
+            return Index.load(directory, expected=expected, writable=writable)
+        except (JaxRetrievalError, OSError):
+            # A save switched layout or generation while we read and removed what we were
+            # reading: start again from what the directory names now.
+            if attempt + 1 == LOAD_ATTEMPTS or _current_generation(directory) == generation:
+                raise
+
+
+def open_index(directory, *, expected=None, writable=False):
+    """The index at `directory`: a ShardedIndex if it holds shards.json, else an Index.
+
+    `expected` and `writable` mean what they mean for `Index.load`.
+    """
+    return _load(directory, expected, writable, sharded_only=False)
+
+
+def save_index(index, directory):
+    """Saves an Index or a ShardedIndex at `directory`, replacing whichever layout is there."""
+    if isinstance(index, ShardedIndex):
+        index.save(directory)
+        return
+    directory = os.path.abspath(os.fspath(directory))
+    recover_interrupted_swap(directory)
+    if not os.path.isfile(os.path.join(directory, SHARDS_FILE)):
+        index.save(directory)
+        return
+    # Index.save refuses a directory that is not a flat index; the flat half of the switch
+    # is its own snapshot writer, run here under the directory's writer lock.
+    writer_lock = _WriterLock(directory)
+    try:
+        with index._lock:
+            state, manifest = index._compacted_for_saving()
+            version, previous = _write_snapshot(directory, state, manifest)
+        os.remove(os.path.join(directory, SHARDS_FILE))  # the switch
+        _finish_switch(directory, version, previous)  # fsyncs it, then tidies the flat side
+        _remove_sharded_layout(directory)
+    finally:
+        writer_lock.release()
+
+
+def _remove(path):
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    except OSError as error:
+        # The switch has happened; a leftover only wastes space.
+        logger.warning("could not remove %s: %s", path, error)
+
+
+def _remove_sharded_layout(directory):
+    for name in os.listdir(directory):
+        if name == SHARDS_DIR or name.startswith(f".{SHARDS_FILE}.tmp-"):
+            _remove(os.path.join(directory, name))
+
+
+def _remove_unreferenced(directory, keep):
+    """After a switch to sharded: the flat layout, and generations not in `keep`."""
+    current = os.path.join(directory, CURRENT_FILE)
+    if os.path.exists(current):
+        _remove(current)  # first, so no reader follows it into what goes next
+    for name in os.listdir(directory):
+        if (name in (SNAPSHOTS_DIR, SCANN_DIR, *FLAT_LAYOUT_ENTRIES)
+                or name.startswith((f".{CURRENT_FILE}.tmp-", f".{SHARDS_FILE}.tmp-"))):
+            _remove(os.path.join(directory, name))
+    generations = os.path.join(directory, SHARDS_DIR)
+    for name in os.listdir(generations):
+        if name not in keep:
+            _remove(os.path.join(generations, name))
+
+
+def _prepare_directory(directory):
+    """Creates `directory` or checks it holds an index of either layout; True if created."""
+    recover_interrupted_swap(directory)
+    if not os.path.lexists(directory):
+        os.makedirs(directory)
+        return True
+    if not os.path.isdir(directory):
+        raise JaxRetrievalError(
+            f"cannot save the index to {directory}: it exists and is not a directory; "
+            "choose another path or remove it")
+    entries = set(os.listdir(directory))
+    # Also what a first save killed before its switch leaves behind.
+    ours = (_is_index_directory(directory) or SHARDS_FILE in entries
+            or entries <= {LOCK_FILE, SNAPSHOTS_DIR, SHARDS_DIR})
+    if not ours:
+        # Refuse to write into, and later clean up, something not ours.
+        raise JaxRetrievalError(
+            f"cannot save the index to {directory}: it is a non-empty directory without an "
+            "index in it; choose another path or empty it")
+    return False
+
+
+def _next_generation(directory, previous):
+    generations = os.path.join(directory, SHARDS_DIR)
+    os.makedirs(generations, exist_ok=True)
+    # Above every folder, even unfinished ones, so no name is reused while the directory
+    # stays sharded (a reader following an older shards.json finds its shards or none).
+    taken = [int(name) for name in os.listdir(generations) if VERSION_PATTERN.fullmatch(name)]
+    if previous is not None:
+        taken.append(int(previous))
+    return f"{max(taken, default=0) + 1:08d}"
+
+
+def _write_layout(directory, generation, manifest):
+    write_json_atomically(os.path.join(directory, SHARDS_FILE), {
+        **manifest, "generation": generation,
+        "shards": _shard_names(generation, manifest["num_shards"])})
+    _fsync_path(directory)
+
+
+class _ShardedKeySet(collections.abc.Set):
+    """The live keys, as each shard held them when the set was made."""
+
+    def __init__(self, key_sets):
+        self._key_sets = key_sets
+
+    def __contains__(self, key):
+        return isinstance(key, str) and key in self._key_sets[shard_of(key, len(self._key_sets))]
+
+    def __iter__(self):
+        for key_set in self._key_sets:
+            yield from key_set
+
+    def __len__(self):
+        return sum(len(key_set) for key_set in self._key_sets)
+
+
+class ShardedIndex:
+    """S ordinary Index shards, items routed by `shard_of(key, S)`, searched together.
+
+    It answers like an Index: make one with `ShardedIndex.build`, `ShardedIndex.load` or
+    `open_index`. Searches may run in many threads at once, beside one thread changing it.
+    """
+
+    def __init__(self, shards, manifest):
+        self._shards = tuple(shards)
+        # Replaced, never modified in place, so readers need no lock.
+        self._manifest = manifest
+        # Serialises changes, saves and close; searches never take it.
+        self._lock = threading.Lock()
+        self._records_sources = any(shard.sources is not None for shard in self._shards)
+        self._directory = None  # set while open for writing
+        self._generation = None
+        self._writer_lock = None
+        self._closed = False
+        # Threads start on first use only (large indexes; see PARALLEL_SEARCH_MIN_COUNT).
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(len(self._shards), os.cpu_count() or 1),
+            thread_name_prefix="shard-search")
+
+    @classmethod
+    def build(cls, embeddings, keys, *, sources=None, checkpoint_step, model_config_hash,
+              extra_manifest=None, num_shards):
+        """As `Index.build`, split into `num_shards` shards by `shard_of(key, num_shards)`."""
+        # Checked here with the very checks Index.build runs, so errors number rows across
+        # the whole gallery; each shard's Index.build checks the rest.
+        embeddings = _checked_embeddings(embeddings)
+        keys = _checked_strings(keys, len(embeddings), "keys")
+        _row_by_key(keys)
+        if sources is not None:
+            sources = _checked_strings(sources, len(keys), "sources")
+        num_shards = checked_num_shards(num_shards)
+        _refuse_sharded_keys(extra_manifest or {}, "extra_manifest")
+        identity = {"checkpoint_step": checkpoint_step, "model_config_hash": model_config_hash,
+                    "extra_manifest": extra_manifest}
+        shards = [_build_shard(embeddings, keys, sources, rows, identity)
+                  for rows in _rows_by_shard(keys, num_shards)]
+        common = {key: value for key, value in shards[0].manifest.items()
+                  if key not in PER_SHARD_KEYS}
+        return cls(shards, {"format_version": FORMAT_VERSION, "num_shards": num_shards,
+                            "routing": ROUTING, **common})
+
+    @classmethod
+    def load(cls, directory, *, expected=None, writable=False):
+        """Loads the sharded index at `directory`, as `Index.load` loads a flat one."""
+        return _load(directory, expected, writable, sharded_only=True)
+
+    @classmethod
+    def _open(cls, directory, expected, writable):
+        writer_lock = _WriterLock(directory) if writable else None
+        shards = []
+        try:
+            layout = _read_layout(directory)  # again: under the lock when writable
+            if layout is None:
+                raise JaxRetrievalError(f"the index at {directory} stopped being sharded "
+                                        "while it was opened; open it again")
+            num_shards = layout["num_shards"]
+            manifest = {key: value for key, value in layout.items()
+                        if key not in ("generation", "shards")}
+            try:
+                _check_expected(directory, manifest, expected)
+            except JaxRetrievalError as error:
+                raise JaxRetrievalError(
+                    f"{error}, then shard it again with `jaxretrieval index --workdir DIR "
+                    f"--shards {num_shards}`") from None
+            for name in layout["shards"]:
+                shards.append(_load_shard(directory, name, num_shards, writable))
+            _check_shards(directory, manifest, shards, layout["shards"])
+        except BaseException:
+            for shard in shards:
+                shard.close()
+            if writer_lock is not None:
+                writer_lock.release()
+            raise
+        index = cls(shards, manifest)
+        if writable:
+            index._directory, index._generation = directory, layout["generation"]
+            index._writer_lock = writer_lock
+        return index
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def shards(self):
+        """The shards, shard i holding the keys with `shard_of(key, num_shards) == i`."""
+        return self._shards
+
+    @property
+    def num_shards(self):
+        return len(self._shards)
+
+    @property
+    def manifest(self):
+        """A copy of the manifest dict, with the live `count` and `shard_counts`."""
+        counts = [shard.count for shard in self._shards]
+        return {**copy.deepcopy(self._manifest), "count": sum(counts), "shard_counts": counts}
+
+    @property
+    def count(self):
+        return sum(shard.count for shard in self._shards)
+
+    @property
+    def embedding_dim(self):
+        return self._manifest["embedding_dim"]
+
+    @property
+    def keys(self):
+        """Every live key, shard after shard (a new list on each call)."""
+        return [key for shard in self._shards for key in shard.keys]
+
+    @property
+    def sources(self):
+        """The source of each key in `keys` order, or None if no item has one."""
+        if not self._records_sources:
+            return None
+        return [source for shard in self._shards
+                for source in (shard.sources or [""] * shard.count)]
+
+    @property
+    def keys_set(self):
+        """The live keys as a read-only set: `key in index.keys_set` is O(1)."""
+        return _ShardedKeySet(tuple(shard.keys_set for shard in self._shards))
+
+    @property
+    def writable(self):
+        """True while changes are logged to a directory (see `load`)."""
+        return self._writer_lock is not None
+
+    def __contains__(self, key):
+        return isinstance(key, str) and key in self._shard_for(key)
+
+    def _shard_for(self, key):
+        return self._shards[shard_of(key, len(self._shards))]
+
+    def source_of(self, key):
+        """As `Index.source_of`."""
+        if not isinstance(key, str):
+            raise JaxRetrievalError(f"key {key!r} is not in the index")
+        source = self._shard_for(key).source_of(key)
+        return "" if source is None and self._records_sources else source
+
+    def search(self, queries, k, *, threshold=None):
+        """As `Index.search`: per query, up to min(k, count) keys and scores, best first.
+
+        Exactly equal scores are ordered by key (which of them make the cut at k follows
+        each shard's ScaNN order, by row).
+        """
+        queries = _as_float_matrix(queries, "queries")
+        # Each shard checks the queries, k and threshold as an Index does.
+        results = self._on_every_shard(
+            lambda shard: shard.search(queries, k, threshold=threshold))
+        k = operator.index(k)
+        all_keys, all_scores = [], []
+        for per_shard in zip(*(zip(keys, scores) for keys, scores in results)):
+            hits = sorted(((score, key) for keys, scores in per_shard
+                           for key, score in zip(keys, scores)),
+                          key=lambda hit: (-hit[0], hit[1]))[:k]
+            all_keys.append([key for _, key in hits])
+            all_scores.append([score for score, _ in hits])
+        return all_keys, all_scores
+
+    def _on_every_shard(self, function):
+        if len(self._shards) > 1 and self.count >= PARALLEL_SEARCH_MIN_COUNT:
+            # ScaNN releases the GIL while it searches.
+            return list(self._executor.map(function, self._shards))
+        return [function(shard) for shard in self._shards]
+
+    # ------------------------------------------------------------------ changing
+
+    def _routed(self, keys):
+        """(shard, rows of `keys` it holds) for every shard holding some."""
+        return [(self._shards[number], rows)
+                for number, rows in enumerate(_rows_by_shard(keys, len(self._shards))) if rows]
+
+    def _check_open(self):
+        if self._closed:
+            raise JaxRetrievalError(
+                "this index was closed, so changes would not be logged: open it again with "
+                "open_index(directory, writable=True)")
+
+    def upsert(self, keys, embeddings, sources=None):
+        """As `Index.upsert`; each shard logs its part before the call returns."""
+        embeddings = _checked_embeddings(embeddings, index_dim=self.embedding_dim)
+        keys = _checked_strings(keys, len(embeddings), "keys")
+        _row_by_key(keys)
+        if sources is not None:
+            sources = _checked_strings(sources, len(keys), "sources")
+        with self._lock:
+            self._check_open()
+            for shard, rows in self._routed(keys):
+                shard.upsert([keys[row] for row in rows], embeddings[rows],
+                             None if sources is None else [sources[row] for row in rows])
+            if sources is not None and keys:
+                self._records_sources = True
+
+    def delete(self, keys):
+        """As `Index.delete`: unknown keys are an error, and then nothing is deleted."""
+        keys = _checked_string_list(keys, "keys")
+        with self._lock:
+            self._check_open()
+            unknown = [key for key in keys if key not in self]
+            if unknown:
+                named = ", ".join(repr(key) for key in unknown[:5])
+                more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+                raise JaxRetrievalError(
+                    f"cannot delete {named}{more}: not in the index (nothing was deleted); "
+                    "check the keys against index.keys")
+            for shard, rows in self._routed(keys):
+                shard.delete([keys[row] for row in rows])
+
+    def compact(self):
+        """Rebuilds every shard's searcher over its live items (see `Index.compact`)."""
+        with self._lock:
+            for shard in self._shards:
+                shard.compact()
+
+    def update_manifest(self, **updates):
+        """As `Index.update_manifest`; a writable index also rewrites shards.json."""
+        updates = _checked_manifest_updates(updates, "update_manifest")
+        _refuse_sharded_keys(updates, "update_manifest")
+        with self._lock:
+            self._check_open()
+            for shard in self._shards:
+                shard.update_manifest(**updates)
+            manifest = {**self._manifest, **updates}
+            if self.writable:
+                _write_layout(self._directory, self._generation, manifest)
+            self._manifest = manifest
+
+    def snapshot(self):
+        """Snapshots every shard of a writable index (see `Index.snapshot`)."""
+        with self._lock:
+            self._check_open()
+            if not self.writable:
+                raise JaxRetrievalError(
+                    "snapshot() needs an index opened with open_index(directory, "
+                    "writable=True); use save(directory) for this one")
+            # Contents do not change, so shards switching one by one is no mix.
+            for shard in self._shards:
+                shard.snapshot()
+
+    def save(self, directory):
+        """Writes the index to `directory` as a new generation of shards, replacing the
+        index there (flat or sharded) by the switch rule of this module's docstring.
+
+        If saving fails, an index already at `directory` is left as it was. On a writable
+        index, saving to its own directory is `snapshot()`.
+        """
+        directory = os.path.abspath(os.fspath(directory))
+        if self._directory is not None and os.path.realpath(directory) == os.path.realpath(
+                self._directory):
+            self.snapshot()
+            return
+        created = _prepare_directory(directory)
+        try:
+            writer_lock = _WriterLock(directory)
+            try:
+                with self._lock:
+                    self._save_locked(directory)
+            finally:
+                writer_lock.release()
+        except BaseException:
+            if created:
+                shutil.rmtree(directory, ignore_errors=True)
+            raise
+
+    def _save_locked(self, directory):
+        try:
+            previous = _current_generation(directory)
+        except JaxRetrievalError:
+            previous = None  # a damaged index is being replaced
+        generation = _next_generation(directory, previous)
+        folder = os.path.join(directory, SHARDS_DIR, generation)
+        try:
+            for shard, name in zip(self._shards, _shard_names(generation, len(self._shards))):
+                shard.save(os.path.join(directory, name))
+            # Index.save made each shard durable; now the folders that name them.
+            for path in (folder, os.path.dirname(folder), directory):
+                _fsync_path(path)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        # The switch. Should it fail before its rename, the next save removes the folder.
+        _write_layout(directory, generation, self._manifest)
+        _remove_unreferenced(directory, keep={generation, previous})
+
+    def close(self):
+        """Stops logging and lets another writer open the directory.
+
+        The index stays searchable; further changes raise.
+        """
+        with self._lock:
+            if self._writer_lock is None:
+                return
+            for shard in self._shards:
+                shard.close()
+            self._writer_lock.release()
+            self._writer_lock = self._directory = None
+            self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
