@@ -17,6 +17,7 @@ SPLITS = ("held_out_images", "unseen_classes", "dataset_splits")
 POOLINGS = ("flatten", "avg", "max", "gem")
 PARALLEL_WRAPPERS = ("pmap", "shard_map")
 SAMPLERS = ("random", "class_balanced")
+DTYPES = ("float32", "bfloat16")
 # The keys that decide the network's shape and its input: a checkpoint, an embedding export
 # and an index belong together only when these agree.
 MODEL_KEYS = ("image_size", "channels", "embedding_dim", "model")
@@ -53,6 +54,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.pooling = "gem"  # flatten | avg | max | gem
     c.model.hidden_dim = 0  # a Dense+ReLU before the projection (the seed: 128); 0 for none
     c.embedding_dim = 64
+    # Compute dtype of convolutions and dense layers: float32 | bfloat16 (for GPUs and
+    # TPUs). Parameters, BatchNorm statistics, pooling, the embedding and the loss stay
+    # float32, so a checkpoint embeds in either dtype.
+    c.dtype = "float32"
 
     # Augmentation, on device inside the train step; never applied at evaluation.
     c.augment = ml_collections.ConfigDict()
@@ -179,6 +184,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         fail(f"model.pooling={config.model.pooling!r}; use one of {', '.join(POOLINGS)}")
     if config.model.padding not in ("SAME", "VALID"):
         fail(f"model.padding={config.model.padding!r}; use SAME or VALID")
+    if config.dtype not in DTYPES:
+        fail(f"dtype={config.dtype!r}; use one of {', '.join(DTYPES)}")
     if config.parallel not in PARALLEL_WRAPPERS:
         fail(f"parallel={config.parallel!r}; use one of {', '.join(PARALLEL_WRAPPERS)}")
     o = config.loss_options

@@ -52,6 +52,7 @@ def test_bad_overrides_name_the_key_and_the_fix():
     ("dataset", "imagenet", "use digits, tfds:NAME or folder:PATH"),
     ("channels", 2, "use 1 .* or 3"),
     ("parallel", "vmap", "use one of pmap, shard_map"),
+    ("dtype", "float16", "use one of float32, bfloat16"),
     ("global_batch_size", 0, "positive integer"),
     ("query_fraction", 1.5, "between 0 and 1"),
     ("image_size", 4, "too small"),

@@ -138,3 +138,48 @@ def test_reshape_max_pool_equals_reduce_window_in_value_and_gradient():
         np.testing.assert_allclose(grad, grad_reference, atol=1e-6)
         jitted = jax.jit(jax.grad(lambda x: jnp.sum(max_pool_2x2(x) * weights)))(x)
         np.testing.assert_allclose(jitted, grad_reference, atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_embeds_like_float32():
+    for name in ("seed_cnn", "resnet18"):
+        config = base_config()
+        config.model.name = name
+        config.model.num_filters = 8
+        _, variables, _ = init(config)
+        config.dtype = "bfloat16"
+        model_bf16, variables_bf16, _ = init(config)
+        # Same parameters, all float32: a checkpoint serves either dtype.
+        assert jax.tree.map(lambda p: (p.shape, p.dtype), variables_bf16) == jax.tree.map(
+            lambda p: (p.shape, jnp.dtype(jnp.float32)), variables)
+        x = jax.random.uniform(jax.random.PRNGKey(1), (4, 32, 32, 1))
+        bf16 = model_bf16.apply(variables, x)
+        f32 = build_model(config_with(name, num_filters=8)).apply(variables, x)
+        assert bf16.dtype == jnp.float32
+        np.testing.assert_allclose(jnp.linalg.norm(bf16, axis=1), 1.0, atol=1e-5)
+        # bfloat16 keeps 8 bits of mantissa: close to float32, not equal.
+        cosine = np.sum(np.asarray(bf16) * np.asarray(f32), axis=1)
+        assert np.all(cosine > 0.98) and not np.allclose(bf16, f32, atol=1e-6), cosine
+
+
+def config_with(name, **model):
+    config = base_config()
+    config.model.name = name
+    config.model.update(model)
+    return config
+
+
+def test_a_bfloat16_train_step_has_finite_float32_gradients():
+    config = base_config()
+    config.dtype = "bfloat16"
+    model, variables, _ = init(config)
+    x = jax.random.uniform(jax.random.PRNGKey(2), (4, 32, 32, 1))
+
+    def loss(params):
+        embeddings, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                    x, train=True, mutable=["batch_stats"])
+        return jnp.sum(embeddings[0] * embeddings[1])
+
+    grads = jax.grad(loss)(variables["params"])
+    leaves = jax.tree.leaves(grads)
+    assert all(g.dtype == jnp.float32 and np.all(np.isfinite(g)) for g in leaves)
+    assert any(np.abs(g).max() > 0 for g in leaves)
