@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxretrieval.ops.conv import conv_general_dilated
+
 
 class SeedCNN(nn.Module):
     """Conv{w}-Pool per width, as in the seed's Keras model (3x3 convs, 2x2 max-pools).
@@ -24,7 +26,8 @@ class SeedCNN(nn.Module):
     def __call__(self, x, train: bool = False):
         for width in self.widths:
             x = nn.Conv(width, (self.kernel_size, self.kernel_size), padding=self.padding,
-                        use_bias=not self.batch_norm, dtype=self.dtype)(x)
+                        use_bias=not self.batch_norm, dtype=self.dtype,
+                        conv_general_dilated=conv_general_dilated)(x)
             if self.batch_norm:
                 x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
                                  axis_name=self.bn_axis_name if train else None,

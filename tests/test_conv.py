@@ -1,0 +1,124 @@
+"""The oneDNN convolution custom calls against XLA's own convolution: values and gradients."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxretrieval.config import base_config
+from jaxretrieval.errors import JaxRetrievalError
+from jaxretrieval.models import build_model
+from jaxretrieval.ops import conv
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+# CI installs g++ and libdnnl-dev and sets this: there the custom calls must be built.
+REQUIRED = os.environ.get("JAXRETRIEVAL_REQUIRE_ONEDNN") == "1"
+
+
+@pytest.fixture
+def onednn():
+    if not conv._onednn_available():
+        if REQUIRED:
+            pytest.fail("the oneDNN convolution did not build or load (g++, libdnnl-dev?)")
+        pytest.skip("oneDNN convolution unavailable here (install g++ and libdnnl-dev)")
+
+
+@pytest.fixture
+def mode(monkeypatch):
+    """Sets JAXRETRIEVAL_CPU_CONV for one test (the availability check is cached)."""
+    def set_mode(value):
+        monkeypatch.setenv(conv.MODE_VARIABLE, value)
+        conv._onednn_available.cache_clear()
+    yield set_mode
+    conv._onednn_available.cache_clear()
+
+
+def loss_and_grads(conv_fn, x, w, padding):
+    def loss(x, w):
+        y = conv_fn(x, w, (1, 1), padding, dimension_numbers=NHWC)
+        return jnp.sum(jnp.sin(y) * jnp.arange(y.shape[-1]))  # a gradient that varies
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
+
+
+@pytest.mark.parametrize("shape, padding", [
+    ((2, 9, 9, 3, 5), "VALID"),  # a 3-channel stem
+    ((3, 8, 6, 4, 16), "SAME"),
+    ((1, 7, 7, 2, 1), ((2, 0), (1, 3))),  # uneven explicit padding, one output channel
+    ((4, 12, 12, 32, 64), "VALID"),  # blocked layouts on both sides
+])
+def test_values_and_gradients_equal_xla(onednn, shape, padding):
+    n, h, w_, c, o = shape
+    x = jax.random.normal(jax.random.PRNGKey(0), (n, h, w_, c))
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, c, o)) / np.sqrt(9 * c)
+    value, grads = loss_and_grads(conv.conv_general_dilated, x, w, padding)
+    reference, reference_grads = loss_and_grads(jax.lax.conv_general_dilated, x, w, padding)
+    np.testing.assert_allclose(value, reference, rtol=1e-4)  # a sum over many outputs
+    for got, want in zip(grads, reference_grads):
+        # float32 sums in another order: errors scale with the largest entry.
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    hlo = jax.jit(lambda x, w: conv.conv_general_dilated(
+        x, w, (1, 1), padding, dimension_numbers=NHWC)).lower(x, w).as_text()
+    assert "jaxretrieval_conv_forward" in hlo and "convolution" not in hlo
+
+
+def test_what_onednn_does_not_cover_goes_to_xla(onednn):
+    x = jnp.ones((1, 8, 8, 4))
+    w = jnp.ones((3, 3, 4, 2))
+    for kwargs in (dict(window_strides=(2, 2)), dict(window_strides=(1, 1), rhs_dilation=(2, 2))):
+        strides = kwargs.pop("window_strides")
+        fn = lambda x, w: conv.conv_general_dilated(x, w, strides, "SAME",
+                                                    dimension_numbers=NHWC, **kwargs)
+        hlo = jax.jit(fn).lower(x, w).as_text()
+        assert "convolution" in hlo and "jaxretrieval_conv" not in hlo
+        np.testing.assert_allclose(jax.jit(fn)(x, w), jax.lax.conv_general_dilated(
+            x, w, strides, "SAME", dimension_numbers=NHWC, **kwargs))
+    bf16 = jax.jit(lambda x, w: conv.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=NHWC)).lower(
+        x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)).as_text()
+    assert "jaxretrieval_conv" not in bf16
+
+
+def test_the_seed_model_trains_the_same_under_pmap_with_either_convolution(onednn, mode):
+    config = base_config()
+    config.image_size = 16
+    model = build_model(config, bn_axis_name="d")
+    images = jax.random.uniform(jax.random.PRNGKey(2), (4, 2, 16, 16, 1))
+    variables = model.init(jax.random.PRNGKey(0), images[0], train=False)
+
+    def grads(variables, images):
+        def loss(params):
+            out, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                 images, train=True, mutable=["batch_stats"])
+            return jnp.sum(out[:, 0] * out[:, 1])
+        return jax.lax.pmean(jax.grad(loss)(variables["params"]), "d")
+
+    replicated = jax.tree.map(lambda v: jnp.stack([v] * 4), variables)
+    results = {}
+    for name in ("onednn", "xla"):
+        mode(name)
+        results[name] = jax.pmap(grads, axis_name="d")(replicated, images)
+    for got, want in zip(jax.tree.leaves(results["onednn"]), jax.tree.leaves(results["xla"])):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_xla_mode_uses_no_custom_call_and_a_bad_mode_is_refused(mode):
+    mode("xla")
+    x, w = jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 2, 2))
+    hlo = jax.jit(lambda x, w: conv.conv_general_dilated(
+        x, w, (1, 1), "VALID", dimension_numbers=NHWC)).lower(x, w).as_text()
+    assert "jaxretrieval_conv" not in hlo and "convolution" in hlo
+    mode("fastest")
+    with pytest.raises(JaxRetrievalError, match="use one of auto, onednn, xla"):
+        conv.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=NHWC)
+
+
+def test_onednn_mode_without_a_compiler_is_one_clear_error(mode, monkeypatch, tmp_path):
+    mode("onednn")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built there yet
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(JaxRetrievalError, match="install g\\+\\+ and libdnnl-dev"):
+        conv._onednn_available()
+    mode("auto")  # the same failure in auto mode falls back to XLA
+    assert conv._onednn_available() is False
