@@ -122,3 +122,22 @@ def test_onednn_mode_without_a_compiler_is_one_clear_error(mode, monkeypatch, tm
         conv._onednn_available()
     mode("auto")  # the same failure in auto mode falls back to XLA
     assert conv._onednn_available() is False
+
+
+def test_under_shard_map_gradients_of_replicated_and_sharded_operands_equal_xla(onednn):
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    mesh = Mesh(np.asarray(jax.local_devices()[:4]), ("d",))
+    x = jax.random.normal(jax.random.PRNGKey(3), (8, 6, 6, 3))
+    w = jax.random.normal(jax.random.PRNGKey(4), (3, 3, 3, 4))
+
+    def grads(conv_fn):
+        def loss(x, w):  # x sharded over "d", w replicated: its gradient sums over devices
+            def local(x, w):
+                y = conv_fn(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
+                return jax.lax.psum(jnp.sum(jnp.sin(y)), "d")
+            return jax.shard_map(local, mesh=mesh, in_specs=(P("d"), P()), out_specs=P())(x, w)
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+
+    for got, want in zip(grads(conv.conv_general_dilated), grads(jax.lax.conv_general_dilated)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())

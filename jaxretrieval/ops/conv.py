@@ -113,12 +113,32 @@ def _threads_per_device() -> int:
     return max(1, (cores or 1) // len(jax.local_devices(backend="cpu")))
 
 
+def _varying(x) -> frozenset:
+    """The shard_map axes `x` varies over (none outside shard_map, or under pmap)."""
+    return jax.typeof(x).manual_axis_type.varying
+
+
 def _custom_call(name, result_shape, a, b, padding):
     (top, bottom), (left, right) = padding
-    return jax.ffi.ffi_call(f"jaxretrieval_conv_{name}",
-                            jax.ShapeDtypeStruct(result_shape, jnp.float32))(
+    # Inside shard_map, give both operands, and so the result, the axes either varies over.
+    axes = _varying(a) | _varying(b)
+    a, b = (jax.lax.pcast(x, tuple(sorted(axes - _varying(x))), to="varying") for x in (a, b))
+    if axes:
+        operand = jax.typeof(a)
+        result = jax.ShapeDtypeStruct(result_shape, jnp.float32, sharding=operand.sharding,
+                                      manual_axis_type=operand.manual_axis_type)
+    else:
+        result = jax.ShapeDtypeStruct(result_shape, jnp.float32)
+    return jax.ffi.ffi_call(f"jaxretrieval_conv_{name}", result)(
         a, b, pad_top=np.int64(top), pad_bottom=np.int64(bottom), pad_left=np.int64(left),
         pad_right=np.int64(right), threads=np.int64(_threads_per_device()))
+
+
+def _cotangent_like(cotangent, primal):
+    """A cotangent varying over axes its primal does not is summed over them (as JAX's
+    own transpose of a broadcast to varying does)."""
+    extra = tuple(sorted(_varying(cotangent) - _varying(primal)))
+    return jax.lax.psum(cotangent, extra) if extra else cotangent
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -143,8 +163,9 @@ def _onednn_conv_fwd(x, kernel, padding):
 def _onednn_conv_bwd(padding, residuals, grad):
     x, kernel = residuals
     grad = grad.astype(jnp.float32)
-    return (_custom_call("backward_data", x.shape, grad, kernel, padding),
-            _custom_call("backward_weights", kernel.shape, x, grad, padding))
+    dx = _custom_call("backward_data", x.shape, grad, kernel, padding)
+    dkernel = _custom_call("backward_weights", kernel.shape, x, grad, padding)
+    return _cotangent_like(dx, x), _cotangent_like(dkernel, kernel)
 
 
 onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)
