@@ -176,7 +176,10 @@ def test_when_a_process_dies_the_others_stop_with_an_error(tmp_path, data_dir):
         reap(procs)
     log = open(tmp_path / "p0.log").read()
     assert procs[0].returncode != 0
-    assert "error: process 0 of 2 lost contact with another process" in log, log[-3000:]
+    # Whichever comes first: the failed collective (our message), or JAX's heartbeat check
+    # aborting the process.
+    assert ("error: process 0 of 2 lost contact with another process" in log
+            or "This most likely indicates that another task died" in log), log[-3000:]
     assert stopped_after < 120
 
 
