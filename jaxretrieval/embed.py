@@ -32,8 +32,12 @@ class Embedder:
         mesh = parallel.device_mesh(self.devices)
         self._batch_sharding = NamedSharding(mesh, PartitionSpec(parallel.DEVICE_AXIS))
         self._variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
-        self._embed_fn = jax.jit(
-            lambda variables, images: model.apply(variables, preprocess(images)))
+        # Each device embeds its own slice of the batch (shard_map, not XLA's partitioner:
+        # the CPU convolution is a custom call XLA would otherwise run whole on every device).
+        batch_spec = PartitionSpec(parallel.DEVICE_AXIS)
+        self._embed_fn = jax.jit(jax.shard_map(
+            lambda variables, images: model.apply(variables, preprocess(images)), mesh=mesh,
+            in_specs=(PartitionSpec(), batch_spec), out_specs=batch_spec))
         self._buckets = _bucket_sizes(config.embed_batch_size, len(self.devices))
 
     @classmethod

@@ -6,9 +6,10 @@
 //   JrConvForward          x [N,H,W,C], w [KH,KW,C,O]  -> y [N,OH,OW,O]
 //   JrConvBackwardData     dy [N,OH,OW,O], w           -> dx [N,H,W,C]
 //   JrConvBackwardWeights  x, dy                       -> dw [KH,KW,C,O]
-// oneDNN picks its own (blocked) layouts, the ones its direct kernels run fastest on;
-// arguments are reordered into them and the result back. Built against oneDNN 2.x
-// (Debian's libdnnl-dev) by jaxretrieval/ops/conv.py.
+// Activations stay in XLA's NHWC (oneDNN's brgemm kernels take it directly: no reorder of
+// the large tensors); oneDNN picks the kernel's layout, and a kernel or result in any other
+// layout is reordered. Built against oneDNN 2.x (Debian's libdnnl-dev) by
+// jaxretrieval/ops/conv.py.
 
 #include <cstdint>
 #include <mutex>
@@ -43,13 +44,14 @@ memory::desc Hwio(const Shapes& s) {
   return memory::desc({s.o, s.c, s.kh, s.kw}, memory::data_type::f32, memory::format_tag::hwio);
 }
 
-// The same tensors with the layout left to oneDNN.
-memory::desc AnyLayout(const memory::desc& desc) {
-  return memory::desc(desc.dims(), memory::data_type::f32, memory::format_tag::any);
+// What the primitives are asked for: NHWC activations (an implementation that wants
+// another layout there is slower than one that reads NHWC, measured), any kernel layout
+// (fixing HWIO too leaves only the slow im2col + GEMM implementation).
+memory::desc Src(const Shapes& s) { return Nhwc(s.n, s.c, s.h, s.w); }
+memory::desc Dst(const Shapes& s) { return Nhwc(s.n, s.o, s.oh, s.ow); }
+memory::desc Weights(const Shapes& s) {
+  return memory::desc({s.o, s.c, s.kh, s.kw}, memory::data_type::f32, memory::format_tag::any);
 }
-memory::desc Src(const Shapes& s) { return AnyLayout(Nhwc(s.n, s.c, s.h, s.w)); }
-memory::desc Dst(const Shapes& s) { return AnyLayout(Nhwc(s.n, s.o, s.oh, s.ow)); }
-memory::desc Weights(const Shapes& s) { return AnyLayout(Hwio(s)); }
 
 // XLA may run independent custom calls at the same time: each execution brings its own
 // scratchpad instead of sharing the library's.
