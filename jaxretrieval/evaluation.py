@@ -9,6 +9,7 @@ import json
 import logging
 import os
 
+import jax
 import numpy as np
 
 from jaxretrieval import parallel
@@ -37,7 +38,8 @@ def evaluate_and_index(workdir: str, *, on_progress=None) -> dict:
     wd = Workdir(workdir)
     embedder = Embedder.from_workdir(workdir)
     config = embedder.config
-    dataset = load_dataset(config)
+    # Several processes: each decodes only the images it embeds (process 0 the split's too).
+    dataset = load_dataset(config, decode_now=jax.process_count() == 1)
     write_embedding_export(wd.embeddings, embedder, dataset, on_progress=on_progress,
                            metadata={"dataset": config.dataset, "data_dir": config.data_dir})
     if parallel.is_primary_process():
@@ -119,7 +121,8 @@ def evaluate_pixels(dataset, split) -> dict:
 
 def rebuild_index(workdir: str, num_shards: int | None = None):
     """Builds `DIR/index/` from the embedding export alone (no model needed) and returns it:
-    an Index, or with `num_shards` > 1 a ShardedIndex; it replaces the index there, whichever layout.
+    an Index, or with `num_shards` > 1 a ShardedIndex; it replaces the index there,
+    whichever layout.
     `num_shards=None` keeps the shard count of the index there (1 when there is none), so
     re-evaluating a run does not undo its sharding."""
     from jaxretrieval.sharded_index import (ShardedIndex, checked_num_shards, num_shards_on_disk,
