@@ -54,6 +54,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 import zlib
 
 import numpy as np
@@ -68,14 +69,36 @@ EXACT_SEARCH_MAX_COUNT = 20_000  # above this, tree + asymmetric hashing + reord
 
 DISTANCE = "dot_product"
 REORDER_NUM_NEIGHBORS = 200
+# Leaves: this many times sqrt(count). SOAR files each vector under a second
+# leaf too, chosen so its residual is near-orthogonal to the first's: more
+# recall per leaf searched. AH codes 4 dimensions per 4-bit code; exact
+# reordering fixes what the coarser code misorders. Both made recall@10 0.95
+# faster on 1M x 128 overlapping clusters (BENCHMARKS.md).
+LEAVES_PER_SQRT_COUNT = 1
+SOAR_LAMBDA = 1.5
 LEAVES_TO_SEARCH_FRACTION = 0.05
 # Small trees would search only one or two leaves at 5%, which costs recall
 # for almost no speed.
 MIN_LEAVES_TO_SEARCH = 10
 MAX_TRAINING_SAMPLE_SIZE = 250_000
-AH_DIMENSIONS_PER_BLOCK = 2
+AH_DIMENSIONS_PER_BLOCK = 4
 AH_ANISOTROPIC_THRESHOLD = 0.2
 NORM_TOLERANCE = 1e-2
+
+# Index.tune tries reordering counts of k (k + 1 for gallery queries) and
+# these, up to the gallery size; for each, the fewest leaves that reach the
+# target; then times those pairs and keeps the fastest.
+TUNE_REORDER_CANDIDATES = (20, 50, 100, 200, 400, 1000)
+# A setting reaches the target when its recall on the tuning queries, less
+# this many standard errors (over queries), does: choosing the cheapest of
+# many noisy measurements otherwise lands just below the target on others.
+TUNE_CONFIDENCE_Z = 3.0
+TUNE_TIMING_REPEATS = 3
+# Exact search for tuning: gallery rows scored per block.
+EXACT_BLOCK_ROWS = 16384
+# A result counts as a true neighbour when its exact score is at least the
+# k-th best exact score less this (so ties and duplicates count).
+RECALL_SCORE_TOLERANCE = 1e-5
 
 # Every search over-fetches one ScaNN result per tombstone and scans the
 # delta exhaustively, so both must stay small: once tombstones plus delta
@@ -237,7 +260,7 @@ def _checked_manifest_updates(updates, what):
 def _scann_settings(count):
     if count <= EXACT_SEARCH_MAX_COUNT:
         return {"mode": "exact"}
-    num_leaves = max(2, round(math.sqrt(count)))
+    num_leaves = max(2, round(LEAVES_PER_SQRT_COUNT * math.sqrt(count)))
     num_leaves_to_search = min(
         num_leaves,
         max(MIN_LEAVES_TO_SEARCH,
@@ -250,7 +273,27 @@ def _scann_settings(count):
         "dimensions_per_block": AH_DIMENSIONS_PER_BLOCK,
         "anisotropic_quantization_threshold": AH_ANISOTROPIC_THRESHOLD,
         "reorder_num_neighbors": REORDER_NUM_NEIGHBORS,
+        "soar_lambda": SOAR_LAMBDA,
     }
+
+
+def _carried_settings(settings, count):
+    """Settings for a new searcher over `count` rows that keep a tuned effort.
+
+    Compaction rebuilds the searcher; the share of leaves and the reordering
+    count that `Index.tune` chose carry over to the new tree, along with the
+    record of the tuning. Recall can drift after many changes: tune again.
+    """
+    fresh = _scann_settings(count)
+    tuned = settings.get("tuned")
+    if tuned is None or settings.get("mode") != "tree_ah" or fresh["mode"] != "tree_ah":
+        return fresh
+    share = settings["num_leaves_to_search"] / settings["num_leaves"]
+    fresh["num_leaves_to_search"] = min(
+        fresh["num_leaves"], max(1, math.ceil(share * fresh["num_leaves"] - 1e-9)))
+    fresh["reorder_num_neighbors"] = settings["reorder_num_neighbors"]
+    fresh["tuned"] = copy.deepcopy(tuned)
+    return fresh
 
 
 def _build_searcher(embeddings, settings):
@@ -258,10 +301,13 @@ def _build_searcher(embeddings, settings):
     if settings["mode"] == "exact":
         builder = builder.score_brute_force()
     else:
+        # Keys added after format 2's first release are optional: indexes
+        # saved without them were built without them.
         builder = builder.tree(
             num_leaves=settings["num_leaves"],
             num_leaves_to_search=settings["num_leaves_to_search"],
             training_sample_size=settings["training_sample_size"],
+            soar_lambda=settings.get("soar_lambda"),
         ).score_ah(
             settings["dimensions_per_block"],
             anisotropic_quantization_threshold=settings[
@@ -492,12 +538,20 @@ class _State:
             + [key for key, _ in added],
             delta_sources=delta_sources)
 
+    def with_settings(self, settings):
+        """This state, searched with other settings (same searcher and rows)."""
+        state = copy.copy(self)
+        state.settings = settings
+        return state
+
     def compacted(self):
         """The same live items under a new searcher sized for them."""
         if self.pending == 0:
             return self
-        return _State.from_rows(self.live_vectors(), self.keys, self.sources,
-                                has_sources=self.has_sources)
+        vectors = self.live_vectors()
+        return _State.from_rows(
+            vectors, self.keys, self.sources, has_sources=self.has_sources,
+            settings=_carried_settings(self.settings, len(vectors)))
 
     def compaction_due(self):
         limit = min(COMPACT_MAX_PENDING,
@@ -519,10 +573,13 @@ class _State:
             else:
                 # Reordering keeps only pre_reorder_num_neighbors candidates,
                 # so a large k needs at least k of them.
+                # Both efforts come from the settings, which `Index.tune`
+                # may have changed since the searcher was built.
                 ids, scores = self.searcher.search_batched(
                     queries, base_k,
                     pre_reorder_num_neighbors=max(
-                        base_k, self.settings["reorder_num_neighbors"]))
+                        base_k, self.settings["reorder_num_neighbors"]),
+                    leaves_to_search=self.settings["num_leaves_to_search"])
             ids = np.asarray(ids, dtype=np.int64)
             scores = np.asarray(scores, dtype=np.float32)
             # ScaNN pads short result lists with row 0 and a NaN score.
@@ -945,6 +1002,119 @@ def _check_expected(directory, manifest, expected):
             "(DIR is the training workdir)")
 
 
+def _checked_target_recall(target):
+    value = math.nan
+    if not isinstance(target, bool):
+        try:
+            value = float(target)
+        except (TypeError, ValueError):
+            pass
+    if not 0.0 < value <= 1.0:  # NaN fails this too
+        raise JaxRetrievalError(
+            f"target_recall must be a number in (0, 1], e.g. 0.95, got {target!r}")
+    return value
+
+
+def _checked_positive_int(value, what):
+    if isinstance(value, bool):
+        raise JaxRetrievalError(f"{what} must be an integer >= 1, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise JaxRetrievalError(f"{what} must be an integer >= 1, got {value!r}") from None
+    if value < 1:
+        raise JaxRetrievalError(f"{what} must be an integer >= 1, got {value}")
+    return value
+
+
+def _exact_kth_scores(vectors, queries, k, self_rows=None):
+    """The k-th best exact score of each query over `vectors`.
+
+    With `self_rows`, query i does not match row self_rows[i] (itself).
+    """
+    best = np.full((len(queries), k), -np.inf, np.float32)
+    for start in range(0, len(vectors), EXACT_BLOCK_ROWS):
+        scores = queries @ vectors[start:start + EXACT_BLOCK_ROWS].T
+        if self_rows is not None:
+            inside = (self_rows >= start) & (self_rows < start + len(scores[0]))
+            scores[np.flatnonzero(inside), self_rows[inside] - start] = -np.inf
+        scores = np.concatenate([best, scores], axis=1)
+        best = -np.partition(-scores, k - 1, axis=1)[:, :k]
+    return best.min(axis=1)
+
+
+def _recall_per_query(state, queries, kth_scores, k, self_rows=None):
+    """Recall@k of each query searched in `state`, against exact k-th scores.
+
+    A result is a hit when its exact score reaches the query's k-th best
+    exact score. With `self_rows` (queries taken from the gallery), each
+    query's own row is left out of its results, as it was of the truth.
+    """
+    want = k if self_rows is None else k + 1
+    ids, _ = state.search_ids(queries, want)
+    rows = state.live_rows(ids)
+    if self_rows is not None:
+        drop = rows == self_rows[:, np.newaxis]
+        drop[~drop.any(axis=1), -1] = True
+        rows = rows[~drop].reshape(len(queries), k)
+    vectors = state.live_vectors()
+    scores = np.einsum("ij,ikj->ik", queries, vectors[np.maximum(rows, 0)])
+    hits = (rows >= 0) & (scores >= kth_scores[:, np.newaxis] - RECALL_SCORE_TOLERANCE)
+    return hits.sum(axis=1) / k
+
+
+class _TuningSet:
+    """Queries, their exact k-th scores and (for gallery rows) their own rows."""
+
+    def __init__(self, state, queries, k, self_rows):
+        self.queries = queries
+        self.self_rows = self_rows
+        self.k = k
+        self.kth_scores = _exact_kth_scores(state.live_vectors(), queries, k, self_rows)
+
+    def __len__(self):
+        return len(self.queries)
+
+    def recall(self, state):
+        """(mean recall, mean less TUNE_CONFIDENCE_Z standard errors)."""
+        per_query = _recall_per_query(state, self.queries, self.kth_scores, self.k,
+                                      self.self_rows)
+        mean = float(per_query.mean())
+        if len(per_query) < 2:
+            return mean, mean
+        error = float(per_query.std(ddof=1)) / math.sqrt(len(per_query))
+        return mean, mean - TUNE_CONFIDENCE_Z * error
+
+    def seconds_per_query(self, state):
+        """The fastest of TUNE_TIMING_REPEATS searches of these queries, per query."""
+        want = self.k if self.self_rows is None else self.k + 1
+        best = math.inf
+        for _ in range(TUNE_TIMING_REPEATS):
+            start = time.perf_counter()
+            state.search_ids(self.queries, want)
+            best = min(best, time.perf_counter() - start)
+        return best / len(self.queries)
+
+
+def _fewest_leaves(reaches, num_leaves):
+    """The smallest leaf count in 1..num_leaves for which `reaches` holds, or None.
+
+    Recall grows with the leaves searched, so: doubling, then bisection.
+    """
+    low, high = 0, 1  # reaches(low) is false (or low is 0)
+    while not reaches(high):
+        if high == num_leaves:
+            return None
+        low, high = high, min(2 * high, num_leaves)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if reaches(middle):
+            high = middle
+        else:
+            low = middle
+    return high
+
+
 class _KeySet(collections.abc.Set):
     """The live keys of one state, without building a set of them."""
 
@@ -1155,6 +1325,129 @@ class Index:
         """
         with self._lock:
             self._state = self._state.compacted()
+
+    def tune(self, target_recall=0.95, *, queries=None, k=10, sample=1000, seed=0):
+        """Picks the cheapest search effort that reaches `target_recall` at `k`.
+
+        For an approximate (tree + AH) index: measures recall@k against
+        exact search for leaves searched and reordering counts, keeps the
+        fastest setting whose recall reaches the target with a margin of
+        TUNE_CONFIDENCE_Z standard errors, and searches with it from now on.
+        The queries are `sample` gallery vectors (each searched without
+        itself) or, if `queries` is given, up to `sample` of those; a
+        further, disjoint set of as many is held out to check the choice.
+
+        The choice goes into the manifest's `scann` settings (with a
+        `tuned` record), so `save` keeps it and `load` restores it; on an
+        index opened writable it is written by the next `snapshot()`. A
+        compaction keeps the tuned share of leaves and reordering count.
+        Changes wait while tuning runs; searches do not.
+
+        Returns a report: the chosen `num_leaves_to_search` and
+        `reorder_num_neighbors`, `tuning_recall`, `validation_recall`, and
+        every setting timed (`candidates`). On an exact index, changes
+        nothing and says so (`tuned` False).
+        """
+        target = _checked_target_recall(target_recall)
+        k = _checked_positive_int(k, "k")
+        sample = _checked_positive_int(sample, "sample")
+        with self._lock:
+            state = self._state
+            settings = state.settings
+            if settings["mode"] != "tree_ah":
+                return {"mode": settings["mode"], "tuned": False,
+                        "message": "this index searches exactly (recall 1): "
+                                   "there is nothing to tune"}
+            tuning, validation, source = self._tuning_sets(state, queries, k, sample,
+                                                           seed)
+            k = tuning.k
+            chosen, candidates = self._cheapest_setting(state, tuning, target)
+            trial = state.with_settings(chosen)
+            tuning_recall = tuning.recall(trial)[0]
+            validation_recall = validation.recall(trial)[0]
+            record = _json_normalised({
+                "target_recall": target, "k": k, "queries": source,
+                "tuning_queries": len(tuning), "tuning_recall": tuning_recall,
+                "validation_queries": len(validation),
+                "validation_recall": validation_recall,
+            }, "tuning record")
+            self._state = state.with_settings({**chosen, "tuned": record})
+        logger.info("tuned the index for recall@%d >= %s: %d of %d leaves, reordering "
+                    "%d; recall %.4f (tuning), %.4f (validation)", k, target,
+                    chosen["num_leaves_to_search"], chosen["num_leaves"],
+                    chosen["reorder_num_neighbors"], tuning_recall, validation_recall)
+        return {"mode": "tree_ah", "tuned": True, **record,
+                "num_leaves": chosen["num_leaves"],
+                "num_leaves_to_search": chosen["num_leaves_to_search"],
+                "reorder_num_neighbors": chosen["reorder_num_neighbors"],
+                "candidates": candidates}
+
+    def _tuning_sets(self, state, queries, k, sample, seed):
+        """(tuning set, validation set, "gallery" or "given") for `tune`."""
+        rng = np.random.default_rng(seed)
+        if queries is None:
+            count = state.count
+            # Each query leaves itself out, so k + 1 rows must be there.
+            k = min(k, count - 1)
+            each = min(sample, count // 2)
+            if k < 1 or each < 1:
+                raise JaxRetrievalError(
+                    f"tuning needs at least 2 gallery items, this index has {count}")
+            rows = rng.choice(count, 2 * each, replace=False)
+            vectors = state.live_vectors()[rows]
+            return (_TuningSet(state, vectors[:each], k, rows[:each]),
+                    _TuningSet(state, vectors[each:], k, rows[each:]), "gallery")
+        queries = self._checked_queries(queries, state.dim)
+        if len(queries) < 2:
+            raise JaxRetrievalError(
+                f"tuning needs at least 2 queries (half to tune on, half to check "
+                f"the choice), got {len(queries)}")
+        k = min(k, state.count)
+        order = rng.permutation(len(queries))
+        each = min(sample, len(queries) // 2)
+        return (_TuningSet(state, queries[order[:each]], k, None),
+                _TuningSet(state, queries[order[each:2 * each]], k, None), "given")
+
+    @staticmethod
+    def _cheapest_setting(state, tuning, target):
+        """(settings, timed candidates): the fastest setting reaching `target`."""
+        settings = state.settings
+        num_leaves = settings["num_leaves"]
+        want = tuning.k if tuning.self_rows is None else tuning.k + 1
+        reorders = sorted({reorder for reorder in (want, *TUNE_REORDER_CANDIDATES)
+                           if want <= reorder <= state.count})
+        measured = {}
+
+        def trial(leaves, reorder):
+            return state.with_settings({**settings, "num_leaves_to_search": leaves,
+                                        "reorder_num_neighbors": reorder})
+
+        def recall(leaves, reorder):
+            if (leaves, reorder) not in measured:
+                measured[leaves, reorder] = tuning.recall(trial(leaves, reorder))
+            return measured[leaves, reorder]
+
+        candidates = []
+        for reorder in reorders:
+            leaves = _fewest_leaves(lambda n: recall(n, reorder)[1] >= target, num_leaves)
+            if leaves is None:
+                continue
+            candidates.append({
+                "num_leaves_to_search": leaves, "reorder_num_neighbors": reorder,
+                "tuning_recall": recall(leaves, reorder)[0],
+                "seconds_per_query": tuning.seconds_per_query(trial(leaves, reorder))})
+            if leaves == 1:
+                break  # more reordering would only cost more
+        if not candidates:
+            best_recall = max(mean for mean, _ in measured.values())
+            raise JaxRetrievalError(
+                f"no search setting reaches recall@{tuning.k} of {target} on "
+                f"{len(tuning)} tuning queries: the best measured was "
+                f"{best_recall:.4f} (all {num_leaves} leaves, reordering up to "
+                f"{reorders[-1]}); ask for a lower target_recall")
+        best = min(candidates, key=lambda candidate: candidate["seconds_per_query"])
+        return ({**settings, "num_leaves_to_search": best["num_leaves_to_search"],
+                 "reorder_num_neighbors": best["reorder_num_neighbors"]}, candidates)
 
     def _check_open(self):
         if self._closed:
