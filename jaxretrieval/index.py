@@ -1015,6 +1015,17 @@ def _checked_target_recall(target):
     return value
 
 
+def _checked_upsert(embeddings, keys, sources, dim):
+    """An upsert's (embeddings, keys, sources), checked: one unique key (and source) per
+    row of `dim`-dimensional unit vectors."""
+    embeddings = _checked_embeddings(embeddings, index_dim=dim)
+    keys = _checked_strings(keys, len(embeddings), "keys")
+    _row_by_key(keys)
+    if sources is not None:
+        sources = _checked_strings(sources, len(keys), "sources")
+    return embeddings, keys, sources
+
+
 def _checked_positive_int(value, what):
     if isinstance(value, bool):
         raise JaxRetrievalError(f"{what} must be an integer >= 1, got {value!r}")
@@ -1274,11 +1285,8 @@ class Index:
         source ""). Searches see the change on return; on a writable index
         it is also on disk by then.
         """
-        embeddings = _checked_embeddings(embeddings, index_dim=self.embedding_dim)
-        keys = _checked_strings(keys, len(embeddings), "keys")
-        _row_by_key(keys)
-        if sources is not None:
-            sources = _checked_strings(sources, len(keys), "sources")
+        embeddings, keys, sources = _checked_upsert(embeddings, keys, sources,
+                                                    self.embedding_dim)
         with self._lock:
             self._check_open()
             if not keys:
@@ -1505,15 +1513,7 @@ class Index:
 
     @staticmethod
     def _clipped_k(k, count):
-        if isinstance(k, bool):
-            raise JaxRetrievalError(f"k must be an integer >= 1, got {k!r}")
-        try:
-            k = operator.index(k)
-        except TypeError:
-            raise JaxRetrievalError(f"k must be an integer >= 1, got {k!r}") from None
-        if k < 1:
-            raise JaxRetrievalError(f"k must be an integer >= 1, got {k}")
-        return min(k, count)
+        return min(_checked_positive_int(k, "k"), count)
 
     def _search_ids(self, state, queries, k):
         queries = self._checked_queries(queries, state.dim)

@@ -63,7 +63,8 @@ from jaxretrieval.index import (CURRENT_FILE, FLAT_LAYOUT_ENTRIES, LOAD_ATTEMPTS
                                 REBUILD_HINT, SCANN_DIR, SNAPSHOTS_DIR, VERSION_PATTERN, Index,
                                 _WriterLock, _as_float_matrix, _check_expected,
                                 _checked_embeddings, _checked_manifest_updates,
-                                _checked_string_list, _checked_strings, _finish_switch,
+                                _checked_string_list, _checked_strings, _checked_upsert,
+                                _finish_switch,
                                 _fsync_path, _is_index_directory, _read_json, _row_by_key,
                                 _write_snapshot)
 from jaxretrieval.workdir import recover_interrupted_swap, write_json_atomically
@@ -567,11 +568,8 @@ class ShardedIndex:
 
     def upsert(self, keys, embeddings, sources=None):
         """As `Index.upsert`; each shard logs its part before the call returns."""
-        embeddings = _checked_embeddings(embeddings, index_dim=self.embedding_dim)
-        keys = _checked_strings(keys, len(embeddings), "keys")
-        _row_by_key(keys)
-        if sources is not None:
-            sources = _checked_strings(sources, len(keys), "sources")
+        embeddings, keys, sources = _checked_upsert(embeddings, keys, sources,
+                                                    self.embedding_dim)
         with self._lock:
             self._check_open()
             for shard, rows in self._routed(keys):
