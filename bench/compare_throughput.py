@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 
+from report import emit  # bench/report.py, beside this script
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 FRAMEWORKS = ("jax", "keras", "torch")
 
@@ -64,11 +66,7 @@ def main():
                      f"{median['jax'] / median['keras']:.2f} | "
                      f"{median['jax'] / median['torch']:.2f} | {runs} |")
         print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write("\n" + text)
+    emit(lines, args.markdown)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ import uuid
 
 import numpy as np
 
+from report import emit  # bench/report.py, beside this script
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -144,11 +146,7 @@ def main():
         finally:
             server.terminate()
             server.wait(timeout=30)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write("\n" + text)
+    emit(lines, args.markdown)
 
 
 if __name__ == "__main__":

@@ -248,13 +248,26 @@ def _json_normalised(value, what):
             f"finite float): {error}") from None
 
 
-def _checked_manifest_updates(updates, what):
-    clashing = sorted(CORE_MANIFEST_KEYS.intersection(updates))
+def _refuse_reserved_keys(updates, reserved, what, owner="index"):
+    clashing = sorted(reserved.intersection(updates))
     if clashing:
         raise JaxRetrievalError(
-            f"{what} may not set {', '.join(clashing)}: the index maintains "
-            "those itself")
+            f"{what} may not set {', '.join(clashing)}: the {owner} maintains those itself")
+
+
+def _checked_manifest_updates(updates, what):
+    _refuse_reserved_keys(updates, CORE_MANIFEST_KEYS, what)
     return _json_normalised(dict(updates), what)
+
+
+def _refuse_unknown_keys(unknown):
+    """A delete names keys that are not there: refused whole, so nothing is deleted."""
+    if unknown:
+        named = ", ".join(repr(key) for key in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise JaxRetrievalError(
+            f"cannot delete {named}{more}: not in the index (nothing was deleted); check "
+            "the keys against index.keys")
 
 
 def _scann_settings(count):
@@ -1311,13 +1324,7 @@ class Index:
         with self._lock:
             self._check_open()
             state = self._state
-            unknown = [key for key in keys if state.locate(key) is None]
-            if unknown:
-                named = ", ".join(repr(key) for key in unknown[:5])
-                more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-                raise JaxRetrievalError(
-                    f"cannot delete {named}{more}: not in the index (nothing "
-                    "was deleted); check the keys against index.keys")
+            _refuse_unknown_keys([key for key in keys if state.locate(key) is None])
             changes = dict.fromkeys(keys)  # drops repeats, keeps order
             if not changes:
                 return

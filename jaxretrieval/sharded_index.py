@@ -64,7 +64,8 @@ from jaxretrieval.index import (CURRENT_FILE, FLAT_LAYOUT_ENTRIES, LOAD_ATTEMPTS
                                 _WriterLock, _as_float_matrix, _check_expected,
                                 _checked_embeddings, _checked_manifest_updates,
                                 _checked_string_list, _checked_strings, _checked_upsert,
-                                _finish_switch,
+                                _finish_switch, _refuse_reserved_keys,
+                                _refuse_unknown_keys,
                                 _fsync_path, _is_index_directory, _read_json, _row_by_key,
                                 _write_snapshot)
 from jaxretrieval.workdir import recover_interrupted_swap, write_json_atomically
@@ -133,11 +134,7 @@ def _rows_by_shard(keys, num_shards):
 
 
 def _refuse_sharded_keys(updates, what):
-    clashing = sorted(SHARDED_KEYS.intersection(updates))
-    if clashing:
-        raise JaxRetrievalError(
-            f"{what} may not set {', '.join(clashing)}: the sharded index maintains those "
-            "itself")
+    _refuse_reserved_keys(updates, SHARDED_KEYS, what, owner="sharded index")
 
 
 def _build_shard(embeddings, keys, sources, rows, identity):
@@ -583,13 +580,7 @@ class ShardedIndex:
         keys = _checked_string_list(keys, "keys")
         with self._lock:
             self._check_open()
-            unknown = [key for key in keys if key not in self]
-            if unknown:
-                named = ", ".join(repr(key) for key in unknown[:5])
-                more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-                raise JaxRetrievalError(
-                    f"cannot delete {named}{more}: not in the index (nothing was deleted); "
-                    "check the keys against index.keys")
+            _refuse_unknown_keys([key for key in keys if key not in self])
             for shard, rows in self._routed(keys):
                 shard.delete([keys[row] for row in rows])
 
