@@ -188,6 +188,9 @@ def torch_step(model_name, mode, batch):
 
 
 def main():
+    # The same process setup as the command line's entry points (jaxretrieval.host_memory).
+    from jaxretrieval.host_memory import reexec_with_huge_pages
+    reexec_with_huge_pages()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--framework", choices=("jax", "keras", "torch"), required=True)
     parser.add_argument("--model", choices=sorted(MODELS), default="seed_cnn")

@@ -13,6 +13,11 @@ DEFAULT_WORKDIR = os.path.join("runs", "default")
 
 
 def main(argv=None) -> int:
+    """Runs one command; `argv=None` means this process's own command line (the console
+    script), which may first re-execute itself for huge pages (`host_memory`)."""
+    if argv is None:
+        from jaxretrieval.host_memory import reexec_with_huge_pages
+        reexec_with_huge_pages()
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": run_train, "embed": run_embed, "index": run_index,
                 "search": run_search, "serve": run_serve}

@@ -6,5 +6,8 @@ A thin entry point: `jaxretrieval.cli` parses the flags, `jaxretrieval.service` 
 import sys
 
 from jaxretrieval.cli import main
+from jaxretrieval.host_memory import reexec_with_huge_pages
+
+reexec_with_huge_pages()
 
 sys.exit(main(["serve", *sys.argv[1:]]))
