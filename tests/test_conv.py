@@ -141,3 +141,83 @@ def test_under_shard_map_gradients_of_replicated_and_sharded_operands_equal_xla(
 
     for got, want in zip(grads(conv.conv_general_dilated), grads(jax.lax.conv_general_dilated)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def reference_block(x, w, b, padding):
+    """The seed CNN's block in plain XLA: convolution, bias, ReLU, 2x2 max-pool."""
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=NHWC)
+    return jax.lax.reduce_window(jax.nn.relu(y + b), -jnp.inf, jax.lax.max, (1, 2, 2, 1),
+                                 (1, 2, 2, 1), "VALID")
+
+
+def block_operands(shape, seed=0):
+    n, h, w_, c, o = shape
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    x = jax.random.normal(keys[0], (n, h, w_, c))
+    w = jax.random.normal(keys[1], (3, 3, c, o)) / np.sqrt(9 * c)
+    return x, w, 0.1 * jax.random.normal(keys[2], (o,))
+
+
+@pytest.mark.parametrize("winograd", ["1", "0"])
+@pytest.mark.parametrize("shape, padding", [
+    ((2, 13, 11, 3, 8), "VALID"),  # 3-channel stem, odd output rows and columns dropped
+    ((3, 10, 10, 16, 32), "SAME"),  # channels in 16s: Winograd where oneDNN has it
+    ((2, 12, 9, 32, 16), "VALID"),
+])
+def test_fused_block_equals_xla_in_values_and_gradients(onednn, monkeypatch, winograd, shape,
+                                                        padding):
+    from jaxretrieval.models.cnn import max_pool_2x2
+
+    monkeypatch.setenv(conv.WINOGRAD_VARIABLE, winograd)
+    x, w, b = block_operands(shape)
+    fused = jax.jit(lambda x, w, b: conv.conv_relu_pool(x, w, b, padding, max_pool_2x2))
+    assert "jaxretrieval_conv_relu_pool" in fused.lower(x, w, b).as_text()
+    want = reference_block(x, w, b, padding)
+    got = fused(x, w, b)
+    assert got.shape == want.shape
+    # Winograd rounds differently from a direct convolution; both stay this close.
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5 * np.abs(want).max())
+
+    def loss(block):
+        return lambda x, w, b: jnp.sum(jnp.sin(block(x, w, b)))
+    grads = jax.jit(jax.grad(loss(lambda x, w, b: conv.conv_relu_pool(
+        x, w, b, padding, max_pool_2x2)), argnums=(0, 1, 2)))(x, w, b)
+    reference = jax.grad(loss(lambda x, w, b: reference_block(x, w, b, padding)),
+                         argnums=(0, 1, 2))(x, w, b)
+    for got, want in zip(grads, reference):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_fused_block_under_shard_map_and_a_bad_winograd_setting(onednn, monkeypatch):
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    from jaxretrieval.models.cnn import max_pool_2x2
+
+    mesh = Mesh(np.asarray(jax.local_devices()[:4]), ("d",))
+    x, w, b = block_operands((8, 10, 10, 16, 16), seed=1)
+    sharded = jax.jit(jax.shard_map(
+        lambda x, w, b: conv.conv_relu_pool(x, w, b, "VALID", max_pool_2x2), mesh=mesh,
+        in_specs=(P("d"), P(), P()), out_specs=P("d")))
+    want = reference_block(x, w, b, "VALID")
+    np.testing.assert_allclose(sharded(x, w, b), want, rtol=1e-4,
+                               atol=2e-5 * np.abs(want).max())
+    monkeypatch.setenv(conv.WINOGRAD_VARIABLE, "yes")
+    with pytest.raises(JaxRetrievalError, match="use 1 \\(on\\) or 0 \\(off\\)"):
+        conv.conv_relu_pool(x, w, b, "VALID", max_pool_2x2)
+
+
+def test_the_seed_model_embeds_the_same_fused_or_not(onednn, mode):
+    """Evaluated without BatchNorm, SeedCNN runs each block as one fused call; its
+    parameters are nn.Conv's either way, so one checkpoint serves both."""
+    config = base_config()
+    config.image_size, config.channels = 40, 3
+    config.model.batch_norm, config.model.padding, config.model.pooling = False, "VALID", "flatten"
+    model = build_model(config)
+    images = jax.random.uniform(jax.random.PRNGKey(5), (4, 40, 40, 3))
+    variables = model.init(jax.random.PRNGKey(0), images[:1])
+    assert set(variables["params"]["backbone"]) == {"Conv_0", "Conv_1", "Conv_2"}
+    embed = jax.jit(model.apply)
+    assert embed.lower(variables, images).as_text().count("jaxretrieval_conv_relu_pool") == 3
+    fused = embed(variables, images)
+    mode("xla")
+    np.testing.assert_allclose(fused, jax.jit(model.apply)(variables, images), atol=1e-5)

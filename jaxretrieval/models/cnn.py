@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxretrieval.ops.conv import conv_general_dilated
+from jaxretrieval.ops.conv import conv_general_dilated, conv_relu_pool
 
 
 class SeedCNN(nn.Module):
@@ -24,10 +24,20 @@ class SeedCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        # Without BatchNorm a block is one fused call when evaluated (ops.conv_relu_pool);
+        # nn.Conv still owns the parameters, so checkpoints are the same either way.
+        fused = (not self.batch_norm and jnp.dtype(self.dtype) == jnp.float32
+                 and not self.is_initializing())
         for width in self.widths:
-            x = nn.Conv(width, (self.kernel_size, self.kernel_size), padding=self.padding,
-                        use_bias=not self.batch_norm, dtype=self.dtype,
-                        conv_general_dilated=conv_general_dilated)(x)
+            conv = nn.Conv(width, (self.kernel_size, self.kernel_size), padding=self.padding,
+                           use_bias=not self.batch_norm, dtype=self.dtype,
+                           conv_general_dilated=conv_general_dilated)
+            if fused:
+                params = conv.variables["params"]
+                x = conv_relu_pool(x.astype(jnp.float32), params["kernel"], params["bias"],
+                                   self.padding, max_pool_2x2)
+                continue
+            x = conv(x)
             if self.batch_norm:
                 x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
                                  axis_name=self.bn_axis_name if train else None,

@@ -34,8 +34,9 @@ logger = logging.getLogger(__name__)
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "onednn_conv.cc")
 MODE_VARIABLE = "JAXRETRIEVAL_CPU_CONV"
 MODES = ("auto", "onednn", "xla")
+WINOGRAD_VARIABLE = "JAXRETRIEVAL_CPU_WINOGRAD"
 TARGETS = {"forward": "JrConvForward", "backward_data": "JrConvBackwardData",
-           "backward_weights": "JrConvBackwardWeights"}
+           "backward_weights": "JrConvBackwardWeights", "relu_pool": "JrConvReluPool"}
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -44,6 +45,15 @@ def _mode() -> str:
     if mode not in MODES:
         raise JaxRetrievalError(f"{MODE_VARIABLE}={mode!r}; use one of {', '.join(MODES)}")
     return mode
+
+
+def _winograd() -> bool:
+    """Whether evaluated conv-relu-pool blocks may use oneDNN's Winograd convolution (on by
+    default; `JAXRETRIEVAL_CPU_WINOGRAD=0` keeps the direct one, which rounds differently)."""
+    value = os.environ.get(WINOGRAD_VARIABLE, "1")
+    if value not in ("0", "1"):
+        raise JaxRetrievalError(f"{WINOGRAD_VARIABLE}={value!r}; use 1 (on) or 0 (off)")
+    return value == "1"
 
 
 def _cache_dir() -> str:
@@ -118,20 +128,21 @@ def _varying(x) -> frozenset:
     return jax.typeof(x).manual_axis_type.varying
 
 
-def _custom_call(name, result_shape, a, b, padding):
+def _custom_call(name, result_shape, *operands, padding, **attributes):
     (top, bottom), (left, right) = padding
-    # Inside shard_map, give both operands, and so the result, the axes either varies over.
-    axes = _varying(a) | _varying(b)
-    a, b = (jax.lax.pcast(x, tuple(sorted(axes - _varying(x))), to="varying") for x in (a, b))
+    # Inside shard_map, give every operand, and so the result, the axes any varies over.
+    axes = frozenset().union(*map(_varying, operands))
+    operands = [jax.lax.pcast(x, tuple(sorted(axes - _varying(x))), to="varying")
+                for x in operands]
     if axes:
-        operand = jax.typeof(a)
+        operand = jax.typeof(operands[0])
         result = jax.ShapeDtypeStruct(result_shape, jnp.float32, sharding=operand.sharding,
                                       manual_axis_type=operand.manual_axis_type)
     else:
         result = jax.ShapeDtypeStruct(result_shape, jnp.float32)
     return jax.ffi.ffi_call(f"jaxretrieval_conv_{name}", result)(
-        a, b, pad_top=np.int64(top), pad_bottom=np.int64(bottom), pad_left=np.int64(left),
-        pad_right=np.int64(right), threads=np.int64(_threads_per_device()))
+        *operands, pad_top=np.int64(top), pad_bottom=np.int64(bottom), pad_left=np.int64(left),
+        pad_right=np.int64(right), threads=np.int64(_threads_per_device()), **attributes)
 
 
 def _cotangent_like(cotangent, primal):
@@ -153,7 +164,7 @@ def _forward(x, kernel, padding):
     out_h = x.shape[1] + top + bottom - kernel.shape[0] + 1
     out_w = x.shape[2] + left + right - kernel.shape[1] + 1
     return _custom_call("forward", (x.shape[0], out_h, out_w, kernel.shape[3]), x, kernel,
-                        padding)
+                        padding=padding)
 
 
 def _onednn_conv_fwd(x, kernel, padding):
@@ -163,12 +174,18 @@ def _onednn_conv_fwd(x, kernel, padding):
 def _onednn_conv_bwd(padding, residuals, grad):
     x, kernel = residuals
     grad = grad.astype(jnp.float32)
-    dx = _custom_call("backward_data", x.shape, grad, kernel, padding)
-    dkernel = _custom_call("backward_weights", kernel.shape, x, grad, padding)
+    dx = _custom_call("backward_data", x.shape, grad, kernel, padding=padding)
+    dkernel = _custom_call("backward_weights", kernel.shape, x, grad, padding=padding)
     return _cotangent_like(dx, x), _cotangent_like(dkernel, kernel)
 
 
 onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)
+
+
+def _onednn_applies(lhs, rhs, explicit_padding) -> bool:
+    """float32 operands on CPU, with oneDNN built and not switched off."""
+    return (explicit_padding is not None and lhs.dtype == rhs.dtype == jnp.float32
+            and jax.default_backend() == "cpu" and _onednn_available())
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -177,17 +194,51 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     """`jax.lax.conv_general_dilated`, through oneDNN on CPU where it applies."""
     explicit = _explicit_padding(padding, rhs.shape[:2]) if rhs.ndim == 4 else None
     unit = lambda values: values is None or all(v == 1 for v in values)
-    if (explicit is not None and lhs.dtype == rhs.dtype == jnp.float32
-            and dimension_numbers in (NHWC, jax.lax.ConvDimensionNumbers((0, 3, 1, 2),
-                                                                         (3, 2, 0, 1),
-                                                                         (0, 3, 1, 2)))
+    if (dimension_numbers in (NHWC, jax.lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1),
+                                                                 (0, 3, 1, 2)))
             and all(s == 1 for s in window_strides) and unit(lhs_dilation)
             and unit(rhs_dilation) and feature_group_count == batch_group_count == 1
             and preferred_element_type in (None, jnp.float32)
-            and jax.default_backend() == "cpu" and _onednn_available()):
+            and _onednn_applies(lhs, rhs, explicit)):
         return onednn_conv(lhs, rhs, explicit)
     return jax.lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
         feature_group_count=feature_group_count, batch_group_count=batch_group_count,
         precision=precision, preferred_element_type=preferred_element_type)
+
+
+def conv_relu_pool(x, kernel, bias, padding, pool):
+    """`pool(relu(conv(x, kernel) + bias))`, NHWC/HWIO, stride 1, for `pool` a 2x2 max-pool
+    with stride 2 that drops an odd last row or column (the seed CNN's block).
+
+    Evaluated, it is one oneDNN call on CPU that never materialises the pre-pool
+    activations (`JrConvReluPool`); differentiated, or anywhere oneDNN does not apply, it
+    is the same composition of `conv_general_dilated`, XLA's ReLU and `pool`, whose
+    gradient it takes.
+    """
+    explicit = _explicit_padding(padding, kernel.shape[:2])
+    unfused = functools.partial(_conv_relu_pool_unfused, padding=padding, pool=pool)
+    if not (_onednn_applies(x, kernel, explicit) and bias.dtype == jnp.float32):
+        return unfused(x, kernel, bias)
+    fused = jax.custom_vjp(lambda x, kernel, bias: _conv_relu_pool_call(x, kernel, bias,
+                                                                         explicit))
+
+    def forward(x, kernel, bias):
+        return jax.vjp(unfused, x, kernel, bias)  # the output and the unfused backward
+
+    fused.defvjp(forward, lambda backward, grad: backward(grad))
+    return fused(x, kernel, bias)
+
+
+def _conv_relu_pool_unfused(x, kernel, bias, *, padding, pool):
+    y = conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=NHWC)
+    return pool(jax.nn.relu(y + bias))
+
+
+def _conv_relu_pool_call(x, kernel, bias, padding):
+    (top, bottom), (left, right) = padding
+    out_h = (x.shape[1] + top + bottom - kernel.shape[0] + 1) // 2
+    out_w = (x.shape[2] + left + right - kernel.shape[1] + 1) // 2
+    return _custom_call("relu_pool", (x.shape[0], out_h, out_w, kernel.shape[3]), x, kernel,
+                        bias, padding=padding, winograd=_winograd())
