@@ -4,9 +4,11 @@ XLA runs a CPU convolution on one thread (DESIGN.md); oneDNN's kernels use every
 `conv_general_dilated` has `jax.lax.conv_general_dilated`'s signature (Flax's `nn.Conv`
 takes it as `conv_general_dilated=`) and sends the convolutions oneDNN handles (float32,
 NHWC/HWIO, stride 1, no dilation, one group) to three XLA FFI custom calls, forward and
-both gradients (`onednn_conv.cc`), tied together with a custom VJP. Anything else, any
-other platform, or a machine without oneDNN uses XLA's own convolution, the same math
-(tests/test_conv.py checks values and gradients against it).
+both gradients (`onednn_conv.cc`), tied together with a custom VJP; `conv_relu_pool` is a
+fourth, the seed CNN's whole block when evaluated. Where the channels come in multiples
+of 16 they use oneDNN's Winograd convolution. Anything else, any other platform, or a
+machine without oneDNN uses XLA's own convolution, the same math (tests/test_conv.py
+checks values and gradients against it).
 
 The library is compiled on first use with the system C++ compiler against oneDNN 2.x
 (Debian/Ubuntu: `apt install g++ libdnnl-dev`) and cached under
@@ -48,8 +50,9 @@ def _mode() -> str:
 
 
 def _winograd() -> bool:
-    """Whether evaluated conv-relu-pool blocks may use oneDNN's Winograd convolution (on by
-    default; `JAXRETRIEVAL_CPU_WINOGRAD=0` keeps the direct one, which rounds differently)."""
+    """Whether the custom calls may use oneDNN's Winograd convolution where it applies (on
+    by default; `JAXRETRIEVAL_CPU_WINOGRAD=0` keeps the direct one, which rounds
+    differently: both are tested against XLA's convolution)."""
     value = os.environ.get(WINOGRAD_VARIABLE, "1")
     if value not in ("0", "1"):
         raise JaxRetrievalError(f"{WINOGRAD_VARIABLE}={value!r}; use 1 (on) or 0 (off)")
@@ -128,7 +131,7 @@ def _varying(x) -> frozenset:
     return jax.typeof(x).manual_axis_type.varying
 
 
-def _custom_call(name, result_shape, *operands, padding, **attributes):
+def _custom_call(name, result_shape, *operands, padding):
     (top, bottom), (left, right) = padding
     # Inside shard_map, give every operand, and so the result, the axes any varies over.
     axes = frozenset().union(*map(_varying, operands))
@@ -142,7 +145,8 @@ def _custom_call(name, result_shape, *operands, padding, **attributes):
         result = jax.ShapeDtypeStruct(result_shape, jnp.float32)
     return jax.ffi.ffi_call(f"jaxretrieval_conv_{name}", result)(
         *operands, pad_top=np.int64(top), pad_bottom=np.int64(bottom), pad_left=np.int64(left),
-        pad_right=np.int64(right), threads=np.int64(_threads_per_device()), **attributes)
+        pad_right=np.int64(right), threads=np.int64(_threads_per_device()),
+        winograd=_winograd())
 
 
 def _cotangent_like(cotangent, primal):
@@ -241,4 +245,4 @@ def _conv_relu_pool_call(x, kernel, bias, padding):
     out_h = (x.shape[1] + top + bottom - kernel.shape[0] + 1) // 2
     out_w = (x.shape[2] + left + right - kernel.shape[1] + 1) // 2
     return _custom_call("relu_pool", (x.shape[0], out_h, out_w, kernel.shape[3]), x, kernel,
-                        bias, padding=padding, winograd=_winograd())
+                        bias, padding=padding)
