@@ -53,7 +53,8 @@ def main():
              "jax runs |", "|---|---|---|---|---|---|---|---|---|"]
     for model, mode, batch in cases:
         slow = model == "seed_cnn" and mode == "train"
-        steps, warmup = (5, 2) if slow else (20, 3)
+        # Single queries take milliseconds: more of them, or the timer sees mostly noise.
+        steps, warmup = (5, 2) if slow else (100, 10) if batch == 1 else (20, 3)
         results = {framework: [] for framework in FRAMEWORKS}
         for _ in range(args.reps):
             for framework in FRAMEWORKS:

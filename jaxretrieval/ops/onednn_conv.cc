@@ -70,12 +70,17 @@ memory::desc Dst(const Shapes& s, algorithm a) {
 }
 memory::desc Weights(const Shapes& s) { return Any(Hwio(s)); }
 
-// Winograd where allowed, oneDNN has a kernel for the shape and machine, and the channels
-// fill its 16-wide blocks (on the 3-channel stem it is 2.8x slower than direct); else
-// direct. `make` builds the primitive descriptor(s) for one algorithm.
+// Winograd where allowed, oneDNN has a kernel for the shape and machine, the channels
+// fill its 16-wide blocks (on the 3-channel stem it is 2.8x slower than direct), and the
+// call has enough output pixels to pay for transforming the kernel, which oneDNN does on
+// every call (0.6 ms for 64x32x3x3); else direct. `make` builds the primitive
+// descriptor(s) for one algorithm.
+constexpr int64_t kWinogradMinPixels = 8192;
+
 template <typename Make>
-auto WithAlgorithm(const Shapes& s, bool winograd, Make make) {
-  if (winograd && s.c % 16 == 0 && s.o % 16 == 0) {
+auto WithAlgorithm(const Shapes& s, bool winograd, int64_t images, Make make) {
+  if (winograd && s.c % 16 == 0 && s.o % 16 == 0 &&
+      images * s.oh * s.ow >= kWinogradMinPixels) {
     try {
       return make(algorithm::convolution_winograd);
     } catch (const dnnl::error&) {
@@ -217,7 +222,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   if (auto error = CheckShapes(s); error.failure()) return error;
   return Protected(threads, [&] {
     Compiled c = Cached<Compiled>(Key("forward", s, winograd), [&] {
-      return WithAlgorithm(s, winograd, [&](algorithm a) {
+      return WithAlgorithm(s, winograd, s.n, [&](algorithm a) {
         return Compile(ForwardDesc(s, a), DNNL_ARG_SRC, DNNL_ARG_WEIGHTS, DNNL_ARG_DST);
       });
     });
@@ -234,7 +239,7 @@ ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
   if (auto error = CheckShapes(s); error.failure()) return error;
   return Protected(threads, [&] {
     Compiled c = Cached<Compiled>(Key("backward_data", s, winograd), [&] {
-      return WithAlgorithm(s, winograd, [&](algorithm a) {
+      return WithAlgorithm(s, winograd, s.n, [&](algorithm a) {
         dnnl::convolution_backward_data::desc desc(
             a, Src(s, a), Weights(s), Dst(s, a), {1, 1}, {s.pad_top, s.pad_left},
             {s.pad_bottom, s.pad_right});
@@ -256,7 +261,7 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
   if (auto error = CheckShapes(s); error.failure()) return error;
   return Protected(threads, [&] {
     Compiled c = Cached<Compiled>(Key("backward_weights", s, winograd), [&] {
-      return WithAlgorithm(s, winograd, [&](algorithm a) {
+      return WithAlgorithm(s, winograd, s.n, [&](algorithm a) {
         dnnl::convolution_backward_weights::desc desc(
             a, Src(s, a), Weights(s), Dst(s, a), {1, 1}, {s.pad_top, s.pad_left},
             {s.pad_bottom, s.pad_right});
@@ -293,12 +298,14 @@ ffi::Error ConvReluPool(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                       "jaxretrieval oneDNN conv-relu-pool: shapes and padding disagree");
   }
   return Protected(threads, [&] {
-    FusedCompiled c = Cached<FusedCompiled>(Key("conv_relu_pool", s, winograd), [&] {
+    Shapes whole_call = s;  // the key holds the batch: Winograd or not depends on it
+    whole_call.n = n;
+    FusedCompiled c = Cached<FusedCompiled>(Key("conv_relu_pool", whole_call, winograd), [&] {
       dnnl::post_ops relu;
       relu.append_eltwise(1.f, algorithm::eltwise_relu, 0.f, 0.f);
       dnnl::primitive_attr attr = UserScratchpad();
       attr.set_post_ops(relu);
-      auto conv = WithAlgorithm(s, winograd, [&](algorithm a) {
+      auto conv = WithAlgorithm(s, winograd, n, [&](algorithm a) {
         dnnl::convolution_forward::desc desc(
             dnnl::prop_kind::forward_inference, a, Src(s, a), Weights(s), Bias(s), Dst(s, a),
             {1, 1}, {s.pad_top, s.pad_left}, {s.pad_bottom, s.pad_right});
