@@ -15,6 +15,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The oneDNN column must be oneDNN: a failed build is an error here, not a silent fallback.
+os.environ.setdefault("JAXRETRIEVAL_CPU_CONV", "onednn")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

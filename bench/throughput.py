@@ -18,9 +18,12 @@ Peers' dependencies: `pip install -r requirements-bench.txt`.
 import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 NUM_CLASSES = 10
 MODELS = {

@@ -30,7 +30,7 @@ class Embedder:
         self.devices = devices or parallel.local_devices()
         model = build_model(config)
         mesh = parallel.device_mesh(self.devices)
-        self._batch_sharding = NamedSharding(mesh, PartitionSpec(parallel.DEVICE_AXIS))
+        self._batch_sharding = parallel.batch_sharding(self.devices)
         self._variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
         # Each device embeds its own slice of the batch (shard_map, not XLA's partitioner:
         # the CPU convolution is a custom call XLA would otherwise run whole on every device).

@@ -55,8 +55,9 @@ def evaluate_and_index(workdir: str, *, on_progress=None) -> dict:
         metrics.update(checkpoint_step=embedder.checkpoint_step, split=config.split,
                        dataset=config.dataset, match_thresholds=thresholds)
         update_export_metadata(wd.embeddings, match_thresholds=thresholds)
+        export.metadata["match_thresholds"] = thresholds  # as just written to export.json
         write_json_atomically(wd.metrics_path, metrics)
-        rebuild_index(workdir)
+        rebuild_index(workdir, export=export)
     parallel.barrier("evaluated")
     with open(wd.metrics_path) as f:
         return json.load(f)
@@ -119,19 +120,21 @@ def evaluate_pixels(dataset, split) -> dict:
                              query_gallery_rows=split.query_gallery_rows)
 
 
-def rebuild_index(workdir: str, num_shards: int | None = None):
+def rebuild_index(workdir: str, num_shards: int | None = None, export=None):
     """Builds `DIR/index/` from the embedding export alone (no model needed) and returns it:
     an Index, or with `num_shards` > 1 a ShardedIndex; it replaces the index there,
     whichever layout.
     `num_shards=None` keeps the shard count of the index there (1 when there is none), so
-    re-evaluating a run does not undo its sharding."""
+    re-evaluating a run does not undo its sharding. `export`: that export, when the caller
+    has already read it (evaluation), so it is not read twice."""
     from jaxretrieval.sharded_index import (ShardedIndex, checked_num_shards, num_shards_on_disk,
                                             save_index)
 
     wd = Workdir(workdir)
     num_shards = checked_num_shards(num_shards_on_disk(wd.index) if num_shards is None
                                     else num_shards)
-    export = load_embedding_export(wd.embeddings)
+    if export is None:
+        export = load_embedding_export(wd.embeddings)
     meta = export.metadata
     arguments = dict(sources=export.sources, checkpoint_step=meta["checkpoint_step"],
                      model_config_hash=meta["model_config_hash"],

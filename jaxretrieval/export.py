@@ -30,7 +30,7 @@ from typing import Callable
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+from jax.sharding import SingleDeviceSharding
 
 from jaxretrieval import parallel
 from jaxretrieval.errors import JaxRetrievalError
@@ -91,8 +91,7 @@ def write_embedding_export(directory: str, embedder, dataset, *, metadata: dict 
         _start_or_resume(partial, meta, dataset)
     parallel.barrier("export-started")
 
-    mesh = parallel.device_mesh(devices)
-    sharding = NamedSharding(mesh, PartitionSpec(parallel.DEVICE_AXIS))
+    sharding = parallel.batch_sharding(devices)
     share = parallel.process_share(chunk_size)
     # The finished chunks as process 0 sees them, so that every process skips the same ones.
     todo = [c for c in range(meta["num_chunks"])
@@ -185,6 +184,11 @@ def load_embedding_export(directory: str) -> EmbeddingExport:
     loaded = {name: _read_json(os.path.join(directory, f"{name}.json"))
               for name in ("keys", "sources", "labels")}
     count, dim, chunk_size = meta["count"], meta["embedding_dim"], meta["chunk_size"]
+    # Checked before any chunk is read: a missing labels.json is this error, not a TypeError.
+    if any(value is None or len(value) != count for value in loaded.values()):
+        raise JaxRetrievalError(
+            f"the embedding export in {directory!r} is inconsistent (its keys, sources or "
+            f"labels do not hold {count} items); {REWRITE_HINT}")
     embeddings = np.empty((meta["num_chunks"] * chunk_size, dim), np.float32)
     target = {ARRAY_NAME: jax.ShapeDtypeStruct(
         (chunk_size, dim), np.float32, sharding=SingleDeviceSharding(jax.local_devices()[0]))}
@@ -200,11 +204,6 @@ def load_embedding_export(directory: str) -> EmbeddingExport:
             restored = checkpointer.restore(path, target)
             embeddings[chunk * chunk_size:(chunk + 1) * chunk_size] = np.asarray(
                 restored[ARRAY_NAME])
-    export = EmbeddingExport(embeddings=embeddings[:count],
-                             labels=np.asarray(loaded["labels"], np.int64),
-                             keys=loaded["keys"], sources=loaded["sources"], metadata=meta)
-    if any(value is None or len(value) != count for value in loaded.values()):
-        raise JaxRetrievalError(
-            f"the embedding export in {directory!r} is inconsistent (its keys, sources or "
-            f"labels do not hold {count} items); {REWRITE_HINT}")
-    return export
+    return EmbeddingExport(embeddings=embeddings[:count],
+                           labels=np.asarray(loaded["labels"], np.int64),
+                           keys=loaded["keys"], sources=loaded["sources"], metadata=meta)

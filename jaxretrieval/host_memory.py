@@ -5,10 +5,10 @@ this large (the seed CNN's temporaries at batch 32 are 120 MB per device) with a
 mmap that it unmaps again on free: every step then faults in and zeroes each 4 KiB page
 anew, about 60,000 page faults per embedding batch (measured with `/usr/bin/time`), a
 quarter of its time. Started with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc 2.35+),
-malloc asks for transparent huge pages on those mappings, 512 times fewer faults:
-BENCHMARKS.md has the speed-up. The tunable is read once, when a process starts, so the
-command-line entry points re-execute themselves with it set, before anything else runs.
-`JAXRETRIEVAL_HUGE_PAGES=0` turns this off.
+malloc asks for transparent huge pages on those mappings: about nine times fewer faults
+measured, and BENCHMARKS.md has the speed-up. The tunable is read once, when a process
+starts, so the command-line entry points re-execute themselves with it set, before
+anything else runs. `JAXRETRIEVAL_HUGE_PAGES=0` turns this off.
 """
 
 import os

@@ -42,6 +42,7 @@ its assets ourselves and never hand doc ids to ScaNN.
 
 import base64
 import collections.abc
+import contextlib
 import copy
 import fcntl
 import importlib.metadata
@@ -657,6 +658,22 @@ class _WriterLock:
 
     def release(self):
         self._file.close()  # closing the file releases the flock
+
+
+@contextlib.contextmanager
+def _saving_into(directory, created: bool):
+    """Holds `directory`'s writer lock while a save writes there; a directory the save
+    itself created is removed again if the save fails."""
+    try:
+        writer_lock = _WriterLock(directory)
+        try:
+            yield
+        finally:
+            writer_lock.release()
+    except BaseException:
+        if created:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
 
 
 def _read_current(directory):
@@ -1609,19 +1626,11 @@ class Index:
         else:
             os.makedirs(directory)
             created = True
-        try:
-            writer_lock = _WriterLock(directory)
-            try:
-                with self._lock:
-                    state, manifest = self._compacted_for_saving()
-                    version, previous = _write_snapshot(directory, state, manifest)
-                _finish_switch(directory, version, previous)
-            finally:
-                writer_lock.release()
-        except BaseException:
-            if created:
-                shutil.rmtree(directory, ignore_errors=True)
-            raise
+        with _saving_into(directory, created):
+            with self._lock:
+                state, manifest = self._compacted_for_saving()
+                version, previous = _write_snapshot(directory, state, manifest)
+            _finish_switch(directory, version, previous)
 
     def snapshot(self):
         """Saves the live state of a writable index as a new snapshot with an empty log.

@@ -107,6 +107,11 @@ def device_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices or global_devices()), (DEVICE_AXIS,))
 
 
+def batch_sharding(devices=None) -> NamedSharding:
+    """Arrays whose leading axis is split over `devices` (batches, per-device copies)."""
+    return NamedSharding(device_mesh(devices), PartitionSpec(DEVICE_AXIS))
+
+
 def process_share(global_size: int) -> slice:
     """The rows of a global batch (split evenly over every device) that this process feeds:
     its devices' blocks, which are contiguous."""
@@ -143,10 +148,9 @@ def data_parallel(step_fn, wrapper: str, devices=None, donate_state: bool = True
     raise JaxRetrievalError(f"bad config: parallel={wrapper!r}; use pmap or shard_map")
 
 
-def _global_from_local_blocks(local_blocks, devices):
-    """A global array [len(devices), ...] from this process's blocks [local devices, ...]."""
-    sharding = NamedSharding(device_mesh(devices), PartitionSpec(DEVICE_AXIS))
-    global_shape = (len(devices),) + local_blocks.shape[1:]
+def _global_from_local_blocks(local_blocks, sharding):
+    """A global array [devices, ...] from this process's blocks [local devices, ...]."""
+    global_shape = (sharding.mesh.size,) + local_blocks.shape[1:]
     return jax.make_array_from_process_local_data(sharding, local_blocks, global_shape)
 
 
@@ -157,28 +161,30 @@ def _local_count(devices):
 def replicate(tree, devices=None):
     """Copies a host pytree onto every device, as arrays with a leading device axis."""
     devices = devices or global_devices()
-    local = _local_count(devices)
+    local, sharding = _local_count(devices), batch_sharding(devices)
     return jax.tree.map(
         lambda x: _global_from_local_blocks(
-            np.broadcast_to(np.asarray(x), (local,) + np.shape(x)), devices), tree)
+            np.broadcast_to(np.asarray(x), (local,) + np.shape(x)), sharding), tree)
 
 
 def unreplicate(tree):
-    """This process's first device's copy of a replicated pytree, as host numpy arrays."""
-    return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data[0]), tree)
+    """This process's first device's copy of a replicated pytree, as host numpy arrays
+    (fetched in one `device_get`, indexed on the host)."""
+    first_shards = jax.device_get(jax.tree.map(lambda x: x.addressable_shards[0].data, tree))
+    return jax.tree.map(lambda x: np.asarray(x)[0], first_shards)
 
 
 def shard_batch(batch, devices=None):
     """This process's share of the global batch (host arrays [share, ...], see
     `process_share`) -> global arrays [devices, per_device, ...]."""
     devices = devices or global_devices()
-    local = _local_count(devices)
+    local, sharding = _local_count(devices), batch_sharding(devices)
 
     def split(x):
         if x.shape[0] % local:
             raise JaxRetrievalError(
                 f"a batch of {x.shape[0]} does not divide over {local} devices; use a "
                 f"global_batch_size that is a multiple of {len(devices)}")
-        return _global_from_local_blocks(x.reshape((local, -1) + x.shape[1:]), devices)
+        return _global_from_local_blocks(x.reshape((local, -1) + x.shape[1:]), sharding)
 
     return jax.tree.map(split, batch)

@@ -61,7 +61,7 @@ from jaxretrieval.errors import JaxRetrievalError
 # Index's own checks and snapshot writing, reused so both layouts behave alike.
 from jaxretrieval.index import (CURRENT_FILE, FLAT_LAYOUT_ENTRIES, LOAD_ATTEMPTS, LOCK_FILE,
                                 REBUILD_HINT, SCANN_DIR, SNAPSHOTS_DIR, VERSION_PATTERN, Index,
-                                _WriterLock, _as_float_matrix, _check_expected,
+                                _WriterLock, _as_float_matrix, _saving_into, _check_expected,
                                 _checked_embeddings, _checked_manifest_updates,
                                 _checked_string_list, _checked_strings, _checked_upsert,
                                 _finish_switch, _refuse_reserved_keys,
@@ -627,18 +627,8 @@ class ShardedIndex:
                 self._directory):
             self.snapshot()
             return
-        created = _prepare_directory(directory)
-        try:
-            writer_lock = _WriterLock(directory)
-            try:
-                with self._lock:
-                    self._save_locked(directory)
-            finally:
-                writer_lock.release()
-        except BaseException:
-            if created:
-                shutil.rmtree(directory, ignore_errors=True)
-            raise
+        with _saving_into(directory, created=_prepare_directory(directory)), self._lock:
+            self._save_locked(directory)
 
     def _save_locked(self, directory):
         try:

@@ -232,7 +232,7 @@ def _fetch_step_metrics(pending, wd, last_saved) -> dict:
     """Fetches pending step metrics; raises naming the first step whose loss is not finite."""
     if not pending:
         return {}
-    fetched = [parallel.unreplicate(metrics) for _, metrics in pending]
+    fetched = parallel.unreplicate([metrics for _, metrics in pending])  # one transfer
     for (step, _), metrics in zip(pending, fetched):
         if not np.isfinite(metrics["loss"]):
             raise _diverged(step, wd, last_saved)

@@ -47,6 +47,7 @@ def loss_and_grads(conv_fn, x, w, padding):
     ((3, 8, 6, 4, 16), "SAME"),
     ((1, 7, 7, 2, 1), ((2, 0), (1, 3))),  # uneven explicit padding, one output channel
     ((4, 12, 12, 32, 64), "VALID"),  # blocked layouts on both sides
+    ((2, 66, 66, 16, 32), "VALID"),  # 8,192 output pixels: Winograd, all three calls
 ])
 def test_values_and_gradients_equal_xla(onednn, shape, padding):
     n, h, w_, c, o = shape
@@ -161,7 +162,7 @@ def block_operands(shape, seed=0):
 @pytest.mark.parametrize("winograd", ["1", "0"])
 @pytest.mark.parametrize("shape, padding", [
     ((2, 13, 11, 3, 8), "VALID"),  # 3-channel stem, odd output rows and columns dropped
-    ((3, 10, 10, 16, 32), "SAME"),  # channels in 16s: Winograd where oneDNN has it
+    ((2, 64, 64, 16, 32), "SAME"),  # channels in 16s, 8,192 pixels: Winograd when on
     ((2, 12, 9, 32, 16), "VALID"),
 ])
 def test_fused_block_equals_xla_in_values_and_gradients(onednn, monkeypatch, winograd, shape,
@@ -221,3 +222,28 @@ def test_the_seed_model_embeds_the_same_fused_or_not(onednn, mode):
     fused = embed(variables, images)
     mode("xla")
     np.testing.assert_allclose(fused, jax.jit(model.apply)(variables, images), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, uses_winograd", [
+    ((2, 66, 66, 16, 32), True),
+    ((2, 10, 10, 16, 32), False),  # too few output pixels to pay for the kernel transform
+    ((2, 66, 66, 3, 32), False),  # 3 input channels
+])
+def test_winograd_runs_exactly_where_it_applies(onednn, monkeypatch, shape, uses_winograd):
+    """Winograd rounds differently from the direct convolution: the switch changes the bits
+    of both the training convolution and the fused block where Winograd applies, and
+    nothing elsewhere."""
+    from jaxretrieval.models.cnn import max_pool_2x2
+
+    x, w, b = block_operands(shape, seed=2)
+    outputs = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv(conv.WINOGRAD_VARIABLE, setting)
+        outputs[setting] = (
+            jax.jit(lambda x, w: conv.conv_general_dilated(
+                x, w, (1, 1), "VALID", dimension_numbers=NHWC))(x, w),
+            jax.jit(lambda x, w, b: conv.conv_relu_pool(x, w, b, "VALID", max_pool_2x2))(
+                x, w, b))
+    for on, off in zip(outputs["1"], outputs["0"]):
+        assert np.array_equal(on, off) != uses_winograd
+        np.testing.assert_allclose(on, off, rtol=1e-4, atol=2e-5 * np.abs(off).max())

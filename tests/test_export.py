@@ -48,8 +48,9 @@ def test_a_partial_export_of_another_model_is_discarded_not_resumed(
         json.dump({"format": 2, "checkpoint_step": 999, "complete": False}, f)
     write_embedding_export(out, embedder, dataset, chunk_size=1000)
     export = load_embedding_export(out)
-    assert export.metadata["checkpoint_step"] == embedder.checkpoint_step
-    assert np.allclose(np.linalg.norm(export.embeddings, axis=1), 1.0, atol=1e-5)
+    # Chunk 0 was computed afresh, not taken from the other model's empty folder.
+    np.testing.assert_allclose(export.embeddings[:4], embedder.embed_uint8(
+        dataset.images(np.arange(4))), atol=1e-5)
 
 
 def test_reading_a_missing_or_unfinished_export_says_how_to_write_it(tmp_path):

@@ -143,16 +143,21 @@ def test_search_uses_the_tuned_effort(tree_index, gallery, held_out_queries):
 
 def test_compaction_keeps_the_tuned_effort(tree_index, gallery, held_out_queries):
     report = tree_index.tune(0.95)
-    tree_index.delete([f"item-{row}" for row in range(10)])
+    assert report["num_leaves"] == 77  # round(sqrt(6000))
+    tree_index.delete([f"item-{row}" for row in range(2000)])
     tree_index.compact()
 
+    # The rebuilt tree has round(sqrt(4000)) = 63 leaves; the tuned share of them is kept,
+    # not the tuned count.
     settings = tree_index.manifest["scann"]
-    share = report["num_leaves_to_search"] / report["num_leaves"]
-    assert settings["num_leaves_to_search"] == math.ceil(share * settings["num_leaves"]
-                                                         - 1e-9)
+    assert settings["num_leaves"] == 63
+    share = report["num_leaves_to_search"] / 77
+    assert settings["num_leaves_to_search"] == math.ceil(share * 63 - 1e-9)
     assert settings["reorder_num_neighbors"] == report["reorder_num_neighbors"]
     assert settings["tuned"]["target_recall"] == 0.95
-    assert recall_at_k(tree_index, gallery[10:], held_out_queries, 10) >= 0.94
+    # A third of the gallery is gone, so 0.95 is not promised any more; the effort holds
+    # recall near it (0.93 here, deterministic).
+    assert recall_at_k(tree_index, gallery[2000:], held_out_queries, 10) >= 0.9
 
 
 def test_exact_index_is_a_no_op(gallery):

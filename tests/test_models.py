@@ -145,7 +145,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_embeds_like_float32():
         config = base_config()
         config.model.name = name
         config.model.num_filters = 8
-        _, variables, _ = init(config)
+        model_f32, variables, _ = init(config)
         config.dtype = "bfloat16"
         model_bf16, variables_bf16, _ = init(config)
         # Same parameters, all float32: a checkpoint serves either dtype.
@@ -153,7 +153,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_embeds_like_float32():
             lambda p: (p.shape, jnp.dtype(jnp.float32)), variables)
         x = jax.random.uniform(jax.random.PRNGKey(1), (4, 32, 32, 1))
         bf16 = model_bf16.apply(variables, x)
-        f32 = build_model(config_with(name, num_filters=8)).apply(variables, x)
+        f32 = model_f32.apply(variables, x)
         assert bf16.dtype == jnp.float32
         np.testing.assert_allclose(jnp.linalg.norm(bf16, axis=1), 1.0, atol=1e-5)
         # bfloat16 keeps 8 bits of mantissa: close to float32, not equal.
@@ -161,14 +161,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_embeds_like_float32():
         assert np.all(cosine > 0.98) and not np.allclose(bf16, f32, atol=1e-6), cosine
 
 
-def config_with(name, **model):
-    config = base_config()
-    config.model.name = name
-    config.model.update(model)
-    return config
-
-
-def test_a_bfloat16_train_step_has_finite_float32_gradients():
+def test_bfloat16_compute_gives_finite_float32_gradients():
     config = base_config()
     config.dtype = "bfloat16"
     model, variables, _ = init(config)

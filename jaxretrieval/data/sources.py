@@ -48,12 +48,16 @@ class ImageDataset:
     def images(self, indices) -> np.ndarray:
         """uint8 [len(indices), size, size, channels]."""
         indices = np.asarray(indices, np.int64)
-        if self._cache is not None:
-            missing = np.unique(indices[~self._cached[indices]])
-            self._cache[missing] = self._decode(missing)
-            self._cached[missing] = True
-            return self._cache[indices]
-        return self._decode(indices)
+        if self._cache is None:
+            return self._decode(indices)
+        self._fill_cache(indices)
+        return self._cache[indices]
+
+    def _fill_cache(self, indices) -> None:
+        # Decoded straight into the cache: no second full-size array at the peak.
+        for index in np.unique(indices[~self._cached[indices]]):
+            self._cache[index] = self._read_one(int(index))
+            self._cached[index] = True
 
     def _decode(self, indices) -> np.ndarray:
         out = np.empty((len(indices), self.image_size, self.image_size, self.channels), np.uint8)
@@ -74,7 +78,7 @@ class ImageDataset:
                                    np.uint8)
             self._cached = np.zeros(len(self), bool)
             if decode_now:
-                self.images(np.arange(len(self)))
+                self._fill_cache(np.arange(len(self)))
         return self._cache is not None
 
 
@@ -216,9 +220,10 @@ def _folder_dataset(root, config) -> ImageDataset:
     class_names = sorted(entry.name for entry in os.scandir(root)
                          if entry.is_dir() and not entry.name.startswith("."))
     if not class_names:
-        if image_files(root):
+        files = image_files(root)
+        if files:
             # A flat folder of images (a gallery to embed, not a training set): one class.
-            return _image_files_dataset(root, [""], [image_files(root)], config)
+            return _image_files_dataset(root, [""], [files], config)
         raise JaxRetrievalError(
             f"dataset folder {root!r} has no class sub-folders and no images: put each "
             "class's images in a sub-folder named after the class (or, for a gallery to "

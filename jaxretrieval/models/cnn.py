@@ -34,8 +34,8 @@ class SeedCNN(nn.Module):
                            conv_general_dilated=conv_general_dilated)
             if fused:
                 params = conv.variables["params"]
-                x = conv_relu_pool(x.astype(jnp.float32), params["kernel"], params["bias"],
-                                   self.padding, max_pool_2x2)
+                x = conv_relu_pool(x, params["kernel"], params["bias"], self.padding,
+                                   max_pool_2x2)
                 continue
             x = conv(x)
             if self.batch_norm:

@@ -222,27 +222,30 @@ def conv_relu_pool(x, kernel, bias, padding, pool):
     gradient it takes.
     """
     explicit = _explicit_padding(padding, kernel.shape[:2])
-    unfused = functools.partial(_conv_relu_pool_unfused, padding=padding, pool=pool)
     if not (_onednn_applies(x, kernel, explicit) and bias.dtype == jnp.float32):
-        return unfused(x, kernel, bias)
-    fused = jax.custom_vjp(lambda x, kernel, bias: _conv_relu_pool_call(x, kernel, bias,
-                                                                         explicit))
-
-    def forward(x, kernel, bias):
-        return jax.vjp(unfused, x, kernel, bias)  # the output and the unfused backward
-
-    fused.defvjp(forward, lambda backward, grad: backward(grad))
-    return fused(x, kernel, bias)
+        return _conv_relu_pool_unfused(x, kernel, bias, padding, pool)
+    return _conv_relu_pool_fused(x, kernel, bias, explicit, pool)
 
 
-def _conv_relu_pool_unfused(x, kernel, bias, *, padding, pool):
+def _conv_relu_pool_unfused(x, kernel, bias, padding, pool):
     y = conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=NHWC)
     return pool(jax.nn.relu(y + bias))
 
 
-def _conv_relu_pool_call(x, kernel, bias, padding):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _conv_relu_pool_fused(x, kernel, bias, padding, pool):
     (top, bottom), (left, right) = padding
     out_h = (x.shape[1] + top + bottom - kernel.shape[0] + 1) // 2
     out_w = (x.shape[2] + left + right - kernel.shape[1] + 1) // 2
     return _custom_call("relu_pool", (x.shape[0], out_h, out_w, kernel.shape[3]), x, kernel,
                         bias, padding=padding)
+
+
+def _conv_relu_pool_fused_fwd(x, kernel, bias, padding, pool):
+    # The output and the backward function of the unfused composition.
+    return jax.vjp(lambda *operands: _conv_relu_pool_unfused(*operands, padding, pool),
+                   x, kernel, bias)
+
+
+_conv_relu_pool_fused.defvjp(_conv_relu_pool_fused_fwd,
+                             lambda padding, pool, backward, grad: backward(grad))

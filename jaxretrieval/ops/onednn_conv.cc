@@ -58,8 +58,8 @@ memory::desc Any(const memory::desc& md) {
 // What the primitives are asked for. Direct convolution: NHWC activations (its brgemm
 // kernels read and write them; an implementation that wants another layout there is
 // slower, measured) and any kernel layout (fixing HWIO too leaves only im2col + GEMM).
-// Winograd: every layout left to oneDNN (it has only blocked ones); the reorders cost
-// far less than the 2.2-2.4x it saves on the seed CNN's 32- and 64-channel convolutions.
+// Winograd: every layout left to oneDNN (it has only blocked ones); reorders included, it
+// is 1.7-2.0x faster on the seed CNN's 32- and 64-channel convolutions (bench/conv.py).
 memory::desc Src(const Shapes& s, algorithm a) {
   memory::desc nhwc = Nhwc(s.n, s.c, s.h, s.w);
   return a == algorithm::convolution_winograd ? Any(nhwc) : nhwc;
