@@ -48,7 +48,7 @@ import numpy as np
 K = 10
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 200  # --hnsw-ef-construction
-HNSW_EF_SEARCH = (16, 20, 24, 32, 48, 64, 128, 256)
+HNSW_EF_SEARCH = (16, 18, 20, 24, 32, 48, 64, 128, 256)
 IVF_NPROBE = (4, 8, 16, 32, 64, 128, 256)
 IVF_K_FACTOR = (2, 4, 10)
 TUNE_TARGETS = (0.8, 0.9, 0.95, 0.99)

@@ -10,10 +10,10 @@ queries and gallery, split=unseen_classes). Any other face folder, with no other
 
 The recipe for small face sets: 64x64 grayscale, the seed CNN with BatchNorm and GeM, P x K
 class-balanced batches (every identity in a batch has 8 images), lighting and pose
-augmentation, and softmax cross-entropy: on yalefaces it gave the best MAP@R on unseen
-identities of the seven losses (README, "Metric learning"); any other is one flag away,
-e.g. `--config.loss=arcface`. A few hundred images train in about 2.5 minutes on a 2-core
-CPU.
+augmentation, and softmax cross-entropy: on yalefaces' unseen identities it gave the best
+mean MAP@R over three seeds of every loss, sum of losses and projection head tried
+(README, "Metric learning"); any other is one flag away, e.g. `--config.loss=arcface`.
+The 165 images of yalefaces train and evaluate in under a minute on a 2-core CPU.
 """
 
 from jaxretrieval.config import base_config

@@ -23,7 +23,8 @@ DTYPES = ("float32", "bfloat16")
 MODEL_KEYS = ("image_size", "channels", "embedding_dim", "model")
 # With the model keys, the keys that make a checkpoint this run's: another dataset, split or
 # seed trains on other images (and often another number of classes).
-RUN_KEYS = MODEL_KEYS + ("dataset", "label_key", "split", "query_fraction", "seed", "loss")
+RUN_KEYS = MODEL_KEYS + ("dataset", "label_key", "split", "query_fraction", "seed", "loss",
+                         "projection_head")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -69,9 +70,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.augment.contrast = 0.1  # scale around the image mean, uniform in 1 +- this
 
     # Optimisation.
-    # Loss, by name (jaxretrieval.losses.LOSSES). Pair and triplet losses see the whole
-    # global batch, gathered across devices.
+    # Loss, by name (jaxretrieval.losses.LOSSES), or a sum such as "softmax+triplet". Pair
+    # and triplet losses see the whole global batch, gathered across devices.
     c.loss = "normalized_softmax"
+    # Width of an MLP head the loss is trained through and retrieval never uses (0: none).
+    c.projection_head = 0
     # Each loss reads its own keys (jaxretrieval.losses.DEFAULT_LOSS_OPTIONS, kept equal).
     c.loss_options = ml_collections.ConfigDict(dict(
         normalized_softmax_scale=16.0,  # logits = scale * cosine to the class proxy
@@ -188,6 +191,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         fail(f"dtype={config.dtype!r}; use one of {', '.join(DTYPES)}")
     if config.parallel not in PARALLEL_WRAPPERS:
         fail(f"parallel={config.parallel!r}; use one of {', '.join(PARALLEL_WRAPPERS)}")
+    if isinstance(config.projection_head, bool) or not isinstance(
+            config.projection_head, int) or config.projection_head < 0:
+        fail(f"projection_head={config.projection_head!r}; use 0 (no head) or the head's "
+             "hidden width, e.g. 256")
     o = config.loss_options
     positive = ("normalized_softmax_scale", "arcface_scale", "multi_similarity_alpha",
                 "multi_similarity_beta", "supcon_temperature")

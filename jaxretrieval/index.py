@@ -70,12 +70,13 @@ EXACT_SEARCH_MAX_COUNT = 20_000  # above this, tree + asymmetric hashing + reord
 
 DISTANCE = "dot_product"
 REORDER_NUM_NEIGHBORS = 200
-# Leaves: this many times sqrt(count). SOAR files each vector under a second
-# leaf too, chosen so its residual is near-orthogonal to the first's: more
-# recall per leaf searched. AH codes 4 dimensions per 4-bit code; exact
-# reordering fixes what the coarser code misorders. Both made recall@10 0.95
-# faster on 1M x 128 overlapping clusters (BENCHMARKS.md).
-LEAVES_PER_SQRT_COUNT = 1
+# Leaves: this many times sqrt(count); twice sqrt(count) made recall@10 0.95
+# 13% faster than sqrt(count) on 1M x 128 overlapping clusters, four times
+# slower again. SOAR files each vector under a second leaf too, chosen so its
+# residual is near-orthogonal to the first's: more recall per leaf searched.
+# AH codes 4 dimensions per 4-bit code; exact reordering fixes what the
+# coarser code misorders. Each was measured on that set (BENCHMARKS.md).
+LEAVES_PER_SQRT_COUNT = 2
 SOAR_LAMBDA = 1.5
 LEAVES_TO_SEARCH_FRACTION = 0.05
 # Small trees would search only one or two leaves at 5%, which costs recall
@@ -118,6 +119,8 @@ LOCK_FILE = "LOCK"
 SNAPSHOTS_DIR = "snapshots"
 LOG_FILE = "wal.jsonl"
 MANIFEST_FILE = "manifest.json"
+# A sharded index's manifest (jaxretrieval.sharded_index): a directory holding it is sharded.
+SHARDS_FILE = "shards.json"
 KEYS_FILE = "keys.json"
 SOURCES_FILE = "sources.json"
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -717,14 +720,20 @@ def _is_index_directory(directory):
             or entries <= {LOCK_FILE, SNAPSHOTS_DIR})
 
 
-def _next_version(directory, previous):
-    snapshots = os.path.join(directory, SNAPSHOTS_DIR)
-    # Above every folder, even unfinished ones, so no name is ever reused.
-    taken = [int(name) for name in os.listdir(snapshots)
-             if VERSION_PATTERN.fullmatch(name)]
+def _next_numbered_name(parent, previous):
+    """The name of the next numbered folder in `parent`, after `previous` too.
+
+    Above every folder, even unfinished ones, so no name is ever reused (a
+    reader following an older name finds its folder or none).
+    """
+    taken = [int(name) for name in os.listdir(parent) if VERSION_PATTERN.fullmatch(name)]
     if previous is not None:
         taken.append(int(previous))
     return f"{max(taken, default=0) + 1:08d}"
+
+
+def _next_version(directory, previous):
+    return _next_numbered_name(os.path.join(directory, SNAPSHOTS_DIR), previous)
 
 
 def _write_snapshot_files(folder, state, manifest):
@@ -1045,9 +1054,9 @@ def _checked_target_recall(target):
     return value
 
 
-def _checked_upsert(embeddings, keys, sources, dim):
-    """An upsert's (embeddings, keys, sources), checked: one unique key (and source) per
-    row of `dim`-dimensional unit vectors."""
+def _checked_rows(embeddings, keys, sources, dim=None):
+    """(embeddings, keys, sources) to build or upsert, checked: one unique key (and
+    source) per row of unit vectors (of `dim` dimensions, when given)."""
     embeddings = _checked_embeddings(embeddings, index_dim=dim)
     keys = _checked_strings(keys, len(embeddings), "keys")
     _row_by_key(keys)
@@ -1084,47 +1093,47 @@ def _exact_kth_scores(vectors, queries, k, self_rows=None):
     return best.min(axis=1)
 
 
-def _recall_per_query(state, queries, kth_scores, k, self_rows=None):
-    """Recall@k of each query searched in `state`, against exact k-th scores.
-
-    A result is a hit when its exact score reaches the query's k-th best
-    exact score. With `self_rows` (queries taken from the gallery), each
-    query's own row is left out of its results, as it was of the truth.
-    """
-    want = k if self_rows is None else k + 1
-    ids, _ = state.search_ids(queries, want)
-    rows = state.live_rows(ids)
-    if self_rows is not None:
-        drop = rows == self_rows[:, np.newaxis]
-        drop[~drop.any(axis=1), -1] = True
-        rows = rows[~drop].reshape(len(queries), k)
-    vectors = state.live_vectors()
-    scores = np.einsum("ij,ikj->ik", queries, vectors[np.maximum(rows, 0)])
-    hits = (rows >= 0) & (scores >= kth_scores[:, np.newaxis] - RECALL_SCORE_TOLERANCE)
-    return hits.sum(axis=1) / k
-
-
 class _TuningSet:
     """Queries, their exact k-th scores and (for gallery rows) their own rows."""
 
-    def __init__(self, state, queries, k, self_rows):
+    def __init__(self, vectors, queries, k, self_rows):
+        # The live gallery in live-row order: every trial state shares its rows.
+        self.vectors = vectors
         self.queries = queries
         self.self_rows = self_rows
         self.k = k
-        self.kth_scores = _exact_kth_scores(state.live_vectors(), queries, k, self_rows)
+        self.kth_scores = _exact_kth_scores(vectors, queries, k, self_rows)
 
     def __len__(self):
         return len(self.queries)
 
     def recall(self, state):
         """(mean recall, mean less TUNE_CONFIDENCE_Z standard errors)."""
-        per_query = _recall_per_query(state, self.queries, self.kth_scores, self.k,
-                                      self.self_rows)
+        per_query = self.recall_per_query(state)
         mean = float(per_query.mean())
         if len(per_query) < 2:
             return mean, mean
         error = float(per_query.std(ddof=1)) / math.sqrt(len(per_query))
         return mean, mean - TUNE_CONFIDENCE_Z * error
+
+    def recall_per_query(self, state):
+        """Recall@k of each query searched in `state`, against the exact k-th scores.
+
+        A result is a hit when its exact score reaches the query's k-th best
+        exact score. With `self_rows` (queries taken from the gallery), each
+        query's own row is left out of its results, as it was of the truth.
+        """
+        k = self.k
+        want = k if self.self_rows is None else k + 1
+        ids, _ = state.search_ids(self.queries, want)
+        rows = state.live_rows(ids)
+        if self.self_rows is not None:
+            drop = rows == self.self_rows[:, np.newaxis]
+            drop[~drop.any(axis=1), -1] = True
+            rows = rows[~drop].reshape(len(self.queries), k)
+        scores = np.einsum("ij,ikj->ik", self.queries, self.vectors[np.maximum(rows, 0)])
+        hits = (rows >= 0) & (scores >= self.kth_scores[:, np.newaxis] - RECALL_SCORE_TOLERANCE)
+        return hits.sum(axis=1) / k
 
     def seconds_per_query(self, state):
         """The fastest of TUNE_TIMING_REPEATS searches of these queries, per query."""
@@ -1202,12 +1211,8 @@ class Index:
         `sources` optionally names where each row came from. Galleries of
         more than EXACT_SEARCH_MAX_COUNT items get approximate search.
         """
-        embeddings = _checked_embeddings(embeddings)
+        embeddings, keys, sources = _checked_rows(embeddings, keys, sources)
         count, dim = embeddings.shape
-        keys = _checked_strings(keys, count, "keys")
-        _row_by_key(keys)
-        if sources is not None:
-            sources = _checked_strings(sources, count, "sources")
         try:
             checkpoint_step = operator.index(checkpoint_step)
         except TypeError:
@@ -1315,8 +1320,8 @@ class Index:
         source ""). Searches see the change on return; on a writable index
         it is also on disk by then.
         """
-        embeddings, keys, sources = _checked_upsert(embeddings, keys, sources,
-                                                    self.embedding_dim)
+        embeddings, keys, sources = _checked_rows(embeddings, keys, sources,
+                                                  self.embedding_dim)
         with self._lock:
             self._check_open()
             if not keys:
@@ -1426,9 +1431,10 @@ class Index:
                 raise JaxRetrievalError(
                     f"tuning needs at least 2 gallery items, this index has {count}")
             rows = rng.choice(count, 2 * each, replace=False)
-            vectors = state.live_vectors()[rows]
-            return (_TuningSet(state, vectors[:each], k, rows[:each]),
-                    _TuningSet(state, vectors[each:], k, rows[each:]), "gallery")
+            vectors = state.live_vectors()
+            chosen = vectors[rows]
+            return (_TuningSet(vectors, chosen[:each], k, rows[:each]),
+                    _TuningSet(vectors, chosen[each:], k, rows[each:]), "gallery")
         queries = self._checked_queries(queries, state.dim)
         if len(queries) < 2:
             raise JaxRetrievalError(
@@ -1437,8 +1443,9 @@ class Index:
         k = min(k, state.count)
         order = rng.permutation(len(queries))
         each = min(sample, len(queries) // 2)
-        return (_TuningSet(state, queries[order[:each]], k, None),
-                _TuningSet(state, queries[order[each:2 * each]], k, None), "given")
+        vectors = state.live_vectors()
+        return (_TuningSet(vectors, queries[order[:each]], k, None),
+                _TuningSet(vectors, queries[order[each:2 * each]], k, None), "given")
 
     @staticmethod
     def _cheapest_setting(state, tuning, target):
@@ -1702,6 +1709,10 @@ class Index:
                 f"no index at {directory}: build it with "
                 "`python -m train --eval_only --workdir DIR` "
                 "(DIR is the training workdir)")
+        if os.path.isfile(os.path.join(directory, SHARDS_FILE)):
+            raise JaxRetrievalError(
+                f"the index at {directory} is sharded ({SHARDS_FILE}): open it with "
+                "jaxretrieval.sharded_index.open_index(DIRECTORY), which opens either layout")
         if not writable:
             state, manifest, _, _ = _read_index(directory)
             index = cls(state, manifest)

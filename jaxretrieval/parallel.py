@@ -112,14 +112,18 @@ def batch_sharding(devices=None) -> NamedSharding:
     return NamedSharding(device_mesh(devices), PartitionSpec(DEVICE_AXIS))
 
 
+def _check_splits(size: int, parts: int, all_devices: int) -> None:
+    if size % parts:
+        raise JaxRetrievalError(
+            f"a batch of {size} does not divide over {parts} devices; use a "
+            f"global_batch_size that is a multiple of {all_devices}")
+
+
 def process_share(global_size: int) -> slice:
     """The rows of a global batch (split evenly over every device) that this process feeds:
     its devices' blocks, which are contiguous."""
     devices = global_devices()
-    if global_size % len(devices):
-        raise JaxRetrievalError(
-            f"a batch of {global_size} does not divide over {len(devices)} devices; use a "
-            f"global_batch_size that is a multiple of {len(devices)}")
+    _check_splits(global_size, len(devices), len(devices))
     per_device = global_size // len(devices)
     first = next(i for i, d in enumerate(devices) if d.process_index == jax.process_index())
     return slice(first * per_device, (first + jax.local_device_count()) * per_device)
@@ -181,10 +185,7 @@ def shard_batch(batch, devices=None):
     local, sharding = _local_count(devices), batch_sharding(devices)
 
     def split(x):
-        if x.shape[0] % local:
-            raise JaxRetrievalError(
-                f"a batch of {x.shape[0]} does not divide over {local} devices; use a "
-                f"global_batch_size that is a multiple of {len(devices)}")
+        _check_splits(x.shape[0], local, len(devices))
         return _global_from_local_blocks(x.reshape((local, -1) + x.shape[1:]), sharding)
 
     return jax.tree.map(split, batch)

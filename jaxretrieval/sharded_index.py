@@ -60,20 +60,18 @@ import zlib
 from jaxretrieval.errors import JaxRetrievalError
 # Index's own checks and snapshot writing, reused so both layouts behave alike.
 from jaxretrieval.index import (CURRENT_FILE, FLAT_LAYOUT_ENTRIES, LOAD_ATTEMPTS, LOCK_FILE,
-                                REBUILD_HINT, SCANN_DIR, SNAPSHOTS_DIR, VERSION_PATTERN, Index,
-                                _WriterLock, _as_float_matrix, _saving_into, _check_expected,
-                                _checked_embeddings, _checked_manifest_updates,
-                                _checked_string_list, _checked_strings, _checked_upsert,
-                                _finish_switch, _refuse_reserved_keys,
-                                _refuse_unknown_keys,
-                                _fsync_path, _is_index_directory, _read_json, _row_by_key,
+                                REBUILD_HINT, SCANN_DIR, SHARDS_FILE, SNAPSHOTS_DIR,
+                                VERSION_PATTERN, Index, _WriterLock, _as_float_matrix,
+                                _check_expected, _checked_manifest_updates, _checked_rows,
+                                _checked_string_list, _finish_switch, _fsync_path,
+                                _is_index_directory, _next_numbered_name, _read_json,
+                                _refuse_reserved_keys, _refuse_unknown_keys, _saving_into,
                                 _write_snapshot)
 from jaxretrieval.workdir import recover_interrupted_swap, write_json_atomically
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-SHARDS_FILE = "shards.json"
 SHARDS_DIR = "shards"
 ROUTING = "crc32(utf-8 key) % num_shards"
 # A writable shard holds two open files (its log and its lock): this many stay well
@@ -348,12 +346,7 @@ def _prepare_directory(directory):
 def _next_generation(directory, previous):
     generations = os.path.join(directory, SHARDS_DIR)
     os.makedirs(generations, exist_ok=True)
-    # Above every folder, even unfinished ones, so no name is reused while the directory
-    # stays sharded (a reader following an older shards.json finds its shards or none).
-    taken = [int(name) for name in os.listdir(generations) if VERSION_PATTERN.fullmatch(name)]
-    if previous is not None:
-        taken.append(int(previous))
-    return f"{max(taken, default=0) + 1:08d}"
+    return _next_numbered_name(generations, previous)
 
 
 def _write_layout(directory, generation, manifest):
@@ -409,11 +402,7 @@ class ShardedIndex:
         """As `Index.build`, split into `num_shards` shards by `shard_of(key, num_shards)`."""
         # Checked here with the very checks Index.build runs, so errors number rows across
         # the whole gallery; each shard's Index.build checks the rest.
-        embeddings = _checked_embeddings(embeddings)
-        keys = _checked_strings(keys, len(embeddings), "keys")
-        _row_by_key(keys)
-        if sources is not None:
-            sources = _checked_strings(sources, len(keys), "sources")
+        embeddings, keys, sources = _checked_rows(embeddings, keys, sources)
         num_shards = checked_num_shards(num_shards)
         _refuse_sharded_keys(extra_manifest or {}, "extra_manifest")
         identity = {"checkpoint_step": checkpoint_step, "model_config_hash": model_config_hash,
@@ -565,8 +554,8 @@ class ShardedIndex:
 
     def upsert(self, keys, embeddings, sources=None):
         """As `Index.upsert`; each shard logs its part before the call returns."""
-        embeddings, keys, sources = _checked_upsert(embeddings, keys, sources,
-                                                    self.embedding_dim)
+        embeddings, keys, sources = _checked_rows(embeddings, keys, sources,
+                                                  self.embedding_dim)
         with self._lock:
             self._check_open()
             for shard, rows in self._routed(keys):

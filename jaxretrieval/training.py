@@ -23,7 +23,7 @@ from jaxretrieval.data.augment import augment_batch, preprocess
 from jaxretrieval.data.sources import load_dataset
 from jaxretrieval.data.splits import batch_rows, class_balanced_batch_rows, split_dataset
 from jaxretrieval.errors import JaxRetrievalError
-from jaxretrieval.losses import gather_batch, get_loss
+from jaxretrieval.losses import gather_batch, get_loss, with_projection_head
 from jaxretrieval.models import build_model
 from jaxretrieval.workdir import Workdir, write_file_atomically
 
@@ -123,14 +123,14 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
     # ---------------------------------------------------------------- devices
     # Every device of every process; this process feeds and reads only its own.
     devices = parallel.global_devices()
-    if config.global_batch_size % len(devices):
-        raise JaxRetrievalError(
-            f"bad config: global_batch_size={config.global_batch_size} does not divide over "
-            f"{len(devices)} devices; use a multiple of {len(devices)}")
+    # This process's rows of every global batch; refuses a batch the devices cannot split.
+    share = parallel.process_share(config.global_batch_size)
     primary = parallel.is_primary_process()
     logger.info("training on %d %s device(s) in %d process(es)", len(devices),
                 devices[0].platform, jax.process_count())
     loss = get_loss(config.loss)
+    if config.projection_head:
+        loss = with_projection_head(loss, config.projection_head)
 
     # ---------------------------------------------------------------- workdir
     # With several processes the workdir is one shared folder (NFS, Filestore, ...): every
@@ -144,8 +144,6 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
     split = split_dataset(config, dataset)
     logger.info("%s: %d images, %d classes; %d for training (%d classes)", dataset.name,
                  len(dataset), dataset.num_classes, len(split.train_rows), split.num_train_classes)
-
-    share = parallel.process_share(config.global_batch_size)
 
     def host_batch(step):
         """This process's part of the global batch of `step`: the global rows are a function

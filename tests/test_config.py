@@ -56,6 +56,7 @@ def test_bad_overrides_name_the_key_and_the_fix():
     ("global_batch_size", 0, "positive integer"),
     ("query_fraction", 1.5, "between 0 and 1"),
     ("image_size", 4, "too small"),
+    ("projection_head", -1, "use 0 .no head. or the head's hidden width"),
 ])
 def test_validation_refuses_values_that_cannot_run(key, value, message):
     config = base_config()

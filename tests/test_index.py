@@ -307,7 +307,7 @@ def test_tree_ah_recall(tmp_path, monkeypatch):
 
     settings = index.manifest["scann"]
     assert settings["mode"] == "tree_ah"
-    assert settings["num_leaves"] == 45
+    assert settings["num_leaves"] == 89  # 2 x sqrt(2000)
     assert settings["training_sample_size"] == 2000
 
     rows, _ = index.search_rows(queries, 10)

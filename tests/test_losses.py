@@ -154,6 +154,60 @@ def test_unknown_loss_names_the_known_ones():
         losses.get_loss("nope")
 
 
+def test_sum_of_losses_is_the_sum_with_each_terms_parameters():
+    embeddings, labels = random_batch()
+    loss = losses.get_loss("softmax+multi_similarity")
+    params = loss.init(jax.random.key(0), CLASSES, DIM, config_with())
+    assert set(params) == {"softmax", "multi_similarity"}
+    assert jax.tree.map(jnp.shape, params["softmax"]) == {"kernel": (DIM, CLASSES),
+                                                          "bias": (CLASSES,)}
+    params = {"softmax": random_params("softmax"), "multi_similarity": {}}
+    value = jax.jit(lambda p, e, y: loss.apply(p, e, y, config_with(CUSTOM_OPTIONS)))(
+        params, embeddings, labels)
+    options = dict(losses.DEFAULT_LOSS_OPTIONS, **CUSTOM_OPTIONS)
+    as_float64 = lambda tree: jax.tree.map(lambda x: x.astype(np.float64), tree)
+    expected = sum(REFERENCES[name](as_float64(params[name]), embeddings.astype(np.float64),
+                                    labels, options)
+                   for name in ("softmax", "multi_similarity"))
+    np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_projection_head_scores_the_loss_on_projected_embeddings():
+    embeddings, labels = random_batch()
+    hidden = 5
+    loss = losses.with_projection_head(losses.get_loss("softmax"), hidden)
+    params = loss.init(jax.random.key(0), CLASSES, DIM, config_with())
+    assert jax.tree.map(jnp.shape, params) == {
+        "head": {"hidden": {"kernel": (DIM, hidden), "bias": (hidden,)},
+                 "out": {"kernel": (hidden, DIM), "bias": (DIM,)}},
+        "loss": {"kernel": (DIM, CLASSES), "bias": (CLASSES,)}}
+    rng = np.random.default_rng(4)
+    params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params)
+
+    value, (param_grads, embedding_grads) = jax.jit(jax.value_and_grad(
+        lambda p, e: loss.apply(p, e, labels, config_with()), argnums=(0, 1)))(
+            params, embeddings)
+
+    head = jax.tree.map(lambda x: x.astype(np.float64), params["head"])
+    hidden_out = np.maximum(embeddings @ head["hidden"]["kernel"] + head["hidden"]["bias"], 0)
+    projected = unit_rows(hidden_out @ head["out"]["kernel"] + head["out"]["bias"])
+    expected = reference_softmax(jax.tree.map(lambda x: x.astype(np.float64), params["loss"]),
+                                 projected, labels, losses.DEFAULT_LOSS_OPTIONS)
+    np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6)
+    # The head learns, and the embedding is trained through it.
+    assert np.abs(param_grads["head"]["hidden"]["kernel"]).max() > 0
+    assert np.abs(embedding_grads).max() > 0
+
+
+@pytest.mark.parametrize("name, problem", [("softmax+nope", "unknown loss 'nope'"),
+                                           ("triplet+triplet", "names a term twice"),
+                                           ("softmax+", "unknown loss ''")])
+def test_bad_sum_of_losses_says_what_to_use(name, problem):
+    with pytest.raises(JaxRetrievalError, match=problem) as error:
+        losses.get_loss(name)
+    assert "softmax+multi_similarity" in str(error.value)
+
+
 @pytest.mark.parametrize("name", sorted(losses.LOSSES))
 def test_init_shapes(name):
     params = losses.get_loss(name).init(jax.random.key(0), CLASSES, DIM, config_with())

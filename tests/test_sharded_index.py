@@ -229,6 +229,16 @@ def test_sharded_load_of_a_flat_index_says_what_to_do(gallery, tmp_path):
         open_index(tmp_path / "missing")
 
 
+def test_flat_load_of_a_sharded_index_says_what_to_do(gallery, tmp_path):
+    _, sharded = build_both(gallery, 2)
+    sharded.save(tmp_path / "index")
+    for writable in (False, True):
+        with pytest.raises(JaxRetrievalError, match="is sharded .shards.json.: open it with "
+                                                    "jaxretrieval.sharded_index.open_index"):
+            Index.load(tmp_path / "index", writable=writable)
+    assert isinstance(open_index(tmp_path / "index"), ShardedIndex)
+
+
 def test_an_index_of_another_model_is_refused(gallery, tmp_path):
     _, sharded = build_both(gallery, 3)
     sharded.save(tmp_path / "index")
@@ -388,7 +398,7 @@ def test_one_writer_at_a_time(gallery, tmp_path):
         with pytest.raises(JaxRetrievalError, match="open for writing elsewhere"):
             call()
     # A flat writer cannot take a sharded directory either.
-    with pytest.raises(JaxRetrievalError, match="open for writing elsewhere"):
+    with pytest.raises(JaxRetrievalError, match="is sharded .*open_index"):
         Index.load(directory, writable=True)
     live.close()
     open_index(directory, writable=True).close()

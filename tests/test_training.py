@@ -131,9 +131,9 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_good_checkpoint(
 
 def test_a_batch_that_does_not_divide_over_the_devices_is_refused(tmp_path, data_dir):
     config = tiny_config(data_dir, global_batch_size=30)  # 4 devices
-    with pytest.raises(JaxRetrievalError, match="multiple of 4"):
+    with pytest.raises(JaxRetrievalError, match="batch of 30 .* multiple of 4"):
         train(config, str(tmp_path / "wd"))
-    assert not os.path.exists(Workdir(tmp_path / "wd").checkpoints)
+    assert not os.path.exists(tmp_path / "wd")  # refused before anything is written
 
 
 def test_a_workdir_of_another_run_is_refused(tmp_path, data_dir):
@@ -143,6 +143,10 @@ def test_a_workdir_of_another_run_is_refused(tmp_path, data_dir):
         train(tiny_config(data_dir, num_train_steps=2, embedding_dim=8), str(tmp_path / "wd"))
     with pytest.raises(JaxRetrievalError, match=r"another configuration \(split"):
         train(tiny_config(data_dir, num_train_steps=2, split="unseen_classes"),
+              str(tmp_path / "wd"))
+    # A projection head changes the checkpoint's loss parameters.
+    with pytest.raises(JaxRetrievalError, match=r"another configuration \(projection_head"):
+        train(tiny_config(data_dir, num_train_steps=2, projection_head=8),
               str(tmp_path / "wd"))
     assert open(Workdir(tmp_path / "wd").config_path).read() == config_before
 
@@ -157,15 +161,25 @@ def test_embedding_export_holds_every_item_with_keys_and_sources(trained_workdir
     np.testing.assert_allclose(np.linalg.norm(export.embeddings, axis=1), 1.0, atol=1e-5)
 
 
-def test_a_pair_loss_on_class_balanced_batches_trains_on_four_devices(tmp_path, data_dir):
+@pytest.mark.parametrize("loss, projection_head", [("triplet", 0), ("softmax+triplet", 32)])
+def test_a_pair_loss_on_class_balanced_batches_trains_on_four_devices(
+        tmp_path, data_dir, loss, projection_head):
     from jaxretrieval.evaluation import evaluate_and_index
 
-    config = tiny_config(data_dir, loss="triplet", sampler="class_balanced",
-                         images_per_class=4, num_train_steps=12, log_every_steps=12,
-                         split="unseen_classes")
+    config = tiny_config(data_dir, loss=loss, projection_head=projection_head,
+                         sampler="class_balanced", images_per_class=4, num_train_steps=12,
+                         log_every_steps=12, split="unseen_classes")
     train(config, str(tmp_path / "wd"))
     with open(Workdir(tmp_path / "wd").train_log_path) as f:
         assert np.isfinite(json.loads(f.readline())["loss"])
+    # The loss's learned parameters are checkpointed: the head, and each term's own.
+    loss_params = final_params(tmp_path / "wd")[1]["loss"]
+    if projection_head:
+        assert set(loss_params) == {"head", "loss"}
+        assert set(loss_params["loss"]) == {"softmax", "triplet"}
+        assert loss_params["head"]["hidden"]["kernel"].shape == (16, projection_head)
+    else:
+        assert loss_params == {}
     metrics = evaluate_and_index(str(tmp_path / "wd"))
     # Digits 5-9 were never trained on; a dozen triplet steps already rank them above chance.
     assert metrics["split"] == "unseen_classes" and metrics["recall@1"] > 0.5
