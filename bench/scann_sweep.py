@@ -6,9 +6,10 @@ ScaNN options the Index does not expose.
         --leaves 80,100,120 --reorders 100 [--n 1000000] [--repeats 3]
 
 The first argument is a JSON object of: leaves (num_leaves), soar (SOAR lambda, null for
-none; default 1.5), spherical, quantize_centroids, dims_per_block (default 4),
-threshold (AH anisotropic threshold, default 0.2), reorder_dtype (float32 | int8 |
-bfloat16). Everything else is the Index's (training sample 250,000, dot product). The set
+none), spherical, quantize_centroids, dims_per_block, threshold (AH anisotropic
+threshold), reorder_dtype (float32 | int8 | bfloat16). What it leaves out is the Index's
+own setting (jaxretrieval/index.py; spherical, quantize_centroids and int8 or bfloat16
+reordering are ScaNN options the Index does not use). The set
 and the ground truth are bench/search.py's synthetic ones with its defaults. QPS is the
 median of `--repeats` runs of ScaNN's single-threaded `search_batched` over all queries,
 after one untimed run.
@@ -25,8 +26,12 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import search  # noqa: E402  (bench/search.py: the synthetic set and its ground truth)
 
-DEFAULTS = {"soar": 1.5, "spherical": False, "quantize_centroids": False,
-            "dims_per_block": 4, "threshold": 0.2, "reorder_dtype": "float32"}
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jaxretrieval import index  # noqa: E402  (the Index's own settings are the defaults)
+
+DEFAULTS = {"soar": index.SOAR_LAMBDA, "spherical": False, "quantize_centroids": False,
+            "dims_per_block": index.AH_DIMENSIONS_PER_BLOCK,
+            "threshold": index.AH_ANISOTROPIC_THRESHOLD, "reorder_dtype": "float32"}
 
 
 def build(gallery, settings):
@@ -35,9 +40,10 @@ def build(gallery, settings):
 
     dtype = {"float32": ReorderType.FLOAT32, "int8": ReorderType.INT8,
              "bfloat16": ReorderType.BFLOAT16}[settings["reorder_dtype"]]
-    builder = scann_ops_pybind.builder(gallery, 10, "dot_product").tree(
+    builder = scann_ops_pybind.builder(gallery, 10, index.DISTANCE).tree(
         num_leaves=settings["leaves"], num_leaves_to_search=10,
-        training_sample_size=min(len(gallery), 250_000), soar_lambda=settings["soar"],
+        training_sample_size=min(len(gallery), index.MAX_TRAINING_SAMPLE_SIZE),
+        soar_lambda=settings["soar"],
         spherical=settings["spherical"], quantize_centroids=settings["quantize_centroids"],
     ).score_ah(settings["dims_per_block"],
                anisotropic_quantization_threshold=settings["threshold"]
