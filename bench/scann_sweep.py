@@ -6,7 +6,7 @@ ScaNN options the Index does not expose.
         --leaves 80,100,120 --reorders 100 [--n 1000000] [--repeats 3]
 
 The first argument is a JSON object of: leaves (num_leaves), soar (SOAR lambda, null for
-none), spherical, quantize_centroids, dims_per_block, threshold (AH anisotropic
+none), min_partition_size (ScaNN's, in k-means sample rows), spherical, quantize_centroids, dims_per_block, threshold (AH anisotropic
 threshold), reorder_dtype (float32 | int8 | bfloat16). What it leaves out is the Index's
 own setting (jaxretrieval/index.py; spherical, quantize_centroids and int8 or bfloat16
 reordering are ScaNN options the Index does not use). The set
@@ -29,7 +29,8 @@ import search  # noqa: E402  (bench/search.py: the synthetic set and its ground 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxretrieval import index  # noqa: E402  (the Index's own settings are the defaults)
 
-DEFAULTS = {"soar": index.SOAR_LAMBDA, "spherical": False, "quantize_centroids": False,
+DEFAULTS = {"soar": index.SOAR_LAMBDA, "min_partition_size": index.MIN_PARTITION_SAMPLE,
+            "spherical": False, "quantize_centroids": False,
             "dims_per_block": index.AH_DIMENSIONS_PER_BLOCK,
             "threshold": index.AH_ANISOTROPIC_THRESHOLD, "reorder_dtype": "float32"}
 
@@ -43,7 +44,7 @@ def build(gallery, settings):
     builder = scann_ops_pybind.builder(gallery, 10, index.DISTANCE).tree(
         num_leaves=settings["leaves"], num_leaves_to_search=10,
         training_sample_size=min(len(gallery), index.MAX_TRAINING_SAMPLE_SIZE),
-        soar_lambda=settings["soar"],
+        soar_lambda=settings["soar"], min_partition_size=settings["min_partition_size"],
         spherical=settings["spherical"], quantize_centroids=settings["quantize_centroids"],
     ).score_ah(settings["dims_per_block"],
                anisotropic_quantization_threshold=settings["threshold"]

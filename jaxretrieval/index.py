@@ -70,14 +70,23 @@ EXACT_SEARCH_MAX_COUNT = 20_000  # above this, tree + asymmetric hashing + reord
 
 DISTANCE = "dot_product"
 REORDER_NUM_NEIGHBORS = 200
-# Leaves: this many times sqrt(count); twice sqrt(count) reached recall@10 0.95
-# faster than once or four times sqrt(count) on 1M x 128 overlapping clusters.
+# Leaves: this many times sqrt(count) (FAISS's IVF advice is 4 to 16), with
+# at least MIN_ROWS_PER_LEAF rows each. A fine partition pays off where the
+# data has many small clusters: a leaf per cluster puts a query's neighbours
+# in one or two leaves, where coarser leaves mix clusters and need far more
+# of them searched. ScaNN dissolves any leaf that gets fewer than its
+# min_partition_size of the k-means sample (its default 50 is twice the
+# sample per leaf at 10,000 leaves), which undid the fine partition:
+# MIN_PARTITION_SAMPLE keeps such leaves (measured in BENCHMARKS.md).
 # SOAR files each vector under a second leaf too, chosen so its
 # residual is near-orthogonal to the first's: more recall per leaf searched
 # (lambda 1.0 searched faster than 1.5 at the same recall). AH codes 4
 # dimensions per 4-bit code; exact reordering fixes what the coarser code
 # misorders. Each was measured on that set (BENCHMARKS.md).
-LEAVES_PER_SQRT_COUNT = 2
+LEAVES_PER_SQRT_COUNT = 10
+MIN_ROWS_PER_LEAF = 50
+MIN_PARTITION_SAMPLE = 5
+SCANN_DEFAULT_MIN_PARTITION_SIZE = 50  # what indexes saved before the setting used
 SOAR_LAMBDA = 1.0
 LEAVES_TO_SEARCH_FRACTION = 0.05
 # Small trees would search only one or two leaves at 5%, which costs recall
@@ -278,7 +287,8 @@ def _refuse_unknown_keys(unknown):
 def _scann_settings(count):
     if count <= EXACT_SEARCH_MAX_COUNT:
         return {"mode": "exact"}
-    num_leaves = max(2, round(LEAVES_PER_SQRT_COUNT * math.sqrt(count)))
+    num_leaves = max(2, min(round(LEAVES_PER_SQRT_COUNT * math.sqrt(count)),
+                            count // MIN_ROWS_PER_LEAF))
     num_leaves_to_search = min(
         num_leaves,
         max(MIN_LEAVES_TO_SEARCH,
@@ -288,6 +298,7 @@ def _scann_settings(count):
         "num_leaves": num_leaves,
         "num_leaves_to_search": num_leaves_to_search,
         "training_sample_size": min(count, MAX_TRAINING_SAMPLE_SIZE),
+        "min_partition_size": MIN_PARTITION_SAMPLE,
         "dimensions_per_block": AH_DIMENSIONS_PER_BLOCK,
         "anisotropic_quantization_threshold": AH_ANISOTROPIC_THRESHOLD,
         "reorder_num_neighbors": REORDER_NUM_NEIGHBORS,
@@ -325,6 +336,8 @@ def _build_searcher(embeddings, settings):
             num_leaves=settings["num_leaves"],
             num_leaves_to_search=settings["num_leaves_to_search"],
             training_sample_size=settings["training_sample_size"],
+            min_partition_size=settings.get("min_partition_size",
+                                            SCANN_DEFAULT_MIN_PARTITION_SIZE),
             soar_lambda=settings.get("soar_lambda"),
         ).score_ah(
             settings["dimensions_per_block"],

@@ -298,6 +298,30 @@ def test_failed_first_save_leaves_nothing(small_index, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_fine_tree_keeps_a_leaf_per_small_cluster(monkeypatch):
+    # 80 clusters of about 50 rows and a leaf per 50 rows: each leaf gets about 50 rows of
+    # the k-means sample, which ScaNN's own minimum partition size (50) dissolves about
+    # half the time, scattering those clusters over other leaves.
+    monkeypatch.setattr(index_module, "EXACT_SEARCH_MAX_COUNT", 1000)
+    monkeypatch.setattr(index_module, "MIN_LEAVES_TO_SEARCH", 1)
+    monkeypatch.setattr(index_module, "LEAVES_TO_SEARCH_FRACTION", 0.0)
+    vectors = clustered_unit_vectors(4100, 32, num_clusters=80, seed=7)
+    gallery, queries = vectors[:4000], vectors[4000:]
+    exact_rows, _ = numpy_top_k(gallery, queries, 10)
+    ours, scanns = index_module.MIN_PARTITION_SAMPLE, index_module.SCANN_DEFAULT_MIN_PARTITION_SIZE
+    recall = {}
+    for min_sample in (ours, scanns):
+        monkeypatch.setattr(index_module, "MIN_PARTITION_SAMPLE", min_sample)
+        index = build(gallery)
+        settings = index.manifest["scann"]
+        assert (settings["num_leaves"], settings["num_leaves_to_search"]) == (80, 1)
+        assert settings["min_partition_size"] == min_sample
+        rows, _ = index.search_rows(queries, 10)
+        recall[min_sample] = np.mean([len(set(found) & set(true)) / 10 for found, true
+                                      in zip(rows.tolist(), exact_rows.tolist())])
+    assert recall[ours] >= 0.9 and recall[scanns] < 0.8, recall
+
+
 def test_tree_ah_recall(tmp_path, monkeypatch):
     monkeypatch.setattr(index_module, "EXACT_SEARCH_MAX_COUNT", 1000)
     dim = 32
@@ -307,7 +331,7 @@ def test_tree_ah_recall(tmp_path, monkeypatch):
 
     settings = index.manifest["scann"]
     assert settings["mode"] == "tree_ah"
-    assert settings["num_leaves"] == 89  # 2 x sqrt(2000)
+    assert settings["num_leaves"] == 40  # 2,000 rows, at least 50 a leaf
     assert settings["training_sample_size"] == 2000
 
     rows, _ = index.search_rows(queries, 10)
