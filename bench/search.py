@@ -4,7 +4,8 @@ refinement, and exact search (faiss IndexFlatIP).
 
     python bench/search.py [--n 1000000] [--dim 128] [--queries 2000] [--threads 2]
         [--repeats 3] [--out search.json] [--plot docs/search_recall_qps.png]
-        [--workdir DIR] [--skip-synthetic] [--skip-faiss] [--index-settings JSON]
+        [--workdir DIR] [--skip-synthetic] [--skip-faiss] [--skip-hnsw]
+        [--ivf-lists N1,N2] [--index-settings JSON]
 
 The synthetic set: `--n` L2-normalised vectors of `--dim` dimensions from `--clusters`
 overlapping Gaussian clusters (centres N(0, I); each point its centre plus `--spread`
@@ -25,7 +26,9 @@ untimed run. Build time is wall time with all threads; memory is the growth of t
 process's resident set while the index is built (the gallery itself is made before).
 
 `--index-settings` replaces some of the Index's automatic ScaNN settings (to compare
-settings; `--skip-faiss` then leaves out the peers).
+settings; `--skip-faiss` then leaves out the peers). IVF-PQ is built with sqrt(n) lists
+unless `--ivf-lists` names others (one build each, trained like the Index's tree on at
+most 250,000 rows); `--skip-hnsw` leaves out HNSW's 12-minute build.
 
 Writes every point to `--out` (JSON), a recall-QPS plot to `--plot` (PNG), and prints
 a Markdown table and the headline comparison. Needs `pip install -r
@@ -49,7 +52,8 @@ K = 10
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 200  # --hnsw-ef-construction
 HNSW_EF_SEARCH = (16, 18, 20, 24, 32, 48, 64, 128, 256)
-IVF_NPROBE = (4, 8, 16, 32, 64, 128, 256)
+IVF_NPROBE = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+IVF_MAX_TRAINING_SAMPLE = 250_000
 IVF_K_FACTOR = (2, 4, 10)
 TUNE_TARGETS = (0.8, 0.9, 0.95, 0.99)
 HEADLINE_RECALL = 0.95
@@ -259,7 +263,8 @@ def index_size_mib(index):
             "scann_size_mib": sizes.get("scann", 0) / 2**20}
 
 
-def measure_faiss(recorder, gallery, threads, build_info, ef_construction):
+def measure_faiss(recorder, gallery, threads, build_info, ef_construction, ivf_lists,
+                  skip_hnsw):
     import faiss
 
     count, dim = gallery.shape
@@ -279,11 +284,19 @@ def measure_faiss(recorder, gallery, threads, build_info, ef_construction):
                      set_threads=faiss.omp_set_num_threads)
     del flat
 
-    # HNSW.
+    if not skip_hnsw:
+        measure_hnsw(recorder, gallery, threads, build_info, ef_construction, faiss_search)
+    for nlist in ivf_lists or (max(1, round(math.sqrt(count))),):
+        measure_ivfpq(recorder, gallery, threads, build_info, nlist, faiss_search)
+
+
+def measure_hnsw(recorder, gallery, threads, build_info, ef_construction, faiss_search):
+    import faiss
+
     faiss.omp_set_num_threads(threads)
 
     def make_hnsw():
-        index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexHNSWFlat(gallery.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = ef_construction
         index.add(gallery)
         return index
@@ -300,25 +313,34 @@ def measure_faiss(recorder, gallery, threads, build_info, ef_construction):
     del hnsw
     gc.collect()
 
-    # IVF-PQ fast-scan (4-bit PQ, 2 dimensions per code), refined by exact scores.
+
+def measure_ivfpq(recorder, gallery, threads, build_info, nlist, faiss_search):
+    """IVF-PQ fast-scan (4-bit PQ, 2 dimensions per code), refined by exact scores."""
+    import faiss
+
     faiss.omp_set_num_threads(threads)
-    nlist = max(1, round(math.sqrt(count)))
+    count, dim = gallery.shape
     pq_m = dim // 2
+    # faiss trains on up to 256 rows a list by default; the Index's k-means sample is
+    # at most 250,000 rows, and so is this one.
+    sample = gallery[np.random.default_rng(0).permutation(count)[
+        :min(count, 256 * nlist, IVF_MAX_TRAINING_SAMPLE)]]
 
     def make_ivfpq():
         quantizer = faiss.IndexFlatIP(dim)
         ivf = faiss.IndexIVFPQFastScan(quantizer, dim, nlist, pq_m, 4,
                                        faiss.METRIC_INNER_PRODUCT)
+        ivf.cp.min_points_per_centroid = 1  # a small sample per list is intended
         refine = faiss.IndexRefineFlat(ivf)
-        refine.train(gallery)
+        refine.train(sample)
         refine.add(gallery)
         return refine, ivf, quantizer
 
     (refine, ivf, _quantizer), seconds, memory = built(make_ivfpq)
-    build_info["faiss ivfpq-fs+refine"] = {"seconds": seconds, "rss_mib": memory,
-                                           "nlist": nlist, "pq_m": pq_m, "nbits": 4,
-                                           "size_mib": faiss_size_mib(refine)}
-    print(f"  IVF-PQ fast-scan built in {seconds:.1f} s (+{memory:.0f} MiB)", flush=True)
+    build_info[f"faiss ivfpq-fs+refine, nlist={nlist}"] = {"seconds": seconds, "rss_mib": memory, "nlist": nlist,
+                        "pq_m": pq_m, "nbits": 4, "size_mib": faiss_size_mib(refine)}
+    print(f"  IVF-PQ fast-scan ({nlist} lists) built in {seconds:.1f} s (+{memory:.0f} MiB)",
+          flush=True)
     for nprobe in IVF_NPROBE:
         if nprobe > nlist:
             continue
@@ -364,7 +386,7 @@ def run_dataset(name, gallery, queries, args, tune_targets):
                            json.loads(args.index_settings or "{}"))
     if not args.skip_faiss:
         measure_faiss(recorder, gallery, args.threads, build_info,
-                      args.hnsw_ef_construction)
+                      args.hnsw_ef_construction, args.ivf_lists, args.skip_hnsw)
     result = {"gallery": list(gallery.shape), "queries": len(queries),
               "ground_truth_seconds": truth_seconds, "builds": build_info,
               "tuning": tuning, "points": recorder.points}
@@ -521,6 +543,9 @@ def main():
                         help="cluster centres (default: one per 100 gallery vectors)")
     parser.add_argument("--spread", type=float, default=1.0)
     parser.add_argument("--hnsw-ef-construction", type=int, default=HNSW_EF_CONSTRUCTION)
+    parser.add_argument("--skip-hnsw", action="store_true")
+    parser.add_argument("--ivf-lists", type=lambda text: [int(n) for n in text.split(",")],
+                        help="comma-separated IVF list counts (default: sqrt(n))")
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--repeats", type=int, default=3)
