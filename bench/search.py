@@ -337,8 +337,9 @@ def measure_ivfpq(recorder, gallery, threads, build_info, nlist, faiss_search):
         return refine, ivf, quantizer
 
     (refine, ivf, _quantizer), seconds, memory = built(make_ivfpq)
-    build_info[f"faiss ivfpq-fs+refine, nlist={nlist}"] = {"seconds": seconds, "rss_mib": memory, "nlist": nlist,
-                        "pq_m": pq_m, "nbits": 4, "size_mib": faiss_size_mib(refine)}
+    build_info[f"faiss ivfpq-fs+refine, nlist={nlist}"] = {
+        "seconds": seconds, "rss_mib": memory, "nlist": nlist, "pq_m": pq_m, "nbits": 4,
+        "size_mib": faiss_size_mib(refine)}
     print(f"  IVF-PQ fast-scan ({nlist} lists) built in {seconds:.1f} s (+{memory:.0f} MiB)",
           flush=True)
     for nprobe in IVF_NPROBE:
