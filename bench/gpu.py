@@ -246,13 +246,14 @@ def main():
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "date": time.strftime("%Y-%m-%d"), "results": []}
     print(f"{report['device']}, jax {jax.__version__}", flush=True)
-    # One lease is short: each part's result or error is written as soon as it is known,
-    # so a failure in one leaves the others' figures.
-    # The checkpoint first: it is quick, and the CPU check here needs it.
+    # A lease is short: each part's result or error is written as soon as it is known, so
+    # a failure in one leaves the others' figures. The checkpoint goes first: it is quick,
+    # and the check on a CPU needs it.
     parts = [("checkpoint", functools.partial(write_checkpoint, args.out, args.smoke))]
-    parts += [(f"{name} {dtype}", functools.partial(measure, name, dtype, args.batch, args.steps,
-                                                   args.repeats, args.smoke))
-             for name in args.models.split(",") for dtype in args.dtypes.split(",")]
+    parts += [(f"{name} {dtype}",
+               functools.partial(measure, name, dtype, args.batch, args.steps, args.repeats,
+                                 args.smoke))
+              for name in args.models.split(",") for dtype in args.dtypes.split(",")]
     for label, run in parts:
         try:
             outcome = run()

@@ -300,8 +300,8 @@ def test_failed_first_save_leaves_nothing(small_index, tmp_path, monkeypatch):
 
 def test_a_fine_tree_keeps_a_leaf_per_small_cluster(monkeypatch):
     # 80 clusters of about 50 rows and a leaf per 50 rows: each leaf gets about 50 rows of
-    # the k-means sample, which ScaNN's own minimum partition size (50) dissolves about
-    # half the time, scattering those clusters over other leaves.
+    # the k-means sample, and ScaNN's own minimum partition size (50) dissolves the leaves
+    # that get fewer, scattering those clusters over other leaves.
     monkeypatch.setattr(index_module, "EXACT_SEARCH_MAX_COUNT", 1000)
     monkeypatch.setattr(index_module, "MIN_LEAVES_TO_SEARCH", 1)
     monkeypatch.setattr(index_module, "LEAVES_TO_SEARCH_FRACTION", 0.0)
