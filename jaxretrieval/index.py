@@ -80,9 +80,10 @@ REORDER_NUM_NEIGHBORS = 200
 # MIN_PARTITION_SAMPLE keeps such leaves (measured in BENCHMARKS.md).
 # SOAR files each vector under a second leaf too, chosen so its
 # residual is near-orthogonal to the first's: more recall per leaf searched
-# (lambda 1.0 searched faster than 1.5 at the same recall). AH codes 4
-# dimensions per 4-bit code; exact reordering fixes what the coarser code
-# misorders. Each was measured on that set (BENCHMARKS.md).
+# (lambda 1.0 searched faster than 1.5 at the same recall, measured on the
+# earlier 2,000-leaf tree). AH codes 4 dimensions per 4-bit code; exact
+# reordering fixes what the coarser code misorders. Each was measured on
+# that set (BENCHMARKS.md).
 LEAVES_PER_SQRT_COUNT = 10
 MIN_ROWS_PER_LEAF = 50
 MIN_PARTITION_SAMPLE = 5
