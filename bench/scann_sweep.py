@@ -9,8 +9,8 @@ The first argument is a JSON object of: leaves (num_leaves), soar (SOAR lambda, 
 none), min_partition_size (ScaNN's, in rows of the k-means sample), spherical,
 quantize_centroids, dims_per_block, threshold (AH anisotropic threshold), reorder_dtype
 (float32 | int8 | bfloat16). What it leaves out is the Index's own setting
-(jaxretrieval/index/scann_adapter.py; spherical, quantize_centroids and int8 or bfloat16 reordering are
-ScaNN options the Index does not use). The set and the ground truth are
+(jaxretrieval/index/scann_adapter.py; spherical, quantize_centroids and int8 or bfloat16
+reordering are ScaNN options the Index does not use). The set and the ground truth are
 bench/search.py's synthetic ones with its defaults. QPS is the
 median of `--repeats` runs of ScaNN's single-threaded `search_batched` over all queries,
 after one untimed run.

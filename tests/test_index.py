@@ -308,7 +308,8 @@ def test_a_fine_tree_keeps_a_leaf_per_small_cluster(monkeypatch):
     vectors = clustered_unit_vectors(4100, 32, num_clusters=80, seed=7)
     gallery, queries = vectors[:4000], vectors[4000:]
     exact_rows, _ = numpy_top_k(gallery, queries, 10)
-    ours, scanns = scann_adapter.MIN_PARTITION_SAMPLE, scann_adapter.SCANN_DEFAULT_MIN_PARTITION_SIZE
+    ours = scann_adapter.MIN_PARTITION_SAMPLE
+    scanns = scann_adapter.SCANN_DEFAULT_MIN_PARTITION_SIZE
     recall = {}
     for min_sample in (ours, scanns):
         monkeypatch.setattr(scann_adapter, "MIN_PARTITION_SAMPLE", min_sample)

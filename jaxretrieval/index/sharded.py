@@ -22,8 +22,8 @@ On-disk layout of a sharded index directory:
     shards/<generation>/shard-00000-of-00004/   one complete Index directory per shard
     ...
 
-`open_index` (here, and in jaxretrieval.index) opens either layout: with shards.json the directory is sharded, without it
-it is a plain Index directory (CURRENT, snapshots/).
+`open_index` opens either layout: with shards.json (storage.is_sharded) the directory is
+sharded, without it it is a plain Index directory (CURRENT, snapshots/).
 
 The switch rule. Every save, whatever the layout before and after (flat to sharded,
 sharded to flat, S shards to S'), writes the new parts completely and fsyncs them first,
@@ -50,7 +50,6 @@ Manifest updates are written to shards.json (atomically) and to every shard.
 import collections.abc
 import concurrent.futures
 import copy
-import logging
 import operator
 import os
 import shutil
@@ -65,8 +64,6 @@ from jaxretrieval.index.checks import (as_float_matrix, checked_manifest_updates
 from jaxretrieval.index.flat import Index
 from jaxretrieval.index.storage import SHARDS_DIR, SHARDS_FILE, UnreadableIndexError
 from jaxretrieval.workdir import recover_interrupted_swap, write_json_atomically
-
-logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 ROUTING = "crc32(utf-8 key) % num_shards"
