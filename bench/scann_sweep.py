@@ -2,15 +2,15 @@
 leaves searched and reordering counts: for choosing the Index's settings, including
 ScaNN options the Index does not expose.
 
-    python bench/scann_sweep.py '{"leaves": 2000, "spherical": true}' \
+    python -m bench.scann_sweep '{"leaves": 2000, "spherical": true}' \
         --leaves 80,100,120 --reorders 100 [--n 1000000] [--repeats 3]
 
 The first argument is a JSON object of: leaves (num_leaves), soar (SOAR lambda, null for
 none), min_partition_size (ScaNN's, in rows of the k-means sample), spherical,
 quantize_centroids, dims_per_block, threshold (AH anisotropic threshold), reorder_dtype
 (float32 | int8 | bfloat16). What it leaves out is the Index's own setting
-(jaxretrieval/index.py; spherical, quantize_centroids and int8 or bfloat16 reordering are
-ScaNN options the Index does not use). The set and the ground truth are
+(jaxretrieval/index/scann_adapter.py; spherical, quantize_centroids and int8 or bfloat16
+reordering are ScaNN options the Index does not use). The set and the ground truth are
 bench/search.py's synthetic ones with its defaults. QPS is the
 median of `--repeats` runs of ScaNN's single-threaded `search_batched` over all queries,
 after one untimed run.
@@ -19,21 +19,18 @@ after one untimed run.
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import search  # noqa: E402  (bench/search.py: the synthetic set and its ground truth)
+from bench import search  # the synthetic set and its ground truth
+from jaxretrieval.index import exact_kth_scores, scann_adapter  # its settings: the defaults
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jaxretrieval import index  # noqa: E402  (the Index's own settings are the defaults)
-
-DEFAULTS = {"soar": index.SOAR_LAMBDA, "min_partition_size": index.MIN_PARTITION_SAMPLE,
+DEFAULTS = {"soar": scann_adapter.SOAR_LAMBDA,
+            "min_partition_size": scann_adapter.MIN_PARTITION_SAMPLE,
             "spherical": False, "quantize_centroids": False,
-            "dims_per_block": index.AH_DIMENSIONS_PER_BLOCK,
-            "threshold": index.AH_ANISOTROPIC_THRESHOLD, "reorder_dtype": "float32"}
+            "dims_per_block": scann_adapter.AH_DIMENSIONS_PER_BLOCK,
+            "threshold": scann_adapter.AH_ANISOTROPIC_THRESHOLD, "reorder_dtype": "float32"}
 
 
 def build(gallery, settings):
@@ -42,9 +39,9 @@ def build(gallery, settings):
 
     dtype = {"float32": ReorderType.FLOAT32, "int8": ReorderType.INT8,
              "bfloat16": ReorderType.BFLOAT16}[settings["reorder_dtype"]]
-    builder = scann_ops_pybind.builder(gallery, 10, index.DISTANCE).tree(
+    builder = scann_ops_pybind.builder(gallery, 10, scann_adapter.DISTANCE).tree(
         num_leaves=settings["leaves"], num_leaves_to_search=10,
-        training_sample_size=min(len(gallery), index.MAX_TRAINING_SAMPLE_SIZE),
+        training_sample_size=min(len(gallery), scann_adapter.MAX_TRAINING_SAMPLE_SIZE),
         soar_lambda=settings["soar"], min_partition_size=settings["min_partition_size"],
         spherical=settings["spherical"], quantize_centroids=settings["quantize_centroids"],
     ).score_ah(settings["dims_per_block"],
@@ -73,7 +70,7 @@ def main():
     centres = search.cluster_centres(128, max(1, args.n // 100), 0)
     gallery = search.sample_points(centres, args.n, 1.0, 1)
     queries = search.sample_points(centres, args.queries, 1.0, 2)
-    kth = search.exact_kth_scores(gallery, queries, search.K)
+    kth = exact_kth_scores(gallery, queries, search.K)
     start = time.perf_counter()
     searcher = build(gallery, settings)
     print(f"{json.dumps(settings)}: built in {time.perf_counter() - start:.1f} s", flush=True)

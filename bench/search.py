@@ -2,7 +2,7 @@
 `Index.tune` at several targets) beside faiss HNSW, faiss IVF-PQ fast-scan with exact
 refinement, and exact search (faiss IndexFlatIP).
 
-    python bench/search.py [--n 1000000] [--dim 128] [--queries 2000] [--threads 2]
+    python -m bench.search [--n 1000000] [--dim 128] [--queries 2000] [--threads 2]
         [--repeats 3] [--out search.json] [--plot docs/search_recall_qps.png]
         [--workdir DIR] [--skip-synthetic] [--skip-faiss] [--skip-hnsw]
         [--ivf-lists N1,N2] [--index-settings JSON]
@@ -16,7 +16,8 @@ is measured too: `--queries` of its rows (at most a tenth) are held out as queri
 the rest is the gallery.
 
 Ground truth is exact brute force (numpy, in blocks). A result counts as a true
-neighbour when its exact score reaches the query's 10th best exact score (so ties count).
+neighbour when its exact score reaches the query's 10th best exact score (so ties count):
+the recall `Index.tune` measures (jaxretrieval.index.tuning).
 Every method gets the whole query batch. Single-threaded: faiss with
 omp_set_num_threads(1); the Index through `search_rows`, which calls ScaNN's
 single-threaded `search_batched`. All threads (`--threads`): faiss with that many OpenMP
@@ -25,8 +26,9 @@ each (ScaNN releases the GIL). QPS is the median of `--repeats` timed runs, afte
 untimed run. Build time is wall time with all threads; memory is the growth of the
 process's resident set while the index is built (the gallery itself is made before).
 
-`--index-settings` replaces some of the Index's automatic ScaNN settings (to compare
-settings; `--skip-faiss` then leaves out the peers). IVF-PQ is built with sqrt(n) lists
+`--index-settings` replaces some of the Index's automatic ScaNN settings
+(`Index.build(..., scann_overrides=...)`, to compare settings; `--skip-faiss` then leaves
+out the peers). IVF-PQ is built with sqrt(n) lists
 unless `--ivf-lists` names others (one build each, trained like the Index's tree on at
 most 250,000 rows); `--skip-hnsw` leaves out HNSW's 12-minute build.
 
@@ -48,6 +50,8 @@ import time
 
 import numpy as np
 
+from jaxretrieval.index import Index, exact_kth_scores, recall_per_query, snapshot_directory
+
 K = 10
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 200  # --hnsw-ef-construction
@@ -57,8 +61,6 @@ IVF_MAX_TRAINING_SAMPLE = 250_000
 IVF_K_FACTOR = (2, 4, 10)
 TUNE_TARGETS = (0.8, 0.9, 0.95, 0.99)
 HEADLINE_RECALL = 0.95
-GROUND_TRUTH_BLOCK = 32768
-SCORE_TOLERANCE = 1e-5
 
 
 # ---------------------------------------------------------------------------------------
@@ -83,22 +85,10 @@ def sample_points(centres, count, spread, seed, chunk=100_000):
     return out
 
 
-def exact_kth_scores(gallery, queries, k):
-    """Each query's k-th best exact dot product over the gallery (brute force in blocks)."""
-    best = np.full((len(queries), k), -np.inf, np.float32)
-    for start in range(0, len(gallery), GROUND_TRUTH_BLOCK):
-        scores = queries @ gallery[start:start + GROUND_TRUTH_BLOCK].T
-        scores = np.concatenate([best, scores], axis=1)
-        best = -np.partition(-scores, k - 1, axis=1)[:, :k]
-    return best.min(axis=1)
-
-
 def recall_at_k(gallery, queries, kth_scores, rows, k=K):
-    """Mean recall@k of result rows [m, >=k] (-1 for none) against the exact k-th scores."""
-    rows = np.asarray(rows)[:, :k]
-    scores = np.einsum("ij,ikj->ik", queries, gallery[np.maximum(rows, 0)])
-    hits = (rows >= 0) & (scores >= kth_scores[:, None] - SCORE_TOLERANCE)
-    return float(hits.sum(axis=1).mean() / k)
+    """Mean recall@k of result rows [m, >=k] (-1 for none) against the exact k-th scores
+    (`exact_kth_scores`)."""
+    return float(recall_per_query(gallery, queries, kth_scores, np.asarray(rows)[:, :k]).mean())
 
 
 # ---------------------------------------------------------------------------------------
@@ -180,24 +170,10 @@ class Recorder:
 
 
 def measure_index(recorder, gallery, tune_targets, build_info, overrides=None):
-    import jaxretrieval.index as index_module
-    from jaxretrieval.index import Index
-
-    if overrides:
-        # For comparing ScaNN settings: replace some of the automatic ones.
-        automatic = index_module._scann_settings
-
-        def overridden(count):
-            settings = automatic(count)
-            if settings["mode"] == "tree_ah":
-                settings.update(overrides)
-            return settings
-
-        index_module._scann_settings = overridden
-
     keys = [str(row) for row in range(len(gallery))]
     index, seconds, memory = built(lambda: Index.build(
-        gallery, keys, checkpoint_step=0, model_config_hash="bench"))
+        gallery, keys, checkpoint_step=0, model_config_hash="bench",
+        scann_overrides=overrides or None))
     settings = index.manifest["scann"]
     build_info["index"] = {"seconds": seconds, "rss_mib": memory, "settings": settings}
     print(f"  Index built in {seconds:.1f} s (+{memory:.0f} MiB): {json.dumps(settings)}",
@@ -239,16 +215,12 @@ def measure_index(recorder, gallery, tune_targets, build_info, overrides=None):
               f"gallery rows), {point['recall']:.4f} (the bench's own queries): "
               f"target {'reached' if reached else 'MISSED'}", flush=True)
     build_info["index"].update(index_size_mib(index))
-    if overrides:
-        index_module._scann_settings = automatic
     return tuning
 
 
 def index_size_mib(index):
     """Sizes on disk of a saved Index: all of it, and ScaNN's part (tree, codes, floats)."""
     import tempfile
-
-    from jaxretrieval.index import snapshot_directory
 
     with tempfile.TemporaryDirectory() as directory:
         index.save(os.path.join(directory, "index"))

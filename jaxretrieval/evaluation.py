@@ -127,8 +127,8 @@ def rebuild_index(workdir: str, num_shards: int | None = None, export=None):
     `num_shards=None` keeps the shard count of the index there (1 when there is none), so
     re-evaluating a run does not undo its sharding. `export`: that export, when the caller
     has already read it (evaluation), so it is not read twice."""
-    from jaxretrieval.sharded_index import (ShardedIndex, checked_num_shards, num_shards_on_disk,
-                                            save_index)
+    from jaxretrieval.index import (ShardedIndex, checked_num_shards, num_shards_on_disk,
+                                    save_index)
 
     wd = Workdir(workdir)
     num_shards = checked_num_shards(num_shards_on_disk(wd.index) if num_shards is None

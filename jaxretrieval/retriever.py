@@ -6,8 +6,7 @@ import numpy as np
 
 from jaxretrieval.embed import Embedder
 from jaxretrieval.errors import JaxRetrievalError
-from jaxretrieval.index import Index
-from jaxretrieval.sharded_index import ShardedIndex, open_index
+from jaxretrieval.index import Index, ShardedIndex, open_index
 from jaxretrieval.workdir import Workdir
 
 

@@ -1,4 +1,4 @@
-"""Tests for jaxretrieval.index, against the real ScaNN."""
+"""Tests for jaxretrieval.index.Index, against the real ScaNN."""
 
 import base64
 import json
@@ -11,9 +11,9 @@ import zlib
 import numpy as np
 import pytest
 
-from jaxretrieval import index as index_module
 from jaxretrieval.errors import JaxRetrievalError
-from jaxretrieval.index import Index, snapshot_directory
+from jaxretrieval.index import FORMAT_VERSION, Index, scann_adapter, snapshot_directory, storage
+from jaxretrieval.index import state as state_module
 
 DIM = 16
 
@@ -83,7 +83,7 @@ def test_exact_search_matches_numpy(small_index, gallery, queries):
 
 def test_manifest_records_identity_and_settings(small_index):
     manifest = small_index.manifest
-    assert manifest["format_version"] == index_module.FORMAT_VERSION
+    assert manifest["format_version"] == FORMAT_VERSION
     assert manifest["embedding_dim"] == DIM
     assert manifest["count"] == 300
     assert manifest["checkpoint_step"] == 100
@@ -223,7 +223,7 @@ def test_load_missing_or_newer_index(small_index, tmp_path):
     snapshot = snapshot_of(tmp_path / "index")
     manifest_path = snapshot / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["format_version"] = index_module.FORMAT_VERSION + 1
+    manifest["format_version"] = FORMAT_VERSION + 1
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(JaxRetrievalError, match="format_version"):
         Index.load(tmp_path / "index")
@@ -269,7 +269,7 @@ def test_failed_write_leaves_old_index(small_index, tmp_path, monkeypatch):
     def failing_write(path, value):
         raise OSError("disk full")
 
-    monkeypatch.setattr(index_module, "_write_json", failing_write)
+    monkeypatch.setattr(storage, "write_json", failing_write)
     with pytest.raises(OSError, match="disk full"):
         build(unit_vectors(7, seed=5)).save(tmp_path / "index")
     assert_old_index_intact(str(tmp_path / "index"))
@@ -292,7 +292,7 @@ def test_failed_switch_leaves_old_index(small_index, tmp_path, monkeypatch):
 
 
 def test_failed_first_save_leaves_nothing(small_index, tmp_path, monkeypatch):
-    monkeypatch.setattr(index_module, "_write_json", lambda path, value: 1 / 0)
+    monkeypatch.setattr(storage, "write_json", lambda path, value: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         small_index.save(tmp_path / "index")
     assert os.listdir(tmp_path) == []
@@ -302,16 +302,17 @@ def test_a_fine_tree_keeps_a_leaf_per_small_cluster(monkeypatch):
     # 80 clusters of about 50 rows and a leaf per 50 rows: each leaf gets about 50 rows of
     # the k-means sample, and ScaNN's own minimum partition size (50) dissolves the leaves
     # that get fewer, scattering those clusters over other leaves.
-    monkeypatch.setattr(index_module, "EXACT_SEARCH_MAX_COUNT", 1000)
-    monkeypatch.setattr(index_module, "MIN_LEAVES_TO_SEARCH", 1)
-    monkeypatch.setattr(index_module, "LEAVES_TO_SEARCH_FRACTION", 0.0)
+    monkeypatch.setattr(scann_adapter, "EXACT_SEARCH_MAX_COUNT", 1000)
+    monkeypatch.setattr(scann_adapter, "MIN_LEAVES_TO_SEARCH", 1)
+    monkeypatch.setattr(scann_adapter, "LEAVES_TO_SEARCH_FRACTION", 0.0)
     vectors = clustered_unit_vectors(4100, 32, num_clusters=80, seed=7)
     gallery, queries = vectors[:4000], vectors[4000:]
     exact_rows, _ = numpy_top_k(gallery, queries, 10)
-    ours, scanns = index_module.MIN_PARTITION_SAMPLE, index_module.SCANN_DEFAULT_MIN_PARTITION_SIZE
+    ours = scann_adapter.MIN_PARTITION_SAMPLE
+    scanns = scann_adapter.SCANN_DEFAULT_MIN_PARTITION_SIZE
     recall = {}
     for min_sample in (ours, scanns):
-        monkeypatch.setattr(index_module, "MIN_PARTITION_SAMPLE", min_sample)
+        monkeypatch.setattr(scann_adapter, "MIN_PARTITION_SAMPLE", min_sample)
         index = build(gallery)
         settings = index.manifest["scann"]
         assert (settings["num_leaves"], settings["num_leaves_to_search"]) == (80, 1)
@@ -323,7 +324,7 @@ def test_a_fine_tree_keeps_a_leaf_per_small_cluster(monkeypatch):
 
 
 def test_tree_ah_recall(tmp_path, monkeypatch):
-    monkeypatch.setattr(index_module, "EXACT_SEARCH_MAX_COUNT", 1000)
+    monkeypatch.setattr(scann_adapter, "EXACT_SEARCH_MAX_COUNT", 1000)
     dim = 32
     vectors = clustered_unit_vectors(2100, dim, num_clusters=40, seed=6)
     gallery, queries = vectors[:2000], vectors[2000:]
@@ -482,7 +483,7 @@ def test_random_changes_match_brute_force(gallery, queries):
             index.delete(keys.tolist())
             for key in keys:
                 del live[key]
-        compactions += index._state.pending == 0
+        compactions += index.pending == 0
         assert index.count == len(live)
         if step % 25 == 0:
             assert_matches_brute_force(index, live, queries)
@@ -493,16 +494,16 @@ def test_random_changes_match_brute_force(gallery, queries):
 
 
 def test_compaction_keeps_results(fresh_index, queries, monkeypatch):
-    monkeypatch.setattr(index_module, "COMPACT_MIN_PENDING", 10**9)
+    monkeypatch.setattr(state_module, "COMPACT_MIN_PENDING", 10**9)
     fresh_index.upsert(["item-3", "extra"], unit_vectors(2, seed=13), ["x", "y"])
     fresh_index.delete(["item-4", "item-250"])
-    assert fresh_index._state.pending == 5
+    assert fresh_index.pending == 5
     before = fresh_index.search(queries, 20), fresh_index.search_rows(queries, 20)
     keys, sources, manifest = fresh_index.keys, fresh_index.sources, fresh_index.manifest
 
     fresh_index.compact()
 
-    assert fresh_index._state.pending == 0
+    assert fresh_index.pending == 0
     after = fresh_index.search(queries, 20), fresh_index.search_rows(queries, 20)
     assert after[0][0] == before[0][0]
     np.testing.assert_allclose(after[0][1], before[0][1], atol=1e-6)
@@ -651,15 +652,15 @@ def test_snapshot_empties_the_log(saved_directory, queries):
 
 
 def test_load_compacts_a_long_log(saved_directory, queries, monkeypatch):
-    monkeypatch.setattr(index_module, "COMPACT_MIN_PENDING", 10**9)
+    monkeypatch.setattr(state_module, "COMPACT_MIN_PENDING", 10**9)
     with Index.load(saved_directory, writable=True) as index:
         index.upsert([f"new-{i}" for i in range(100)], unit_vectors(100, seed=17),
                      [f"{i}.jpg" for i in range(100)])
-        assert index._state.pending == 100
+        assert index.pending == 100
         expected = index.search(queries, 10)
     monkeypatch.undo()
     loaded = Index.load(saved_directory)
-    assert loaded._state.pending == 0 and loaded.search(queries, 10)[0] == expected[0]
+    assert loaded.pending == 0 and loaded.search(queries, 10)[0] == expected[0]
 
 
 def test_one_writer_at_a_time(saved_directory, gallery):

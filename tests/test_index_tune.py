@@ -5,9 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from jaxretrieval import index as index_module
 from jaxretrieval.errors import JaxRetrievalError
-from jaxretrieval.index import Index
+from jaxretrieval.index import Index, scann_adapter, tuning
 
 DIM = 32
 COUNT = 6000
@@ -52,7 +51,7 @@ def held_out_queries():
 def approximate(monkeypatch):
     # The tree + AH path is for galleries above EXACT_SEARCH_MAX_COUNT; lower
     # the bar so a gallery that builds in a second takes it.
-    monkeypatch.setattr(index_module, "EXACT_SEARCH_MAX_COUNT", 1000)
+    monkeypatch.setattr(scann_adapter, "EXACT_SEARCH_MAX_COUNT", 1000)
 
 
 @pytest.fixture
@@ -188,7 +187,7 @@ def test_bad_k_or_sample_is_an_error(gallery, arguments):
 def test_unreachable_target_is_an_error(approximate, gallery, monkeypatch):
     # With reordering capped at k, AH scoring alone decides the top k, and
     # it is not exact on every one of 1000 queries.
-    monkeypatch.setattr(index_module, "TUNE_REORDER_CANDIDATES", ())
+    monkeypatch.setattr(tuning, "TUNE_REORDER_CANDIDATES", ())
     index = build(gallery)
     before = index.manifest
 

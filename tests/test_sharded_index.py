@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from conftest import run_python
-from jaxretrieval import sharded_index as sharded_module
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.evaluation import rebuild_index
-from jaxretrieval.index import EXACT_SEARCH_MAX_COUNT, Index, snapshot_directory
+from jaxretrieval.index import (EXACT_SEARCH_MAX_COUNT, Index, ShardedIndex, open_index,
+                                save_index, shard_of, snapshot_directory, storage)
+from jaxretrieval.index import sharded as sharded_module
 from jaxretrieval.retriever import Retriever
-from jaxretrieval.sharded_index import ShardedIndex, open_index, save_index, shard_of
 from jaxretrieval.workdir import Workdir
 
 DIM = 16
@@ -234,7 +234,7 @@ def test_flat_load_of_a_sharded_index_says_what_to_do(gallery, tmp_path):
     sharded.save(tmp_path / "index")
     for writable in (False, True):
         with pytest.raises(JaxRetrievalError, match="is sharded .shards.json.: open it with "
-                                                    "jaxretrieval.sharded_index.open_index"):
+                                                    "jaxretrieval.index.open_index"):
             Index.load(tmp_path / "index", writable=writable)
     assert isinstance(open_index(tmp_path / "index"), ShardedIndex)
 
@@ -460,7 +460,7 @@ def test_a_failed_save_leaves_the_old_layout(gallery, queries, tmp_path, monkeyp
     assert entries(directory / "shards") == []
 
     sharded.save(directory)
-    monkeypatch.setattr(sharded_module, "_write_snapshot",
+    monkeypatch.setattr(storage, "write_snapshot",
                         lambda *args: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         save_index(flat, directory)
@@ -477,7 +477,7 @@ def test_the_manifest_file_decides_after_an_interrupted_clean_up(gallery, querie
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # as if the process died right after the switch
 
-    monkeypatch.setattr(sharded_module, "_remove_unreferenced", killed)
+    monkeypatch.setattr(storage, "remove_flat_layout", killed)
     with pytest.raises(KeyboardInterrupt):
         sharded.save(directory)
     monkeypatch.undo()

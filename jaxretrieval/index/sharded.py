@@ -22,8 +22,8 @@ On-disk layout of a sharded index directory:
     shards/<generation>/shard-00000-of-00004/   one complete Index directory per shard
     ...
 
-`open_index` opens either layout: with shards.json the directory is sharded, without it
-it is a plain Index directory (CURRENT, snapshots/).
+`open_index` opens either layout: with shards.json (storage.is_sharded) the directory is
+sharded, without it it is a plain Index directory (CURRENT, snapshots/).
 
 The switch rule. Every save, whatever the layout before and after (flat to sharded,
 sharded to flat, S shards to S'), writes the new parts completely and fsyncs them first,
@@ -50,7 +50,6 @@ Manifest updates are written to shards.json (atomically) and to every shard.
 import collections.abc
 import concurrent.futures
 import copy
-import logging
 import operator
 import os
 import shutil
@@ -58,21 +57,15 @@ import threading
 import zlib
 
 from jaxretrieval.errors import JaxRetrievalError
-# Index's own checks and snapshot writing, reused so both layouts behave alike.
-from jaxretrieval.index import (CURRENT_FILE, FLAT_LAYOUT_ENTRIES, LOAD_ATTEMPTS, LOCK_FILE,
-                                REBUILD_HINT, SCANN_DIR, SHARDS_FILE, SNAPSHOTS_DIR,
-                                VERSION_PATTERN, Index, _WriterLock, _as_float_matrix,
-                                _check_expected, _checked_manifest_updates, _checked_rows,
-                                _checked_string_list, _finish_switch, _fsync_path,
-                                _is_index_directory, _next_numbered_name, _read_json,
-                                _refuse_reserved_keys, _refuse_unknown_keys, _saving_into,
-                                _write_snapshot)
+from jaxretrieval.index import storage
+from jaxretrieval.index.checks import (as_float_matrix, checked_manifest_updates, checked_rows,
+                                       checked_string_list, refuse_reserved_keys,
+                                       refuse_unknown_keys)
+from jaxretrieval.index.flat import Index
+from jaxretrieval.index.storage import SHARDS_DIR, SHARDS_FILE, UnreadableIndexError
 from jaxretrieval.workdir import recover_interrupted_swap, write_json_atomically
 
-logger = logging.getLogger(__name__)
-
 FORMAT_VERSION = 1
-SHARDS_DIR = "shards"
 ROUTING = "crc32(utf-8 key) % num_shards"
 # A writable shard holds two open files (its log and its lock): this many stay well
 # inside the usual limit of 1024.
@@ -109,14 +102,8 @@ def checked_num_shards(num_shards):
     return value
 
 
-def _rebuild_hint(num_shards="S"):
-    return (f"rebuild it with `jaxretrieval index --workdir DIR --shards {num_shards}` "
-            "(DIR is the training workdir)")
-
-
 def _corrupt(directory, problem, num_shards="S"):
-    return JaxRetrievalError(
-        f"the index at {directory} is corrupt ({problem}): {_rebuild_hint(num_shards)}")
+    return storage.corrupt(directory, problem, num_shards)
 
 
 def _shard_names(generation, num_shards):
@@ -132,7 +119,7 @@ def _rows_by_shard(keys, num_shards):
 
 
 def _refuse_sharded_keys(updates, what):
-    _refuse_reserved_keys(updates, SHARDED_KEYS, what, owner="sharded index")
+    refuse_reserved_keys(updates, SHARDED_KEYS, what, owner="sharded index")
 
 
 def _build_shard(embeddings, keys, sources, rows, identity):
@@ -154,7 +141,7 @@ def _read_layout(directory):
     """The checked contents of shards.json, or None when the directory is not sharded."""
     path = os.path.join(directory, SHARDS_FILE)
     try:
-        layout = _read_json(path)
+        layout = storage.read_json(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, ValueError) as error:
@@ -169,10 +156,8 @@ def _read_layout(directory):
             or format_version < 1:
         raise _corrupt(directory, f"{SHARDS_FILE} has format_version {format_version!r}")
     if format_version > FORMAT_VERSION:
-        raise JaxRetrievalError(
-            f"the sharded index at {directory} has format_version {format_version}, but "
-            f"this jaxretrieval reads only up to {FORMAT_VERSION}: upgrade jaxretrieval or "
-            f"{_rebuild_hint()}")
+        raise storage.too_new(directory, format_version, FORMAT_VERSION,
+                              what="sharded index", num_shards="S")
     try:
         num_shards = checked_num_shards(layout["num_shards"])
     except JaxRetrievalError as error:
@@ -182,7 +167,7 @@ def _read_layout(directory):
                        f"not {ROUTING!r}", num_shards)
     generation = layout["generation"]
     # Checked against the names we write, so a damaged file cannot point elsewhere.
-    if not (isinstance(generation, str) and VERSION_PATTERN.fullmatch(generation)
+    if not (isinstance(generation, str) and storage.VERSION_PATTERN.fullmatch(generation)
             and layout["shards"] == _shard_names(generation, num_shards)):
         raise _corrupt(directory, f"{SHARDS_FILE} does not list the shard folders "
                        f"{SHARDS_DIR}/<generation>/shard-<i>-of-<num_shards>", num_shards)
@@ -206,15 +191,12 @@ def _current_generation(directory):
 def _load_shard(directory, name, num_shards, writable):
     path = os.path.join(directory, name)
     if not os.path.isdir(path):
-        raise JaxRetrievalError(
-            f"the index at {directory} is incomplete (shard folder {name} is missing): "
-            f"{_rebuild_hint(num_shards)}")
+        raise storage.incomplete(directory, f"shard folder {name}", num_shards)
     try:
         return Index.load(path, writable=writable)
-    except JaxRetrievalError as error:
-        # Index's advice rebuilds a flat index; a shard is rebuilt with the sharded whole.
-        raise JaxRetrievalError(
-            str(error).replace(REBUILD_HINT, _rebuild_hint(num_shards))) from None
+    except UnreadableIndexError as error:
+        # A shard is rebuilt with the sharded whole, not as a flat index.
+        raise error.for_shards(num_shards) from None
 
 
 def _check_shards(directory, manifest, shards, names):
@@ -223,38 +205,34 @@ def _check_shards(directory, manifest, shards, names):
         shard_manifest = shard.manifest
         for key in IDENTITY_KEYS:
             if shard_manifest.get(key) != manifest.get(key):
-                raise JaxRetrievalError(
+                raise UnreadableIndexError(
                     f"the index at {directory} is inconsistent ({name} has {key} "
                     f"{shard_manifest.get(key)!r} but {SHARDS_FILE} says "
-                    f"{manifest.get(key)!r}): {_rebuild_hint(num_shards)}")
+                    f"{manifest.get(key)!r}): ", num_shards)
         stray = next((key for key in shard.keys if shard_of(key, num_shards) != number), None)
         if stray is not None:
-            raise JaxRetrievalError(
+            raise UnreadableIndexError(
                 f"the index at {directory} is inconsistent ({name} holds key {stray!r}, "
-                f"which belongs in shard {shard_of(stray, num_shards)}): "
-                f"{_rebuild_hint(num_shards)}")
+                f"which belongs in shard {shard_of(stray, num_shards)}): ", num_shards)
 
 
 def _load(directory, expected, writable, *, sharded_only):
     directory = os.path.abspath(os.fspath(directory))
     # A directory left mid-swap by a format 1 save is put back first, as Index.load does.
     recover_interrupted_swap(directory)
-    for attempt in range(LOAD_ATTEMPTS):
-        generation = _current_generation(directory)
-        try:
-            if generation is not None:
-                return ShardedIndex._open(directory, expected, writable)
-            if sharded_only:
-                raise JaxRetrievalError(
-                    f"no sharded index at {directory} (no {SHARDS_FILE}): build one with "
-                    "`jaxretrieval index --workdir DIR --shards S`, or open either layout "
-                    "with open_index")
-            return Index.load(directory, expected=expected, writable=writable)
-        except (JaxRetrievalError, OSError):
-            # A save switched layout or generation while we read and removed what we were
-            # reading: start again from what the directory names now.
-            if attempt + 1 == LOAD_ATTEMPTS or _current_generation(directory) == generation:
-                raise
+
+    def read(generation):
+        if generation is not None:
+            return ShardedIndex._open(directory, expected, writable)
+        if sharded_only:
+            raise JaxRetrievalError(
+                f"no sharded index at {directory} (no {SHARDS_FILE}): "
+                f"{storage.rebuild_hint('S', verb='build one')}, or open either layout "
+                "with open_index")
+        return Index.load(directory, expected=expected, writable=writable)
+
+    # A save may switch layout or generation while we read and remove what we were reading.
+    return storage.read_with_retry(read, lambda: _current_generation(directory))
 
 
 def open_index(directory, *, expected=None, writable=False):
@@ -272,88 +250,51 @@ def save_index(index, directory):
         return
     directory = os.path.abspath(os.fspath(directory))
     recover_interrupted_swap(directory)
-    if not os.path.isfile(os.path.join(directory, SHARDS_FILE)):
+    if not storage.is_sharded(directory):
         index.save(directory)
         return
     # Index.save refuses a directory that is not a flat index; the flat half of the switch
     # is its own snapshot writer, run here under the directory's writer lock.
-    writer_lock = _WriterLock(directory)
+    writer_lock = storage.WriterLock(directory)
     try:
-        with index._lock:
-            state, manifest = index._compacted_for_saving()
-            version, previous = _write_snapshot(directory, state, manifest)
+        version, previous = index.write_snapshot(directory)
         os.remove(os.path.join(directory, SHARDS_FILE))  # the switch
-        _finish_switch(directory, version, previous)  # fsyncs it, then tidies the flat side
+        # Fsyncs the switch, then tidies the flat side.
+        storage.finish_switch(directory, version, previous)
         _remove_sharded_layout(directory)
     finally:
         writer_lock.release()
 
 
-def _remove(path):
-    try:
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
-    except OSError as error:
-        # The switch has happened; a leftover only wastes space.
-        logger.warning("could not remove %s: %s", path, error)
-
-
 def _remove_sharded_layout(directory):
     for name in os.listdir(directory):
         if name == SHARDS_DIR or name.startswith(f".{SHARDS_FILE}.tmp-"):
-            _remove(os.path.join(directory, name))
+            storage.remove_leftover(os.path.join(directory, name))
 
 
 def _remove_unreferenced(directory, keep):
     """After a switch to sharded: the flat layout, and generations not in `keep`."""
-    current = os.path.join(directory, CURRENT_FILE)
-    if os.path.exists(current):
-        _remove(current)  # first, so no reader follows it into what goes next
+    storage.remove_flat_layout(directory)
     for name in os.listdir(directory):
-        if (name in (SNAPSHOTS_DIR, SCANN_DIR, *FLAT_LAYOUT_ENTRIES)
-                or name.startswith((f".{CURRENT_FILE}.tmp-", f".{SHARDS_FILE}.tmp-"))):
-            _remove(os.path.join(directory, name))
+        if name.startswith(f".{SHARDS_FILE}.tmp-"):
+            storage.remove_leftover(os.path.join(directory, name))
     generations = os.path.join(directory, SHARDS_DIR)
     for name in os.listdir(generations):
         if name not in keep:
-            _remove(os.path.join(generations, name))
-
-
-def _prepare_directory(directory):
-    """Creates `directory` or checks it holds an index of either layout; True if created."""
-    recover_interrupted_swap(directory)
-    if not os.path.lexists(directory):
-        os.makedirs(directory)
-        return True
-    if not os.path.isdir(directory):
-        raise JaxRetrievalError(
-            f"cannot save the index to {directory}: it exists and is not a directory; "
-            "choose another path or remove it")
-    entries = set(os.listdir(directory))
-    # Also what a first save killed before its switch leaves behind.
-    ours = (_is_index_directory(directory) or SHARDS_FILE in entries
-            or entries <= {LOCK_FILE, SNAPSHOTS_DIR, SHARDS_DIR})
-    if not ours:
-        # Refuse to write into, and later clean up, something not ours.
-        raise JaxRetrievalError(
-            f"cannot save the index to {directory}: it is a non-empty directory without an "
-            "index in it; choose another path or empty it")
-    return False
+            storage.remove_leftover(os.path.join(generations, name))
 
 
 def _next_generation(directory, previous):
     generations = os.path.join(directory, SHARDS_DIR)
     os.makedirs(generations, exist_ok=True)
-    return _next_numbered_name(generations, previous)
+    return storage.next_numbered_name(generations, previous)
 
 
 def _write_layout(directory, generation, manifest):
     write_json_atomically(os.path.join(directory, SHARDS_FILE), {
         **manifest, "generation": generation,
         "shards": _shard_names(generation, manifest["num_shards"])})
-    _fsync_path(directory)
+    storage.fsync_path(directory)
 
 
 class _ShardedKeySet(collections.abc.Set):
@@ -398,15 +339,18 @@ class ShardedIndex:
 
     @classmethod
     def build(cls, embeddings, keys, *, sources=None, checkpoint_step, model_config_hash,
-              extra_manifest=None, num_shards):
-        """As `Index.build`, split into `num_shards` shards by `shard_of(key, num_shards)`."""
+              extra_manifest=None, scann_overrides=None, num_shards):
+        """As `Index.build`, split into `num_shards` shards by `shard_of(key, num_shards)`.
+
+        Each shard chooses its ScaNN settings for its own size (with `scann_overrides`).
+        """
         # Checked here with the very checks Index.build runs, so errors number rows across
         # the whole gallery; each shard's Index.build checks the rest.
-        embeddings, keys, sources = _checked_rows(embeddings, keys, sources)
+        embeddings, keys, sources = checked_rows(embeddings, keys, sources)
         num_shards = checked_num_shards(num_shards)
         _refuse_sharded_keys(extra_manifest or {}, "extra_manifest")
         identity = {"checkpoint_step": checkpoint_step, "model_config_hash": model_config_hash,
-                    "extra_manifest": extra_manifest}
+                    "extra_manifest": extra_manifest, "scann_overrides": scann_overrides}
         shards = [_build_shard(embeddings, keys, sources, rows, identity)
                   for rows in _rows_by_shard(keys, num_shards)]
         common = {key: value for key, value in shards[0].manifest.items()
@@ -421,7 +365,7 @@ class ShardedIndex:
 
     @classmethod
     def _open(cls, directory, expected, writable):
-        writer_lock = _WriterLock(directory) if writable else None
+        writer_lock = storage.WriterLock(directory) if writable else None
         shards = []
         try:
             layout = _read_layout(directory)  # again: under the lock when writable
@@ -431,12 +375,7 @@ class ShardedIndex:
             num_shards = layout["num_shards"]
             manifest = {key: value for key, value in layout.items()
                         if key not in ("generation", "shards")}
-            try:
-                _check_expected(directory, manifest, expected)
-            except JaxRetrievalError as error:
-                raise JaxRetrievalError(
-                    f"{error}, then shard it again with `jaxretrieval index --workdir DIR "
-                    f"--shards {num_shards}`") from None
+            storage.check_expected(directory, manifest, expected, num_shards)
             for name in layout["shards"]:
                 shards.append(_load_shard(directory, name, num_shards, writable))
             _check_shards(directory, manifest, shards, layout["shards"])
@@ -519,7 +458,7 @@ class ShardedIndex:
         Exactly equal scores are ordered by key (which of them make the cut at k follows
         each shard's ScaNN order, by row).
         """
-        queries = _as_float_matrix(queries, "queries")
+        queries = as_float_matrix(queries, "queries")
         # Each shard checks the queries, k and threshold as an Index does.
         results = self._on_every_shard(
             lambda shard: shard.search(queries, k, threshold=threshold))
@@ -554,7 +493,7 @@ class ShardedIndex:
 
     def upsert(self, keys, embeddings, sources=None):
         """As `Index.upsert`; each shard logs its part before the call returns."""
-        embeddings, keys, sources = _checked_rows(embeddings, keys, sources,
+        embeddings, keys, sources = checked_rows(embeddings, keys, sources,
                                                   self.embedding_dim)
         with self._lock:
             self._check_open()
@@ -566,10 +505,10 @@ class ShardedIndex:
 
     def delete(self, keys):
         """As `Index.delete`: unknown keys are an error, and then nothing is deleted."""
-        keys = _checked_string_list(keys, "keys")
+        keys = checked_string_list(keys, "keys")
         with self._lock:
             self._check_open()
-            _refuse_unknown_keys([key for key in keys if key not in self])
+            refuse_unknown_keys([key for key in keys if key not in self])
             for shard, rows in self._routed(keys):
                 shard.delete([keys[row] for row in rows])
 
@@ -581,7 +520,7 @@ class ShardedIndex:
 
     def update_manifest(self, **updates):
         """As `Index.update_manifest`; a writable index also rewrites shards.json."""
-        updates = _checked_manifest_updates(updates, "update_manifest")
+        updates = checked_manifest_updates(updates, "update_manifest")
         _refuse_sharded_keys(updates, "update_manifest")
         with self._lock:
             self._check_open()
@@ -616,7 +555,8 @@ class ShardedIndex:
                 self._directory):
             self.snapshot()
             return
-        with _saving_into(directory, created=_prepare_directory(directory)), self._lock:
+        created = storage.prepare_directory(directory, any_layout=True)
+        with storage.saving_into(directory, created), self._lock:
             self._save_locked(directory)
 
     def _save_locked(self, directory):
@@ -631,7 +571,7 @@ class ShardedIndex:
                 shard.save(os.path.join(directory, name))
             # Index.save made each shard durable; now the folders that name them.
             for path in (folder, os.path.dirname(folder), directory):
-                _fsync_path(path)
+                storage.fsync_path(path)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise

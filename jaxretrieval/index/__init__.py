@@ -1,0 +1,27 @@
+"""The gallery index: ScaNN search over embeddings under string keys, saved, live-updated.
+
+`Index` is one searcher (flat layout); `ShardedIndex` splits items over several
+Index shards by key. Both satisfy `SearchIndex`. `open_index` opens a directory of
+either layout and `save_index` saves either kind over either layout.
+
+Modules: checks (input checks), scann_adapter (ScaNN settings, build, load),
+state (in-memory contents), storage (directories on disk), wal (the write-ahead log),
+tuning (Index.tune and recall@k), protocol (SearchIndex), flat (Index) and
+sharded (ShardedIndex, open_index, save_index).
+"""
+
+from jaxretrieval.index.flat import Index
+from jaxretrieval.index.protocol import SearchIndex
+from jaxretrieval.index.scann_adapter import EXACT_SEARCH_MAX_COUNT, scann_settings
+from jaxretrieval.index.sharded import (MAX_NUM_SHARDS, ShardedIndex, checked_num_shards,
+                                        num_shards_on_disk, open_index, save_index, shard_of)
+from jaxretrieval.index.storage import (FORMAT_VERSION, UnreadableIndexError, rebuild_hint,
+                                        snapshot_directory)
+from jaxretrieval.index.tuning import exact_kth_scores, recall_per_query
+
+__all__ = [
+    "EXACT_SEARCH_MAX_COUNT", "FORMAT_VERSION", "MAX_NUM_SHARDS", "Index", "SearchIndex",
+    "ShardedIndex", "UnreadableIndexError", "checked_num_shards", "exact_kth_scores",
+    "num_shards_on_disk", "open_index", "rebuild_hint", "recall_per_query", "save_index",
+    "scann_settings", "shard_of", "snapshot_directory",
+]
