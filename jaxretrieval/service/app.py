@@ -21,6 +21,8 @@ from jaxretrieval.service.routes import Service, ServiceError, router
 
 @dataclasses.dataclass(frozen=True)
 class ServiceSettings:
+    """The service's limits and options (`python -m serve` sets them from its flags)."""
+
     api_key: str | None = None  # required (header X-API-Key) for POST/DELETE /items
     max_k: int = 1000
     max_batch: int = 32  # images per compiled embedding call
