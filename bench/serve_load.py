@@ -1,7 +1,7 @@
 """Load on the HTTP service: latency percentiles and throughput for image and embedding
 queries, with and without micro-batching.
 
-    python bench/serve_load.py --workdir runs/default [--clients 8] [--requests 2000]
+    python -m bench.serve_load --workdir runs/default [--clients 8] [--requests 2000]
         [--seconds 30]
 
 For each setting it starts `python -m serve` on a free local port (micro-batching on:
@@ -25,7 +25,7 @@ import uuid
 
 import numpy as np
 
-from report import emit  # bench/report.py, beside this script
+from bench.report import emit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,7 +125,7 @@ def main():
     lines = [f"Service load, {time.strftime('%Y-%m-%d')}, {platform.machine()} "
              f"{os.cpu_count()} cores, {args.clients} concurrent clients, workdir "
              f"`{args.workdir}`:", "",
-             f"`python bench/serve_load.py --workdir {args.workdir} --clients {args.clients} "
+             f"`python -m bench.serve_load --workdir {args.workdir} --clients {args.clients} "
              f"--requests {args.requests} --seconds {args.seconds:g}`", "",
              "| query | micro-batching | requests | errors | p50 ms | p95 ms | p99 ms | req/s |",
              "|---|---|---|---|---|---|---|---|"]

@@ -302,7 +302,7 @@ def run_serve(argv) -> int:
     retriever.warm_up(settings.max_batch)
     app = create_app(retriever, settings)
     print(f"serving {os.path.abspath(args.workdir)} on http://{args.host}:{args.port} "
-          f"({retriever.index.count} items)", flush=True)
+          f"({retriever.count} items)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

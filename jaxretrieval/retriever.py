@@ -1,13 +1,30 @@
-"""The serving-time object: an Embedder and the index (flat or sharded) it was built with."""
+"""The serving-time object: an Embedder and the index (flat or sharded) it was built with.
+
+Everything a caller does with a trained workdir goes through a Retriever: embedding, search,
+matching, live changes to the gallery and the thumbnails of its items. The HTTP service is
+one such caller; it holds no other handle on the model or the index.
+"""
 
 import dataclasses
 
 import numpy as np
+from PIL import Image
 
+from jaxretrieval.data.images import decode_image_bytes, to_model_input
+from jaxretrieval.data.sources import read_source
 from jaxretrieval.embed import Embedder
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.index import Index, ShardedIndex, open_index
 from jaxretrieval.workdir import Workdir
+
+THUMBNAIL_SIDE = 160
+# Thumbnails smaller than this on their longer side (8x8 digits) are scaled up by a whole
+# factor, with nearest-neighbour pixels, so that they are visible and stay sharp.
+THUMBNAIL_MIN_SIDE = 64
+
+
+class UnknownItemError(JaxRetrievalError):
+    """A key names no item in the gallery."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,10 +37,14 @@ class Match:
 
 
 class Retriever:
-    """Embeds query images and searches the gallery index.
+    """Embeds query images, searches the gallery index and keeps the gallery up to date.
 
         r = Retriever.load("runs/default")
         keys, scores = r.search(images, k=10)   # images: HxWxC uint8 arrays or file paths
+
+    Searches may run in many threads at once, beside one thread changing the gallery.
+    Errors a caller can fix raise JaxRetrievalError (UnknownItemError for a key that is
+    not in the gallery).
     """
 
     def __init__(self, embedder: Embedder, index: Index | ShardedIndex):
@@ -39,8 +60,9 @@ class Retriever:
         """The latest checkpoint and `DIR/index/` (flat or sharded); refuses an index built
         by another model.
 
-        `writable=True` opens the index for live updates (`index.upsert`, `index.delete`),
-        each logged durably before it returns; one writer per workdir at a time.
+        `writable=True` opens the index for live updates (`upsert_images`,
+        `upsert_embeddings`, `delete`), each written to the index's log before it returns,
+        so that the next `load` sees it; one writer per workdir at a time.
         """
         embedder = Embedder.from_workdir(workdir)
         index = open_index(Workdir(workdir).index, writable=writable, expected={
@@ -50,21 +72,30 @@ class Retriever:
         })
         return cls(embedder, index)
 
-    def warm_up(self, max_batch: int | None = None) -> None:
-        """Compiles the embedding programs ahead of the first query."""
-        self.embedder.warm_up(max_batch)
+    def close(self) -> None:
+        """Closes the index: a writable one stops taking changes and frees the workdir for
+        the next writer."""
+        self.index.close()
 
-    def embed(self, images) -> np.ndarray:
-        """L2-normalised float32 [n, d] embeddings of HxWxC uint8 arrays or image paths."""
-        return self.embedder.embed(images)
+    # ------------------------------------------------------------------ facts
 
-    def search(self, images, k: int = 10, *, threshold: float | None = None):
-        """(keys, scores): per query image, up to k gallery keys and their scores, best first."""
-        return self.search_embeddings(self.embed(images), k, threshold=threshold)
+    @property
+    def count(self) -> int:
+        """The number of items in the gallery."""
+        return self.index.count
 
-    def search_embeddings(self, vectors, k: int = 10, *, threshold: float | None = None):
-        """As `search`, for query embeddings [n, d] computed already."""
-        return self.index.search(np.asarray(vectors, np.float32), k, threshold=threshold)
+    @property
+    def embedding_dim(self) -> int:
+        """The length of every embedding."""
+        return self.index.embedding_dim
+
+    @property
+    def writable(self) -> bool:
+        """True when changes are logged durably (`load(..., writable=True)`)."""
+        return self.index.writable
+
+    def __contains__(self, key) -> bool:
+        return isinstance(key, str) and key in self.index
 
     @property
     def match_threshold(self) -> float | None:
@@ -73,6 +104,41 @@ class Retriever:
         thresholds = self.index.manifest.get("match_thresholds") or {}
         value = thresholds.get("at_target_precision")
         return value if value is not None else thresholds.get("best_f1")
+
+    # ------------------------------------------------------------------ embedding
+
+    def warm_up(self, max_batch: int | None = None) -> None:
+        """Compiles the embedding programs ahead of the first query."""
+        self.embedder.warm_up(max_batch)
+
+    def decode_image(self, data: bytes, *, max_pixels: int) -> np.ndarray:
+        """An encoded image (PNG, JPEG, ...) as the model's uint8 [size, size, channels] input.
+
+        Raises JaxRetrievalError for bytes that are not an image, a truncated image, or one
+        of more than `max_pixels` pixels (checked before the pixels are decoded).
+        """
+        image = decode_image_bytes(data, max_pixels=max_pixels)
+        config = self.embedder.config
+        return to_model_input(image, config.image_size, config.channels)
+
+    def embed(self, images) -> np.ndarray:
+        """L2-normalised float32 [n, d] embeddings of HxWxC uint8 arrays or image paths."""
+        return self.embedder.embed(images)
+
+    def embed_uint8(self, images: np.ndarray) -> np.ndarray:
+        """As `embed`, for a uint8 [n, size, size, channels] batch already in the model's
+        input shape (see `decode_image`), without converting image by image."""
+        return self.embedder.embed_uint8(images)
+
+    # ------------------------------------------------------------------ search and match
+
+    def search(self, images, k: int = 10, *, threshold: float | None = None):
+        """(keys, scores): per query image, up to k gallery keys and their scores, best first."""
+        return self.search_embeddings(self.embed(images), k, threshold=threshold)
+
+    def search_embeddings(self, vectors, k: int = 10, *, threshold: float | None = None):
+        """As `search`, for query embeddings [n, d] computed already."""
+        return self.index.search(np.asarray(vectors, np.float32), k, threshold=threshold)
 
     def match(self, image_a, image_b, *, threshold: float | None = None) -> Match:
         """Are two images of the same class? Cosine similarity against `threshold`
@@ -86,3 +152,68 @@ class Retriever:
         threshold = self.match_threshold if threshold is None else float(threshold)
         same = None if threshold is None else similarity >= threshold
         return Match(similarity=similarity, same=same, threshold=threshold)
+
+    # ------------------------------------------------------------------ changing the gallery
+
+    def upsert_images(self, keys, images, *, sources=None) -> None:
+        """Embeds `images` (HxWxC uint8 arrays or file paths) and stores them under `keys`,
+        replacing the items already under any of those keys.
+
+        `sources`, one string per image, records where each image can be read again (a file
+        path, or a dataset reference); it is what `thumbnail` shows. Errors as
+        `upsert_embeddings`, and JaxRetrievalError for an image that cannot be read.
+        """
+        self.upsert_embeddings(keys, self.embed(images), sources=sources)
+
+    def upsert_embeddings(self, keys, embeddings, *, sources=None) -> None:
+        """Stores L2-normalised float32 `embeddings` [n, embedding_dim] under `keys`,
+        replacing the items already under any of those keys; `sources` as in
+        `upsert_images`.
+
+        Searches see the change when this returns; on a writable Retriever it is also in
+        the index's log on disk by then. Raises JaxRetrievalError, storing nothing, for a
+        wrong dimension, rows that are not finite or not of unit length, keys that are not
+        unique strings, or a key or source count that differs from the row count.
+        """
+        self.index.upsert(keys, embeddings, sources)
+
+    def delete(self, keys) -> None:
+        """Removes the items under `keys`, durably as `upsert_embeddings` does.
+
+        Raises UnknownItemError, deleting nothing, if any key is not in the gallery.
+        """
+        if isinstance(keys, str):
+            raise JaxRetrievalError("keys must be a list of strings, not one string")
+        keys = list(keys)
+        unknown = [key for key in keys if key not in self]
+        if unknown:
+            raise UnknownItemError(
+                f"no item with id {unknown[0]!r}" if len(unknown) == 1 else
+                f"no items with ids {', '.join(map(repr, unknown))} (nothing was deleted)")
+        self.index.delete(keys)
+
+    # ------------------------------------------------------------------ thumbnails
+
+    def thumbnail(self, key: str, *, side: int = THUMBNAIL_SIDE,
+                  data_dir: str | None = None) -> Image.Image:
+        """The image behind an item's source, shrunk to fit `side` x `side` pixels (tiny
+        images are enlarged to at least THUMBNAIL_MIN_SIDE instead), in mode L or RGB.
+
+        `data_dir` is the TFDS data directory of dataset sources (default: the one the
+        model was trained from). Raises UnknownItemError for a key not in the gallery and
+        JaxRetrievalError for an item without a source or whose image cannot be read.
+        """
+        if key not in self:
+            raise UnknownItemError(f"no item with id {key!r}")
+        source = self.index.source_of(key)
+        if not source:
+            raise JaxRetrievalError(f"item {key!r} has no stored image")
+        image = read_source(source, self.embedder.config.data_dir if data_dir is None
+                            else data_dir)
+        image = image.convert("RGB") if image.mode not in ("L", "RGB") else image
+        image.thumbnail((side, side))
+        if max(image.size) < THUMBNAIL_MIN_SIDE:
+            scale = THUMBNAIL_MIN_SIDE // max(image.size)
+            image = image.resize((image.width * scale, image.height * scale),
+                                 Image.Resampling.NEAREST)
+        return image

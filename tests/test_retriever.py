@@ -11,7 +11,7 @@ from conftest import run_python
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.evaluation import rebuild_index
 from jaxretrieval.index import Index, snapshot_directory
-from jaxretrieval.retriever import Retriever
+from jaxretrieval.retriever import Retriever, UnknownItemError
 from jaxretrieval.workdir import Workdir
 
 
@@ -136,3 +136,79 @@ def test_match_uses_the_calibrated_threshold(trained_workdir):
     assert forced.same is False and forced.threshold == 1.01
     expected = float(np.dot(*retriever.embed([images[0], images[1]])))
     assert forced.similarity == pytest.approx(expected, abs=1e-6)
+
+
+def digit_file(tmp_path, index):
+    """Digit `index` of the gallery as a PNG file of its stored 8x8 pixels."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    path = str(tmp_path / f"digit{index}.png")
+    Image.fromarray(np.round(load_digits().images[index] * 255 / 16).astype(np.uint8)).save(path)
+    return path
+
+
+def unit_vector(dim, axis):
+    vector = np.zeros(dim, np.float32)
+    vector[axis] = 1.0
+    return vector
+
+
+def test_live_updates_are_searchable_refused_whole_and_survive_a_reload(trained_workdir,
+                                                                        tmp_path):
+    workdir = copy_workdir(trained_workdir[0], tmp_path)
+    retriever = Retriever.load(workdir, writable=True)
+    assert retriever.writable and retriever.count == 1797 and retriever.embedding_dim == 16
+    nine = digit_file(tmp_path, 9)
+    retriever.upsert_images(["new/image"], [nine], sources=[nine])
+    keys, scores = retriever.search([nine], k=2)
+    assert set(keys[0]) == {"train/9", "new/image"} and min(scores[0]) > 0.9999
+    vector = unit_vector(16, 0)
+    retriever.upsert_embeddings(["new/vector"], vector[None])
+    keys, scores = retriever.search_embeddings(vector[None], k=1)
+    assert keys == [["new/vector"]] and scores[0][0] == pytest.approx(1.0, abs=1e-5)
+    assert retriever.count == 1799
+
+    with pytest.raises(JaxRetrievalError, match="dimension 17 but the index has dimension 16"):
+        retriever.upsert_embeddings(["new/wrong"], unit_vector(17, 0)[None])
+    assert "new/wrong" not in retriever and retriever.count == 1799
+
+    retriever.delete(["train/3"])
+    assert "train/3" not in retriever and retriever.count == 1798
+    with pytest.raises(UnknownItemError, match="no item with id 'train/3'"):
+        retriever.delete(["train/3"])
+    with pytest.raises(UnknownItemError, match="'nope'.*nothing was deleted"):
+        retriever.delete(["new/vector", "nope", "train/3"])
+    assert "new/vector" in retriever and retriever.count == 1798
+    retriever.close()
+
+    reopened = Retriever.load(workdir)
+    assert not reopened.writable and reopened.count == 1798
+    assert "new/image" in reopened and "new/vector" in reopened
+    assert "train/3" not in reopened and "new/wrong" not in reopened
+    assert reopened.search_embeddings(vector[None], k=1)[0] == [["new/vector"]]
+    assert np.asarray(reopened.thumbnail("new/image")).shape == (64, 64)  # its file source
+
+
+def test_thumbnails_show_an_items_source_and_name_what_is_missing(trained_workdir, tmp_path):
+    from PIL import Image
+
+    retriever = Retriever.load(trained_workdir[0])
+    thumbnail = retriever.thumbnail("train/5")  # a TFDS source, read from the run's data_dir
+    assert thumbnail.mode == "L" and thumbnail.size == (64, 64)  # 8x8, enlarged 8 times
+    assert retriever.thumbnail("train/5", side=32).size == (64, 64)  # never below 64
+    big = str(tmp_path / "big.png")
+    Image.new("RGB", (400, 200), "red").save(big)
+    # An index opened read-only takes changes in memory, which is enough to test with.
+    retriever.upsert_images(["new/big"], [big], sources=[big])
+    assert retriever.thumbnail("new/big").size == (160, 80)
+    assert retriever.thumbnail("new/big", side=100).size == (100, 50)
+    with pytest.raises(UnknownItemError, match="no item with id 'nope'"):
+        retriever.thumbnail("nope")
+    retriever.upsert_embeddings(["new/bare"], unit_vector(16, 1)[None])
+    with pytest.raises(JaxRetrievalError, match="'new/bare' has no stored image") as raised:
+        retriever.thumbnail("new/bare")
+    assert not isinstance(raised.value, UnknownItemError)
+    os.remove(big)
+    with pytest.raises(JaxRetrievalError, match="not found"):
+        retriever.thumbnail("new/big")

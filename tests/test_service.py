@@ -1,6 +1,8 @@
 """The HTTP service, in process: endpoints, errors, API key, metrics, micro-batching."""
 
+import ast
 import io
+import os
 import shutil
 import threading
 import time
@@ -218,3 +220,25 @@ def test_an_oversized_request_is_refused_before_it_is_read(service):
     response = client.post("/items", headers={"X-API-Key": API_KEY},
                            files={"image": ("x.png", huge, "image/png")}, data={"id": "big"})
     assert_error(response, 413, "too_large")
+
+
+def test_the_service_reaches_the_model_and_the_index_only_through_the_retriever():
+    import jaxretrieval.service
+
+    package = os.path.dirname(jaxretrieval.service.__file__)
+    for name in sorted(os.listdir(package)):
+        if not name.endswith(".py"):
+            continue
+        tree = ast.parse(open(os.path.join(package, name), encoding="utf-8").read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                modules = []
+            for module in modules:
+                assert not module.startswith("jaxretrieval.data"), (name, module)
+            if isinstance(node, ast.Attribute):
+                assert node.attr not in ("index", "embedder"), (
+                    f"{name}:{node.lineno} reaches .{node.attr}: go through Retriever methods")
