@@ -45,6 +45,14 @@ def build_both(gallery, num_shards, **extra):
             ShardedIndex.build(vectors, keys, num_shards=num_shards, **arguments))
 
 
+def assert_same_results(got, expected):
+    """Same keys in the same order; scores equal up to float32 rounding, because the shards'
+    deltas are scored in smaller matrix products than one index's delta."""
+    assert got[0] == expected[0]
+    for got_row, expected_row in zip(got[1], expected[1]):
+        np.testing.assert_allclose(got_row, expected_row, rtol=0, atol=1e-6)
+
+
 def error_of(call):
     with pytest.raises(JaxRetrievalError) as caught:
         call()
@@ -335,7 +343,7 @@ def test_changes_route_and_survive_reopening(gallery, queries, tmp_path):
             assert holders == ([] if key in deleted else [shard_of(key, 3)])
         # One Index with the same history: new items are in its delta too.
         results = live.search(queries, 20)
-        assert results == flat.search(queries, 20)
+        assert_same_results(results, flat.search(queries, 20))
         assert live.count == COUNT + 12 - 4
     assert not live.writable
     with pytest.raises(JaxRetrievalError, match="closed.*open_index"):
@@ -356,7 +364,7 @@ def test_changes_route_and_survive_reopening(gallery, queries, tmp_path):
         again.compact()
         flat.compact()
         results = again.search(queries, 20)
-        assert results == flat.search(queries, 20)
+        assert_same_results(results, flat.search(queries, 20))
         again.snapshot()
         again.update_manifest(note="after the snapshot")
     for number in range(3):
