@@ -64,8 +64,8 @@ def test_images_decoded_lazily_are_decoded_once_and_only_when_read(tmp_path):
     (tmp_path / "c3" / "x.png").write_bytes(b"broken")  # never read below
     dataset = load_dataset(folder_config(tmp_path), decode_now=False)
     reads = []
-    read_one = dataset._read_one
-    dataset._read_one = lambda i: reads.append(i) or read_one(i)
+    read_one = dataset.read_one
+    dataset.read_one = lambda i: reads.append(i) or read_one(i)
     assert dataset.images([1, 0, 1])[:, 0, 0, 0].tolist() == [50, 0, 50]
     assert dataset.images([0, 2])[:, 0, 0, 0].tolist() == [0, 100]
     assert sorted(reads) == [0, 1, 2]

@@ -38,7 +38,7 @@ class ImageDataset:
     class_names: list  # str [num_classes], index = label
     image_size: int
     channels: int
-    _read_one: Callable[[int], np.ndarray]  # index -> uint8 [size, size, channels]
+    read_one: Callable[[int], np.ndarray]  # index -> uint8 [size, size, channels]
     _cache: np.ndarray = None  # filled as images are first read; see cache_in_memory
     _cached: np.ndarray = None  # bool [n]: which rows of _cache are decoded
 
@@ -60,13 +60,13 @@ class ImageDataset:
     def _fill_cache(self, indices) -> None:
         # Decoded straight into the cache: no second full-size array at the peak.
         for index in np.unique(indices[~self._cached[indices]]):
-            self._cache[index] = self._read_one(int(index))
+            self._cache[index] = self.read_one(int(index))
             self._cached[index] = True
 
     def _decode(self, indices) -> np.ndarray:
         out = np.empty((len(indices), self.image_size, self.image_size, self.channels), np.uint8)
         for i, index in enumerate(indices):
-            out[i] = self._read_one(int(index))
+            out[i] = self.read_one(int(index))
         return out
 
     def cache_in_memory(self, max_bytes: int, *, decode_now: bool = True) -> bool:
