@@ -317,8 +317,7 @@ def with_projection_head(loss: Loss, hidden: int) -> Loss:
     The head (Dense(hidden), ReLU, Dense back to the embedding size, unit length) is
     learned with the loss, under "head" in its parameters, so the embedding need not
     shed what the training classes do not use: the head SimCLR and SupCon train through,
-    reported to transfer supervised features better (Wang et al., 2022). Measured on
-    unseen identities in the README's loss table.
+    reported to transfer supervised features better (Wang et al., 2022).
     """
     def init(rng, num_classes, embedding_dim, config):
         loss_rng, hidden_rng, out_rng = jax.random.split(rng, 3)
