@@ -12,11 +12,11 @@ import os
 import ml_collections
 
 from jaxretrieval.data.sources import parse_reference
+from jaxretrieval.data.splits import SPLITS
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.losses import DEFAULT_LOSS_OPTIONS, check_loss_options
 from jaxretrieval.models import backbone_options, check_backbone
 
-SPLITS = ("held_out_images", "unseen_classes", "dataset_splits")
 POOLINGS = ("flatten", "avg", "max", "gem")
 PARALLEL_WRAPPERS = ("pmap", "shard_map")
 SAMPLERS = ("random", "class_balanced")
@@ -37,7 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset = "digits"  # KIND or KIND:ARGUMENT, a kind of jaxretrieval.data.sources.DATASETS
     c.label_key = "label"  # the label feature of a TFDS dataset
     c.data_dir = ""  # TFDS data directory; "" means TFDS's own default
-    c.split = "held_out_images"  # held_out_images | unseen_classes | dataset_splits
+    c.split = "held_out_images"  # a key of jaxretrieval.data.splits.SPLITS
     c.query_fraction = 0.2  # held_out_images: share of each class's images used as queries
     c.image_size = 32
     c.channels = 1
