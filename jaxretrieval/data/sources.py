@@ -280,8 +280,8 @@ def parse_reference(reference: str) -> tuple[DatasetSource, str]:
     kind, _, argument = reference.partition(":")
     source = DATASETS.get(kind)
     if source is None or bool(argument) != bool(source.argument):
-        usages = [f"{kind}:{source.argument}" if source.argument else kind
-                  for kind, source in DATASETS.items()]
+        usages = [f"{name}:{entry.argument}" if entry.argument else name
+                  for name, entry in DATASETS.items()]
         raise JaxRetrievalError(f"bad config: dataset={reference!r}; use "
                                 f"{', '.join(usages[:-1])} or {usages[-1]}")
     return source, argument
