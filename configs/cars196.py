@@ -4,8 +4,8 @@ The same recipe as configs/cub.py (ResNet-50, GeM, 512-d, multi-similarity, P x 
 
     python -m train --config configs/cars196.py --workdir runs/cars196
 
-TFDS's download address for cars196 is dead (tensorflow/datasets#5053). Download the Stanford
-Cars archives yourself and either
+TFDS cannot download cars196 itself: its download address no longer serves the files.
+Download the Stanford Cars archives yourself and either
   - put them in TFDS's manual folder and prepare from there:
     `tfds build cars196 --manual_dir /data/cars_manual`, then run the command above; or
   - arrange the images one folder per class, folders named so they sort in class order

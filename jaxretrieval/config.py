@@ -11,9 +11,12 @@ import os
 
 import ml_collections
 
+from jaxretrieval.data.sources import parse_reference
+from jaxretrieval.data.splits import SPLITS
 from jaxretrieval.errors import JaxRetrievalError
+from jaxretrieval.losses import DEFAULT_LOSS_OPTIONS, check_loss_options
+from jaxretrieval.models import backbone_options, check_backbone
 
-SPLITS = ("held_out_images", "unseen_classes", "dataset_splits")
 POOLINGS = ("flatten", "avg", "max", "gem")
 PARALLEL_WRAPPERS = ("pmap", "shard_map")
 SAMPLERS = ("random", "class_balanced")
@@ -31,10 +34,10 @@ def base_config() -> ml_collections.ConfigDict:
     """Every key a run reads, with the offline default's values (digits, small seed CNN)."""
     c = ml_collections.ConfigDict()
     # Data.
-    c.dataset = "digits"  # digits | tfds:NAME | folder:PATH
+    c.dataset = "digits"  # KIND or KIND:ARGUMENT, a kind of jaxretrieval.data.sources.DATASETS
     c.label_key = "label"  # the label feature of a TFDS dataset
     c.data_dir = ""  # TFDS data directory; "" means TFDS's own default
-    c.split = "held_out_images"  # held_out_images | unseen_classes | dataset_splits
+    c.split = "held_out_images"  # a key of jaxretrieval.data.splits.SPLITS
     c.query_fraction = 0.2  # held_out_images: share of each class's images used as queries
     c.image_size = 32
     c.channels = 1
@@ -42,15 +45,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Model.
     c.model = ml_collections.ConfigDict()
-    c.model.name = "seed_cnn"  # seed_cnn | resnet18 | resnet50
-    # seed_cnn:
-    c.model.widths = (32, 64, 128)
-    c.model.kernel_size = 3
-    c.model.padding = "SAME"  # the seed uses VALID
-    c.model.batch_norm = True
-    # resnet18 / resnet50 (always with BatchNorm):
-    c.model.num_filters = 64
-    c.model.small_stem = True  # 3x3 stride-1 stem, no max-pool: for inputs under ~100 pixels
+    c.model.name = "seed_cnn"  # a key of jaxretrieval.models.BACKBONES
+    # Every backbone's own keys, with their defaults: BACKBONES[name].options.
+    c.model.update(backbone_options())
     # The head:
     c.model.pooling = "gem"  # flatten | avg | max | gem
     c.model.hidden_dim = 0  # a Dense+ReLU before the projection (the seed: 128); 0 for none
@@ -75,14 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss = "normalized_softmax"
     # Width of an MLP head the loss is trained through and retrieval never uses (0: none).
     c.projection_head = 0
-    # Each loss reads its own keys (jaxretrieval.losses.DEFAULT_LOSS_OPTIONS, kept equal).
-    c.loss_options = ml_collections.ConfigDict(dict(
-        normalized_softmax_scale=16.0,  # logits = scale * cosine to the class proxy
-        arcface_scale=30.0, arcface_margin=0.2,  # margin in radians
-        contrastive_margin=0.5, triplet_margin=0.2,
-        multi_similarity_alpha=2.0, multi_similarity_beta=50.0,
-        multi_similarity_lambda=0.5, multi_similarity_epsilon=0.1,
-        supcon_temperature=0.1))
+    # Each loss reads its own keys, declared with their defaults and ranges in
+    # jaxretrieval.losses.LOSSES.
+    c.loss_options = ml_collections.ConfigDict(DEFAULT_LOSS_OPTIONS)
     # Batches: `random` (shuffled epochs) or `class_balanced` (P classes x K images each,
     # P = global_batch_size / images_per_class).
     c.sampler = "random"
@@ -173,10 +165,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     def fail(message):
         raise JaxRetrievalError(f"bad config: {message}")
 
-    dataset = config.dataset
-    kind, _, argument = dataset.partition(":")
-    if not (dataset == "digits" or (kind in ("tfds", "folder") and argument)):
-        fail(f"dataset={dataset!r}; use digits, tfds:NAME or folder:PATH")
+    parse_reference(config.dataset)
     if config.split not in SPLITS:
         fail(f"split={config.split!r}; use one of {', '.join(SPLITS)}")
     if not 0.0 < config.query_fraction < 1.0:
@@ -185,8 +174,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         fail(f"channels={config.channels}; use 1 (grayscale) or 3 (RGB)")
     if config.model.pooling not in POOLINGS:
         fail(f"model.pooling={config.model.pooling!r}; use one of {', '.join(POOLINGS)}")
-    if config.model.padding not in ("SAME", "VALID"):
-        fail(f"model.padding={config.model.padding!r}; use SAME or VALID")
     if config.dtype not in DTYPES:
         fail(f"dtype={config.dtype!r}; use one of {', '.join(DTYPES)}")
     if config.parallel not in PARALLEL_WRAPPERS:
@@ -195,14 +182,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             config.projection_head, int) or config.projection_head < 0:
         fail(f"projection_head={config.projection_head!r}; use 0 (no head) or the head's "
              "hidden width, e.g. 256")
-    o = config.loss_options
-    positive = ("normalized_softmax_scale", "arcface_scale", "multi_similarity_alpha",
-                "multi_similarity_beta", "supcon_temperature")
-    if any(o[k] <= 0 for k in positive) or not 0 <= o.arcface_margin < 1.5707963 or any(
-            o[k] < 0 for k in ("contrastive_margin", "triplet_margin",
-                               "multi_similarity_epsilon")):
-        fail(f"loss_options: use positive {', '.join(positive)}; 0 <= arcface_margin < pi/2; "
-             "margins and multi_similarity_epsilon not negative")
+    check_loss_options(config.loss_options)
     if config.sampler not in SAMPLERS:
         fail(f"sampler={config.sampler!r}; use one of {', '.join(SAMPLERS)}")
     if config.sampler == "class_balanced" and (
@@ -211,15 +191,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
              f"({config.images_per_class} and {config.global_batch_size} given)")
     if not 0.0 < config.match_target_precision <= 1.0:
         fail(f"match_target_precision={config.match_target_precision}; use a value in (0, 1]")
-    # The stack must leave at least one pixel: each stage is a conv (VALID loses k-1) then a 2x pool.
-    side = config.image_size
-    for _ in (config.model.widths if config.model.name == "seed_cnn" else ()):
-        if config.model.padding == "VALID":
-            side -= config.model.kernel_size - 1
-        side //= 2
-    if side < 1:
-        fail(f"image_size={config.image_size} is too small for {len(config.model.widths)} "
-             "conv/pool stages; raise image_size or remove a width from model.widths")
+    check_backbone(config)
     for name in ("image_size", "embedding_dim", "global_batch_size", "num_train_steps",
                  "log_every_steps", "checkpoint_every_steps", "checkpoints_to_keep",
                  "embed_batch_size"):
@@ -227,12 +199,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             fail(f"{name}={config[name]}; use a positive integer")
     if config.warmup_steps < 0 or config.learning_rate <= 0 or config.weight_decay < 0:
         fail("learning_rate must be positive, warmup_steps and weight_decay not negative")
-    m = config.model
-    if not m.widths or min(m.widths) < 1 or m.kernel_size < 1 or m.hidden_dim < 0:
-        fail("model.widths needs at least one positive width, model.kernel_size >= 1 and "
-             "model.hidden_dim >= 0")
-    if m.num_filters < 1:
-        fail(f"model.num_filters={m.num_filters}; use a positive integer")
+    if config.model.hidden_dim < 0:
+        fail(f"model.hidden_dim={config.model.hidden_dim}; use 0 (no hidden layer) or its width")
     a = config.augment
     if not (0 <= a.max_translation < 0.5 and 0 <= a.contrast < 1 and 0 <= a.brightness <= 1
             and 0 <= a.max_rotation_degrees <= 180):

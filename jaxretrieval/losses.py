@@ -1,13 +1,16 @@
 """Training losses for retrieval embeddings, by name: proxy losses and pair losses.
 
-Each loss is a `Loss(init, apply)`:
+Each loss is a `Loss(init, apply, options)`:
 
     params = loss.init(rng, num_classes, embedding_dim, config)  # {} for pair losses
     value = loss.apply(params, embeddings, labels, config)       # float32 scalar
 
 `embeddings` are float32 [B, d] and already of unit length; `labels` are int32 [B] in
 [0, num_classes). Hyper-parameters come from `config.loss_options`; a missing key (or a
-config without `loss_options`) takes its default from `DEFAULT_LOSS_OPTIONS`.
+config without `loss_options`) takes its default. Each one is declared once, with its
+default and its valid range, in the `options` of its loss's `LOSSES` entry: the config's
+`loss_options` and their checks are built from there, so adding a loss, or an option of
+one, touches this file alone.
 
 Proxy losses (softmax, normalized_softmax, arcface) score each example against learned
 per-class parameters. Pair losses (contrastive, triplet, multi_similarity, supcon) compare
@@ -30,20 +33,6 @@ import optax
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.parallel import DEVICE_AXIS
 
-# Every key a loss reads from `config.loss_options`, with its default.
-DEFAULT_LOSS_OPTIONS = {
-    "normalized_softmax_scale": 16.0,  # logits = scale * cosine (temperature 1 / scale)
-    "arcface_scale": 30.0,
-    "arcface_margin": 0.2,  # radians added to the angle to the true class's proxy
-    "contrastive_margin": 0.5,  # negatives are pushed below this similarity
-    "triplet_margin": 0.2,  # hardest negative must sit this far below the hardest positive
-    "multi_similarity_alpha": 2.0,  # weight of positive pairs
-    "multi_similarity_beta": 50.0,  # weight of negative pairs
-    "multi_similarity_lambda": 0.5,  # similarity threshold of the soft weighting
-    "multi_similarity_epsilon": 0.1,  # pair-mining margin
-    "supcon_temperature": 0.1,
-}
-
 # Similarities of unit vectors lie in [-1, 1]; this stands in for "no such pair" in a
 # min/max and is far enough out that no margin moves a real similarity past it.
 _NO_PAIR = 1e9
@@ -55,12 +44,32 @@ _MASKED_LOGIT = -1e9
 _COSINE_CLIP = 1e-6
 
 
+# The ranges a loss option may take, by the words that finish "use a value ...".
+OPTION_RANGES = {
+    "above 0": lambda value: value > 0,
+    "of 0 or more": lambda value: value >= 0,
+    "in [0, pi/2)": lambda value: 0 <= value < math.pi / 2,
+    "of any size": lambda value: True,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOption:
+    """A hyper-parameter of a loss, read from `config.loss_options` under its key."""
+
+    default: float
+    valid: str = "above 0"  # a key of OPTION_RANGES
+
+
 @dataclasses.dataclass(frozen=True)
 class Loss:
     """A named loss: `init` makes its learned parameters, `apply` scores a batch."""
 
     init: Callable  # init(rng, num_classes, embedding_dim, config) -> params pytree
     apply: Callable  # apply(params, embeddings [B, d], labels [B], config) -> float32 scalar
+    # The keys `apply` reads from `config.loss_options`. Keys are global across losses (a
+    # sum of losses reads each term's own), so each starts with its loss's name.
+    options: dict = dataclasses.field(default_factory=dict)  # key -> LossOption
 
 
 def gather_batch(embeddings, labels, axis_name=DEVICE_AXIS):
@@ -78,7 +87,7 @@ def gather_batch(embeddings, labels, axis_name=DEVICE_AXIS):
 
 def loss_option(config, key: str) -> float:
     """`config.loss_options[key]`, or its default when the key or `loss_options` is absent."""
-    default = DEFAULT_LOSS_OPTIONS[key]
+    default = LOSS_OPTIONS[key].default
     options = config.get("loss_options") if config is not None else None
     return float(default if options is None else options.get(key, default))
 
@@ -239,13 +248,51 @@ def _no_params(rng, num_classes, embedding_dim, config):
 
 LOSSES = {
     "softmax": Loss(_init_linear_classifier, _softmax_loss),
-    "normalized_softmax": Loss(_init_proxies, _normalized_softmax_loss),
-    "arcface": Loss(_init_proxies, _arcface_loss),
-    "contrastive": Loss(_no_params, _contrastive_loss),
-    "triplet": Loss(_no_params, _triplet_loss),
-    "multi_similarity": Loss(_no_params, _multi_similarity_loss),
-    "supcon": Loss(_no_params, _supcon_loss),
+    "normalized_softmax": Loss(_init_proxies, _normalized_softmax_loss, {
+        # logits = scale * cosine to the class proxy (temperature 1 / scale)
+        "normalized_softmax_scale": LossOption(16.0),
+    }),
+    "arcface": Loss(_init_proxies, _arcface_loss, {
+        "arcface_scale": LossOption(30.0),
+        # radians added to the angle to the true class's proxy
+        "arcface_margin": LossOption(0.2, "in [0, pi/2)"),
+    }),
+    "contrastive": Loss(_no_params, _contrastive_loss, {
+        # negatives are pushed below this similarity
+        "contrastive_margin": LossOption(0.5, "of 0 or more"),
+    }),
+    "triplet": Loss(_no_params, _triplet_loss, {
+        # the hardest negative must sit this far below the hardest positive
+        "triplet_margin": LossOption(0.2, "of 0 or more"),
+    }),
+    "multi_similarity": Loss(_no_params, _multi_similarity_loss, {
+        "multi_similarity_alpha": LossOption(2.0),  # weight of positive pairs
+        "multi_similarity_beta": LossOption(50.0),  # weight of negative pairs
+        # similarity threshold of the soft weighting
+        "multi_similarity_lambda": LossOption(0.5, "of any size"),
+        "multi_similarity_epsilon": LossOption(0.1, "of 0 or more"),  # pair-mining margin
+    }),
+    "supcon": Loss(_no_params, _supcon_loss, {
+        "supcon_temperature": LossOption(0.1),
+    }),
 }
+
+# Every key a loss reads from `config.loss_options`, across all losses.
+LOSS_OPTIONS = {key: option for loss in LOSSES.values() for key, option in loss.options.items()}
+DEFAULT_LOSS_OPTIONS = {key: option.default for key, option in LOSS_OPTIONS.items()}
+
+
+def check_loss_options(options) -> None:
+    """Raises JaxRetrievalError on an unknown key or a value outside its option's range."""
+    for key, value in options.items():
+        if key not in LOSS_OPTIONS:
+            raise JaxRetrievalError(
+                f"bad config: loss_options.{key} is no loss option; use one of "
+                f"{', '.join(LOSS_OPTIONS)}")
+        valid = LOSS_OPTIONS[key].valid
+        if not OPTION_RANGES[valid](value):
+            raise JaxRetrievalError(
+                f"bad config: loss_options.{key}={value}; use a value {valid}")
 
 
 def _sum_of(names):
@@ -270,8 +317,7 @@ def with_projection_head(loss: Loss, hidden: int) -> Loss:
     The head (Dense(hidden), ReLU, Dense back to the embedding size, unit length) is
     learned with the loss, under "head" in its parameters, so the embedding need not
     shed what the training classes do not use: the head SimCLR and SupCon train through,
-    reported to transfer supervised features better (Wang et al., 2022). Measured on
-    unseen identities in the README's loss table.
+    reported to transfer supervised features better (Wang et al., 2022).
     """
     def init(rng, num_classes, embedding_dim, config):
         loss_rng, hidden_rng, out_rng = jax.random.split(rng, 3)

@@ -1,4 +1,4 @@
-"""Image sources (folder, digits as TFDS), splits and batch order."""
+"""Image sources (folder, digits as TFDS) and reading images."""
 
 import os
 
@@ -9,7 +9,6 @@ from PIL import Image
 from conftest import YALEFACES, tiny_config
 from jaxretrieval.data.images import load_images
 from jaxretrieval.data.sources import load_dataset, read_source
-from jaxretrieval.data.splits import batch_rows, make_split
 from jaxretrieval.errors import JaxRetrievalError
 
 
@@ -64,8 +63,8 @@ def test_images_decoded_lazily_are_decoded_once_and_only_when_read(tmp_path):
     (tmp_path / "c3" / "x.png").write_bytes(b"broken")  # never read below
     dataset = load_dataset(folder_config(tmp_path), decode_now=False)
     reads = []
-    read_one = dataset._read_one
-    dataset._read_one = lambda i: reads.append(i) or read_one(i)
+    read_one = dataset.read_one
+    dataset.read_one = lambda i: reads.append(i) or read_one(i)
     assert dataset.images([1, 0, 1])[:, 0, 0, 0].tolist() == [50, 0, 50]
     assert dataset.images([0, 2])[:, 0, 0, 0].tolist() == [0, 100]
     assert sorted(reads) == [0, 1, 2]
@@ -103,39 +102,6 @@ def test_digits_are_written_as_tfds_and_read_back_in_sklearn_order(data_dir):
     np.testing.assert_array_equal(np.asarray(again), expected[3])
 
 
-def test_held_out_images_split_is_per_class_seeded_and_disjoint():
-    labels = np.repeat(np.arange(5), 10)
-    a = make_split(labels, "held_out_images", seed=3, query_fraction=0.2)
-    b = make_split(labels, "held_out_images", seed=3, query_fraction=0.2)
-    c = make_split(labels, "held_out_images", seed=4, query_fraction=0.2)
-    np.testing.assert_array_equal(a.query_rows, b.query_rows)
-    assert not np.array_equal(a.query_rows, c.query_rows)
-    assert np.bincount(labels[a.query_rows]).tolist() == [2] * 5
-    assert not set(a.query_rows) & set(a.train_rows)
-    np.testing.assert_array_equal(a.gallery_rows, a.train_rows)
-    assert (a.query_gallery_rows == -1).all() and a.num_train_classes == 5
-
-
-def test_unseen_classes_split_trains_on_the_lower_half_of_the_label_indices():
-    labels = np.repeat(np.arange(15), 3)  # 15 classes, as in yalefaces: train on 0..6
-    split = make_split(labels, "unseen_classes", seed=0)
-    assert split.num_train_classes == 7
-    assert set(labels[split.train_rows]) == set(range(7))
-    assert set(labels[split.query_rows]) == set(range(7, 15))
-    np.testing.assert_array_equal(split.query_rows, split.gallery_rows)
-    np.testing.assert_array_equal(split.query_gallery_rows, np.arange(len(split.query_rows)))
-
-
-def test_batch_rows_depend_on_seed_and_step_alone_and_cover_each_epoch():
-    rows = np.arange(100, 110)
-    first_epoch = np.concatenate([batch_rows(rows, step, 5, seed=1) for step in range(2)])
-    assert sorted(first_epoch.tolist()) == rows.tolist()
-    np.testing.assert_array_equal(batch_rows(rows, 7, 4, seed=1), batch_rows(rows, 7, 4, seed=1))
-    # A batch straddling two epochs takes the end of one permutation and the start of the next.
-    straddling = batch_rows(rows, 2, 4, seed=1)  # positions 8..11
-    assert straddling.tolist()[:2] == batch_rows(rows, 0, 10, seed=1).tolist()[8:]
-
-
 def test_load_images_takes_paths_arrays_and_any_channel_count(tmp_path):
     Image.fromarray(np.full((10, 20, 3), 200, np.uint8)).save(tmp_path / "x.jpg")
     gray = np.zeros((5, 5), np.uint8)
@@ -163,27 +129,3 @@ def test_an_interrupted_directory_swap_is_undone_by_the_next_reader(tmp_path):
     os.rename(final, str(tmp_path / ".index.old-abc"))
     recover_interrupted_swap(final)
     assert open(os.path.join(final, "v")).read() == "2"
-
-
-def test_class_balanced_batches_hold_p_classes_of_k_images():
-    from jaxretrieval.data.splits import class_balanced_batch_rows
-
-    labels = np.repeat(np.arange(10), [6, 6, 6, 6, 6, 6, 6, 6, 6, 2])
-    rows = np.arange(len(labels)) + 1000  # rows are dataset rows, not positions
-    batch = class_balanced_batch_rows(rows, labels, step=5, batch_size=16, images_per_class=4,
-                                      seed=0)
-    batch_labels = labels[batch - 1000]
-    assert len(batch) == 16
-    assert sorted(np.bincount(batch_labels, minlength=10)[np.unique(batch_labels)]) == [4] * 4
-    for chunk in batch_labels.reshape(4, 4):  # class by class
-        assert len(set(chunk)) == 1
-    again = class_balanced_batch_rows(rows, labels, 5, 16, 4, seed=0)
-    np.testing.assert_array_equal(batch, again)  # a function of (seed, step) alone
-    other = class_balanced_batch_rows(rows, labels, 6, 16, 4, seed=0)
-    assert not np.array_equal(batch, other)
-    # A class with fewer than K images is drawn with replacement; others never repeat a row.
-    many = np.concatenate([class_balanced_batch_rows(rows, labels, s, 16, 4, 0)
-                           for s in range(50)]).reshape(-1, 4)
-    for chunk in many:
-        if labels[chunk[0] - 1000] != 9:
-            assert len(set(chunk)) == 4

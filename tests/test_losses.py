@@ -355,7 +355,52 @@ def test_gathered_batch_under_shard_map_equals_one_device():
     assert_every_device_matches_one_device(loss, params, inputs, labels, values, grads)
 
 
-def test_the_config_defaults_are_the_loss_defaults():
-    from jaxretrieval.config import base_config
+def test_a_loss_option_set_on_the_command_line_reaches_the_loss():
+    from jaxretrieval.config import apply_override, base_config, validate_config
 
-    assert base_config().loss_options.to_dict() == losses.DEFAULT_LOSS_OPTIONS
+    embeddings, labels = random_batch()
+    config = base_config()
+    apply_override(config, "loss_options.triplet_margin", "0.7")
+    validate_config(config)
+    value = losses.get_loss("triplet").apply({}, embeddings, labels, config)
+    expected = reference_triplet({}, embeddings.astype(np.float64), labels,
+                                 dict(losses.DEFAULT_LOSS_OPTIONS, triplet_margin=0.7))
+    default = reference_triplet({}, embeddings.astype(np.float64), labels,
+                                losses.DEFAULT_LOSS_OPTIONS)
+    assert abs(expected - default) > 0.1  # the override changes the value
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+
+
+class RecordingOptions(dict):
+    """Loss options that remember which keys were read."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.read = set()
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_a_loss_reads_exactly_the_options_it_declares_and_its_defaults_are_valid(name):
+    loss = losses.LOSSES[name]
+    options = RecordingOptions({key: option.default for key, option in loss.options.items()})
+    losses.check_loss_options(options)
+    embeddings, labels = random_batch()
+    assert np.isfinite(loss.apply(random_params(name), embeddings, labels,
+                                  {"loss_options": options}))
+    assert options.read == set(loss.options)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"triplet_margins": 0.2}, "loss_options.triplet_margins is no loss option; use one of "
+                               ".*triplet_margin"),
+    ({"supcon_temperature": 0.0}, r"supcon_temperature=0.0; use a value above 0"),
+    ({"arcface_margin": 2.0}, r"arcface_margin=2.0; use a value in \[0, pi/2\)"),
+    ({"contrastive_margin": -0.1}, r"contrastive_margin=-0.1; use a value of 0 or more"),
+])
+def test_bad_loss_options_are_refused_saying_what_to_use(options, message):
+    with pytest.raises(JaxRetrievalError, match=message):
+        losses.check_loss_options(options)

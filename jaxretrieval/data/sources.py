@@ -1,5 +1,9 @@
 """Image sources: `digits`, `tfds:NAME` and `folder:PATH`, behind one ImageDataset.
 
+`DATASETS` maps the kind of a reference (the part before ":") to its loader; the config's
+`dataset` is checked against it (`parse_reference`), so adding a kind of dataset touches
+this file alone.
+
 Every item has a label index, a string key (a folder image: its path relative to the root;
 a TFDS or digits example: `split/index`) and a source reference from which its image can be
 read again (`read_source`): an absolute file path, or `tfds:NAME/split/index`.
@@ -34,7 +38,7 @@ class ImageDataset:
     class_names: list  # str [num_classes], index = label
     image_size: int
     channels: int
-    _read_one: Callable[[int], np.ndarray]  # index -> uint8 [size, size, channels]
+    read_one: Callable[[int], np.ndarray]  # index -> uint8 [size, size, channels]
     _cache: np.ndarray = None  # filled as images are first read; see cache_in_memory
     _cached: np.ndarray = None  # bool [n]: which rows of _cache are decoded
 
@@ -56,13 +60,13 @@ class ImageDataset:
     def _fill_cache(self, indices) -> None:
         # Decoded straight into the cache: no second full-size array at the peak.
         for index in np.unique(indices[~self._cached[indices]]):
-            self._cache[index] = self._read_one(int(index))
+            self._cache[index] = self.read_one(int(index))
             self._cached[index] = True
 
     def _decode(self, indices) -> np.ndarray:
         out = np.empty((len(indices), self.image_size, self.image_size, self.channels), np.uint8)
         for i, index in enumerate(indices):
-            out[i] = self._read_one(int(index))
+            out[i] = self.read_one(int(index))
         return out
 
     def cache_in_memory(self, max_bytes: int, *, decode_now: bool = True) -> bool:
@@ -85,17 +89,10 @@ class ImageDataset:
 def load_dataset(config, *, decode_now: bool = True) -> ImageDataset:
     """The dataset named by `config.dataset`, its images sized per the config (decoded now
     into memory when they fit `config.cache_max_bytes`, see `cache_in_memory`)."""
-    name = config.dataset
-    if name == "digits":
-        dataset = _digits_dataset(config)
-    elif name.startswith("tfds:"):
-        dataset = _tfds_dataset(name[len("tfds:"):], config)
-    elif name.startswith("folder:"):
-        dataset = _folder_dataset(name[len("folder:"):], config)
-    else:
-        raise JaxRetrievalError(f"bad config: dataset={name!r}; use digits, tfds:NAME or folder:PATH")
+    source, argument = parse_reference(config.dataset)
+    dataset = source.load(argument, config)
     if len(dataset) == 0:
-        raise JaxRetrievalError(f"dataset {name!r} holds no images")
+        raise JaxRetrievalError(f"dataset {config.dataset!r} holds no images")
     dataset.cache_in_memory(config.cache_max_bytes, decode_now=decode_now)
     return dataset
 
@@ -134,7 +131,8 @@ def prepare_digits_tfds(data_dir) -> None:
         file_format="array_record", disable_shuffling=True)  # keep sklearn's order: key = row
 
 
-def _digits_dataset(config) -> ImageDataset:
+def _digits_dataset(argument, config) -> ImageDataset:
+    del argument  # `digits` takes none
     data_dir = _tfds_data_dir(config)
     prepare_digits_tfds(data_dir)
     return _tfds_dataset(DIGITS_TFDS_NAME, config, display_name="digits")
@@ -255,6 +253,38 @@ def _image_files_dataset(root, class_names, files_per_class, config) -> ImageDat
     return ImageDataset(f"folder:{root}", np.asarray(labels, np.int64), keys, sources,
                         [name or os.path.basename(root) for name in class_names],
                         config.image_size, config.channels, read_one)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSource:
+    """A kind of dataset reference: `KIND` alone, or `KIND:ARGUMENT` (a name, a path)."""
+
+    load: Callable  # (argument, config) -> ImageDataset; argument is "" for a bare kind
+    argument: str = ""  # what follows "KIND:", as the usage text names it; "" for none
+
+
+# The kinds `config.dataset` may name, by the part before the first ":".
+DATASETS = {
+    "digits": DatasetSource(_digits_dataset),
+    "tfds": DatasetSource(_tfds_dataset, "NAME"),
+    "folder": DatasetSource(_folder_dataset, "PATH"),
+}
+
+
+def parse_reference(reference: str) -> tuple[DatasetSource, str]:
+    """(source, argument) of a dataset reference such as `digits` or `tfds:NAME`.
+
+    Raises JaxRetrievalError listing the kinds of `DATASETS` when it names none of them, or
+    gives one an argument it takes none of (or none where it needs one).
+    """
+    kind, _, argument = reference.partition(":")
+    source = DATASETS.get(kind)
+    if source is None or bool(argument) != bool(source.argument):
+        usages = [f"{name}:{entry.argument}" if entry.argument else name
+                  for name, entry in DATASETS.items()]
+        raise JaxRetrievalError(f"bad config: dataset={reference!r}; use "
+                                f"{', '.join(usages[:-1])} or {usages[-1]}")
+    return source, argument
 
 
 def read_source(reference: str, data_dir=None) -> Image.Image:

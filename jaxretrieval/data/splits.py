@@ -22,49 +22,70 @@ class Split:
     num_train_classes: int
 
 
+def _held_out_images(labels, *, seed, query_fraction, num_classes, keys) -> Split:
+    """A `query_fraction` of each class's images are the queries, the rest train and are
+    the gallery."""
+    rng = np.random.default_rng(seed)
+    query_mask = np.zeros(len(labels), bool)
+    for label in range(num_classes):
+        rows = np.flatnonzero(labels == label)
+        if len(rows) < 2:
+            continue  # a lone image is training data: as a query it could never hit
+        count = min(len(rows) - 1, max(1, int(round(query_fraction * len(rows)))))
+        query_mask[rng.permutation(rows)[:count]] = True
+    train_rows = np.flatnonzero(~query_mask)
+    query_rows = np.flatnonzero(query_mask)
+    return Split(train_rows, query_rows, train_rows,
+                 np.full(len(query_rows), -1, np.int64), num_classes)
+
+
+def _unseen_classes(labels, *, seed, query_fraction, num_classes, keys) -> Split:
+    """Train on the lower half of the label indices; evaluate leave-one-out on the rest."""
+    num_train_classes = num_classes // 2
+    if num_train_classes < 1:
+        raise JaxRetrievalError(
+            f"split=unseen_classes needs at least 2 classes, the dataset has {num_classes}")
+    train_rows = np.flatnonzero(labels < num_train_classes)
+    eval_rows = np.flatnonzero(labels >= num_train_classes)
+    return Split(train_rows, eval_rows, eval_rows, np.arange(len(eval_rows)),
+                 num_train_classes)
+
+
+def _dataset_splits(labels, *, seed, query_fraction, num_classes, keys) -> Split:
+    """The dataset's own class-disjoint splits, read from the item keys (`split/index`):
+    train on `train/...`, evaluate leave-one-out on `test/...`."""
+    split_names = np.array([key.split("/", 1)[0] for key in (keys or [])])
+    train_rows = np.flatnonzero(split_names == "train")
+    eval_rows = np.flatnonzero(split_names == "test")
+    if not len(train_rows) or not len(eval_rows):
+        raise JaxRetrievalError(
+            "split=dataset_splits needs a TFDS dataset with `train` and `test` splits; "
+            "use held_out_images or unseen_classes for this dataset")
+    return Split(train_rows, eval_rows, eval_rows, np.arange(len(eval_rows)),
+                 int(labels[train_rows].max()) + 1)
+
+
+# The protocols `config.split` may name.
+SPLITS = {
+    "held_out_images": _held_out_images,
+    "unseen_classes": _unseen_classes,
+    "dataset_splits": _dataset_splits,
+}
+
+
 def make_split(labels: np.ndarray, split: str, *, seed: int, query_fraction: float = 0.2,
                num_classes: int | None = None, keys=None) -> Split:
-    """Builds `held_out_images`, `unseen_classes` or `dataset_splits` over `labels`.
+    """The split called `split` (a key of `SPLITS`) over `labels`.
 
-    `num_classes` is the dataset's class count (default: the largest label + 1).
-    `dataset_splits` uses the dataset's own class-disjoint splits, read from the item keys
-    (`split/index`): train on `train/...`, evaluate leave-one-out on `test/...`.
+    `num_classes` is the dataset's class count (default: the largest label + 1); `keys` are
+    the item keys, which `dataset_splits` reads.
     """
+    if split not in SPLITS:
+        raise JaxRetrievalError(f"bad config: split={split!r}; use one of {', '.join(SPLITS)}")
     labels = np.asarray(labels)
     num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
-    if split == "dataset_splits":
-        split_names = np.array([key.split("/", 1)[0] for key in (keys or [])])
-        train_rows = np.flatnonzero(split_names == "train")
-        eval_rows = np.flatnonzero(split_names == "test")
-        if not len(train_rows) or not len(eval_rows):
-            raise JaxRetrievalError(
-                "split=dataset_splits needs a TFDS dataset with `train` and `test` splits; "
-                "use held_out_images or unseen_classes for this dataset")
-        return Split(train_rows, eval_rows, eval_rows, np.arange(len(eval_rows)),
-                     int(labels[train_rows].max()) + 1)
-    if split == "held_out_images":
-        rng = np.random.default_rng(seed)
-        query_mask = np.zeros(len(labels), bool)
-        for label in range(num_classes):
-            rows = np.flatnonzero(labels == label)
-            if len(rows) < 2:
-                continue  # a lone image is training data: as a query it could never hit
-            count = min(len(rows) - 1, max(1, int(round(query_fraction * len(rows)))))
-            query_mask[rng.permutation(rows)[:count]] = True
-        train_rows = np.flatnonzero(~query_mask)
-        query_rows = np.flatnonzero(query_mask)
-        return Split(train_rows, query_rows, train_rows,
-                     np.full(len(query_rows), -1, np.int64), num_classes)
-    if split == "unseen_classes":
-        num_train_classes = num_classes // 2
-        if num_train_classes < 1:
-            raise JaxRetrievalError(
-                f"split=unseen_classes needs at least 2 classes, the dataset has {num_classes}")
-        train_rows = np.flatnonzero(labels < num_train_classes)
-        eval_rows = np.flatnonzero(labels >= num_train_classes)
-        return Split(train_rows, eval_rows, eval_rows, np.arange(len(eval_rows)),
-                     num_train_classes)
-    raise JaxRetrievalError(f"bad config: split={split!r}; use held_out_images or unseen_classes")
+    return SPLITS[split](labels, seed=seed, query_fraction=query_fraction,
+                         num_classes=num_classes, keys=keys)
 
 
 def split_dataset(config, dataset) -> Split:

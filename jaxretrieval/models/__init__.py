@@ -1,9 +1,16 @@
 """Models: backbones found by name, and the retrieval model that wraps one.
 
+`BACKBONES` maps a name to a `Backbone`: its builder, the `config.model` keys it reads with
+their defaults, and their check. The config takes its model keys and their validation from
+there, so adding a backbone touches this package alone.
+
 `RetrievalModel(x, train)` maps float32 images in [0, 1] to L2-normalised embeddings
 [B, embedding_dim]. Anything a loss learns besides the model (classifier weights, proxies)
 belongs to the loss (`jaxretrieval.losses`), not to the model.
 """
+
+import dataclasses
+from typing import Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -14,9 +21,49 @@ from jaxretrieval.models.heads import GeM, l2_normalize, pool_features
 from jaxretrieval.models.resnet import resnet18, resnet50
 
 
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """A backbone by name: the `config.model` keys it reads, their check, and its builder."""
+
+    # (config.model, BatchNorm axis name, compute dtype) -> a module returning a feature map.
+    build: Callable
+    # The `config.model` keys `build` reads, with their defaults. Every config holds every
+    # backbone's keys, so two backbones that share a key share its default.
+    options: dict
+    # (config) -> what stops this backbone from running with it, or None.
+    check: Callable = lambda config: None
+
+
 def _seed_cnn(m, bn_axis_name, dtype):
     return SeedCNN(widths=tuple(m.widths), kernel_size=m.kernel_size, padding=m.padding,
                    batch_norm=m.batch_norm, bn_axis_name=bn_axis_name, dtype=dtype)
+
+
+def _check_seed_cnn(config):
+    m = config.model
+    if m.padding not in ("SAME", "VALID"):
+        return f"model.padding={m.padding!r}; use SAME or VALID"
+    if not m.widths or min(m.widths) < 1 or m.kernel_size < 1:
+        return "model.widths needs at least one positive width and model.kernel_size >= 1"
+    # The stack must leave at least one pixel: each stage is a conv (VALID loses k-1) then a
+    # 2x pool.
+    side = config.image_size
+    for _ in m.widths:
+        if m.padding == "VALID":
+            side -= m.kernel_size - 1
+        side //= 2
+    if side < 1:
+        return (f"image_size={config.image_size} is too small for {len(m.widths)} conv/pool "
+                "stages; raise image_size or remove a width from model.widths")
+    return None
+
+
+SEED_CNN_OPTIONS = {
+    "widths": (32, 64, 128),  # one conv/pool stage per width
+    "kernel_size": 3,
+    "padding": "SAME",  # the seed uses VALID
+    "batch_norm": True,
+}
 
 
 def _resnet(factory):
@@ -25,13 +72,48 @@ def _resnet(factory):
         dtype=dtype)
 
 
-# name -> (model config, BatchNorm axis name, compute dtype) -> backbone module returning a
-# feature map.
-BACKBONES = {
-    "seed_cnn": _seed_cnn,
-    "resnet18": _resnet(resnet18),
-    "resnet50": _resnet(resnet50),
+def _check_resnet(config):
+    if config.model.num_filters < 1:
+        return f"model.num_filters={config.model.num_filters}; use a positive integer"
+    return None
+
+
+RESNET_OPTIONS = {  # always with BatchNorm
+    "num_filters": 64,  # the first stage's width; each later stage doubles it
+    "small_stem": True,  # 3x3 stride-1 stem, no max-pool: for inputs under ~100 pixels
 }
+
+BACKBONES = {
+    "seed_cnn": Backbone(_seed_cnn, SEED_CNN_OPTIONS, _check_seed_cnn),
+    "resnet18": Backbone(_resnet(resnet18), RESNET_OPTIONS, _check_resnet),
+    "resnet50": Backbone(_resnet(resnet50), RESNET_OPTIONS, _check_resnet),
+}
+
+
+def backbone_options() -> dict:
+    """Every backbone's `config.model` keys with their defaults, in registry order."""
+    options = {}
+    for name, backbone in BACKBONES.items():
+        for key, default in backbone.options.items():
+            if options.setdefault(key, default) != default:
+                raise ValueError(f"backbone {name!r} gives model.{key} another default "
+                                 f"({default!r}) than an earlier backbone ({options[key]!r})")
+    return options
+
+
+def get_backbone(name: str) -> Backbone:
+    """The backbone called `name`; raises JaxRetrievalError naming the known ones."""
+    if name not in BACKBONES:
+        raise JaxRetrievalError(
+            f"bad config: model.name={name!r}; use one of {', '.join(sorted(BACKBONES))}")
+    return BACKBONES[name]
+
+
+def check_backbone(config) -> None:
+    """Raises JaxRetrievalError when `config.model` names no backbone or one that cannot run."""
+    problem = get_backbone(config.model.name).check(config)
+    if problem:
+        raise JaxRetrievalError(f"bad config: {problem}")
 
 
 class RetrievalModel(nn.Module):
@@ -56,10 +138,8 @@ class RetrievalModel(nn.Module):
 def build_model(config, bn_axis_name: str | None = None) -> RetrievalModel:
     """The model named by `config.model.name` with its pooling and projection head."""
     m = config.model
-    if m.name not in BACKBONES:
-        raise JaxRetrievalError(
-            f"bad config: model.name={m.name!r}; use one of {', '.join(sorted(BACKBONES))}")
     dtype = jnp.dtype(config.dtype)
-    return RetrievalModel(backbone=BACKBONES[m.name](m, bn_axis_name, dtype), pooling=m.pooling,
+    backbone = get_backbone(m.name).build(m, bn_axis_name, dtype)
+    return RetrievalModel(backbone=backbone, pooling=m.pooling,
                           hidden_dim=m.hidden_dim, embedding_dim=config.embedding_dim,
                           dtype=dtype)

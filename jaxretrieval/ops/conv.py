@@ -1,6 +1,6 @@
 """The convolution of the seed CNN: oneDNN inside the compiled program on CPU, XLA elsewhere.
 
-XLA runs a CPU convolution on one thread (DESIGN.md); oneDNN's kernels use every core.
+XLA runs a CPU convolution on one thread; oneDNN's kernels use every core.
 `conv_general_dilated` has `jax.lax.conv_general_dilated`'s signature (Flax's `nn.Conv`
 takes it as `conv_general_dilated=`) and sends the convolutions oneDNN handles (float32,
 NHWC/HWIO, stride 1, no dilation, one group) to three XLA FFI custom calls, forward and

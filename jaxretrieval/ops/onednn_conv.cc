@@ -57,9 +57,9 @@ memory::desc Any(const memory::desc& md) {
 
 // What the primitives are asked for. Direct convolution: NHWC activations (its brgemm
 // kernels read and write them; an implementation that wants another layout there is
-// slower, measured) and any kernel layout (fixing HWIO too leaves only im2col + GEMM).
+// slower) and any kernel layout (fixing HWIO too leaves only im2col + GEMM).
 // Winograd: every layout left to oneDNN (it has only blocked ones); reorders included, it
-// is 1.7-2.0x faster on the seed CNN's 32- and 64-channel convolutions (bench/conv.py).
+// is faster on the seed CNN's 32- and 64-channel convolutions (bench/conv.py).
 memory::desc Src(const Shapes& s, algorithm a) {
   memory::desc nhwc = Nhwc(s.n, s.c, s.h, s.w);
   return a == algorithm::convolution_winograd ? Any(nhwc) : nhwc;
@@ -71,9 +71,9 @@ memory::desc Dst(const Shapes& s, algorithm a) {
 memory::desc Weights(const Shapes& s) { return Any(Hwio(s)); }
 
 // Winograd where allowed, oneDNN has a kernel for the shape and machine, the channels
-// fill its 16-wide blocks (on the 3-channel stem it is 2.8x slower than direct), and the
+// fill its 16-wide blocks (on the 3-channel stem it is slower than direct), and the
 // call has enough output pixels to pay for transforming the kernel, which oneDNN does on
-// every call (0.6 ms for 64x32x3x3); else direct. `make` builds the primitive
+// every call; else direct. `make` builds the primitive
 // descriptor(s) for one algorithm.
 constexpr int64_t kWinogradMinPixels = 8192;
 
