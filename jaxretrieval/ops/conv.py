@@ -82,7 +82,7 @@ def _build(library: str) -> None:
 
 
 @functools.cache
-def _onednn_available() -> bool:
+def onednn_available() -> bool:
     """Builds (once per source and JAX version), loads and registers the custom calls."""
     mode = _mode()
     if mode == "xla":
@@ -189,7 +189,7 @@ onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)
 def _onednn_applies(lhs, rhs, explicit_padding) -> bool:
     """float32 operands on CPU, with oneDNN built and not switched off."""
     return (explicit_padding is not None and lhs.dtype == rhs.dtype == jnp.float32
-            and jax.default_backend() == "cpu" and _onednn_available())
+            and jax.default_backend() == "cpu" and onednn_available())
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
