@@ -151,7 +151,7 @@ def run_train(argv) -> int:
         config = resolve_config(args.config, args.workdir, overrides)
     _use_one_cpu_device_per_core(config.global_batch_size // (args.num_processes or 1))
     primary = _join_distributed(args)
-    from jaxretrieval.evaluation import evaluate_and_index
+    from jaxretrieval.pipeline import evaluate_and_index
     if not args.eval_only:
         from jaxretrieval.training import train
         with _ProgressBar("step", enabled=primary) as bar:
@@ -164,7 +164,7 @@ def run_train(argv) -> int:
         print(f"\nretrieval on {metrics['dataset']} ({metrics['split']}, "
               f"{metrics['num_queries']} queries), checkpoint step "
               f"{metrics['checkpoint_step']}:")
-        from jaxretrieval.evaluation import metrics_table
+        from jaxretrieval.pipeline import metrics_table
         print(metrics_table(metrics))
         print(f"\nworkdir: {os.path.abspath(args.workdir)}")
     return 0
@@ -191,7 +191,7 @@ def run_embed(argv) -> int:
     config = resolve_config(None, args.workdir, [])
     _use_one_cpu_device_per_core(config.embed_batch_size)
     primary = _join_distributed(args)
-    from jaxretrieval.evaluation import embed_corpus
+    from jaxretrieval.pipeline import embed_corpus
     with _ProgressBar("chunk", enabled=primary) as bar:
         meta = embed_corpus(args.workdir, dataset=args.dataset, data_dir=args.data_dir,
                             output=args.output, chunk_size=args.chunk_size,
@@ -241,7 +241,7 @@ def run_index(argv) -> int:
                              "flat index; default: as many as the index there has, else 1); "
                              "replaces either layout in place")
     args = parser.parse_args(argv)
-    from jaxretrieval.evaluation import rebuild_index
+    from jaxretrieval.pipeline import rebuild_index
     index = rebuild_index(args.workdir, num_shards=args.shards)
     print(json.dumps(index.manifest, indent=2, sort_keys=True))
     return 0

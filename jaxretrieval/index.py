@@ -61,7 +61,7 @@ import zlib
 import numpy as np
 
 from jaxretrieval.errors import JaxRetrievalError
-from jaxretrieval.workdir import recover_interrupted_swap, write_file_atomically
+from jaxretrieval.fileio import recover_interrupted_swap, write_file_atomically
 
 logger = logging.getLogger(__name__)
 

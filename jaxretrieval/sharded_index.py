@@ -67,7 +67,7 @@ from jaxretrieval.index import (CURRENT_FILE, FLAT_LAYOUT_ENTRIES, LOAD_ATTEMPTS
                                 _is_index_directory, _next_numbered_name, _read_json,
                                 _refuse_reserved_keys, _refuse_unknown_keys, _saving_into,
                                 _write_snapshot)
-from jaxretrieval.workdir import recover_interrupted_swap, write_json_atomically
+from jaxretrieval.fileio import recover_interrupted_swap, write_json_atomically
 
 logger = logging.getLogger(__name__)
 

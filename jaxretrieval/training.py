@@ -111,7 +111,7 @@ def train_and_evaluate(config, workdir: str, *, on_progress: Callable | None = N
 
     Returns the metrics written to `DIR/metrics.json`.
     """
-    from jaxretrieval.evaluation import evaluate_and_index
+    from jaxretrieval.pipeline import evaluate_and_index
 
     train(config, workdir, on_progress=on_progress)
     return evaluate_and_index(workdir)

@@ -12,7 +12,7 @@ import pytest
 from conftest import run_python
 from jaxretrieval import sharded_index as sharded_module
 from jaxretrieval.errors import JaxRetrievalError
-from jaxretrieval.evaluation import rebuild_index
+from jaxretrieval.pipeline import rebuild_index
 from jaxretrieval.index import EXACT_SEARCH_MAX_COUNT, Index, snapshot_directory
 from jaxretrieval.retriever import Retriever
 from jaxretrieval.sharded_index import ShardedIndex, open_index, save_index, shard_of
