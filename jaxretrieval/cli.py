@@ -9,6 +9,8 @@ import logging
 import os
 import sys
 
+from jaxretrieval.errors import JaxRetrievalError
+
 DEFAULT_WORKDIR = os.path.join("runs", "default")
 
 
@@ -24,6 +26,7 @@ def main(argv=None) -> int:
     if not argv or argv[0] not in commands:
         print(f"usage: jaxretrieval {{{','.join(commands)}}} [--help]", file=sys.stderr)
         return 2
+    # Imported after the re-execution above: JAX is slow to import twice.
     from jaxretrieval import runtime
     runtime.setup()
     # Our own progress at INFO; dependencies (TFDS, absl, Orbax) only when they warn.
@@ -31,7 +34,6 @@ def main(argv=None) -> int:
                         datefmt="%H:%M:%S")
     logging.getLogger("jaxretrieval").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.ERROR)  # TFDS's advice to install OpenCV
-    from jaxretrieval.errors import JaxRetrievalError
     try:
         return commands[argv[0]](argv[1:])
     except JaxRetrievalError as err:
@@ -68,7 +70,6 @@ def split_config_overrides(argv):
             key, eq, value = arg[len("--config."):].partition("=")
             if not eq:
                 if i + 1 >= len(argv):
-                    from jaxretrieval.errors import JaxRetrievalError
                     raise JaxRetrievalError(f"{arg} needs a value: {arg}=VALUE")
                 value, i = argv[i + 1], i + 1
             overrides.append((key, value))
@@ -93,7 +94,6 @@ def run_train(argv) -> int:
     _add_distributed_arguments(parser)
     args = parser.parse_args(rest)
     if args.eval_only and (args.config or overrides):
-        from jaxretrieval.errors import JaxRetrievalError
         raise JaxRetrievalError(
             "--eval_only evaluates the workdir's own run (its config.json); drop --config "
             "and --config.KEY flags, or train a new workdir with them")
