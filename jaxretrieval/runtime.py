@@ -24,7 +24,7 @@ import jax
 
 logger = logging.getLogger(__name__)
 
-# A device given fewer images than this per step spends its time on overhead, not compute.
+# Each CPU device gets at least this many images of the batch it steps through.
 MIN_IMAGES_PER_CPU_DEVICE = 8
 CACHE_DIR_VARIABLE = "JAX_COMPILATION_CACHE_DIR"
 MIN_COMPILE_TIME_VARIABLE = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
