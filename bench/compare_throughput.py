@@ -1,7 +1,7 @@
-"""Runs bench/throughput.py for jax, keras and torch alternately and reports medians and
+"""Runs bench.throughput for jax, keras and torch alternately and reports medians and
 ratios (jax/keras, jax/torch), one process per framework, model and mode.
 
-    python bench/compare_throughput.py [--reps 3] [--models seed_cnn,default]
+    python -m bench.compare_throughput [--reps 3] [--models seed_cnn,default]
         [--markdown BENCHMARKS.md]
 
 jax gets one XLA CPU device per core (as the command line gives training); the peers use
@@ -17,22 +17,23 @@ import subprocess
 import sys
 import time
 
-from report import emit  # bench/report.py, beside this script
+from bench.report import emit
+from jaxretrieval.runtime import available_cores, cpu_device_count
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRAMEWORKS = ("jax", "keras", "torch")
 
 
 def run_once(framework, model, mode, batch, steps, warmup):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     if framework == "jax":
-        cores = len(os.sched_getaffinity(0))
-        devices = max(d for d in range(1, cores + 1) if batch % d == 0)
+        devices = cpu_device_count(batch, available_cores())
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     out = subprocess.run(
-        [sys.executable, os.path.join(HERE, "throughput.py"), "--framework", framework,
+        [sys.executable, "-m", "bench.throughput", "--framework", framework,
          "--model", model, "--mode", mode, "--batch", str(batch), "--steps", str(steps),
-         "--warmup", str(warmup)], env=env, capture_output=True, text=True, check=True)
+         "--warmup", str(warmup)], cwd=REPO, env=env, capture_output=True, text=True,
+        check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["images_per_sec"]
 
 
@@ -46,9 +47,9 @@ def main():
              for mode in ("train", "embed")]
     cases += [(model, "embed", 1) for model in args.models.split(",")]
     lines = [f"Throughput, {time.strftime('%Y-%m-%d')}, {platform.machine()} "
-             f"{len(os.sched_getaffinity(0))} cores; medians of {args.reps} alternating runs "
+             f"{available_cores()} cores; medians of {args.reps} alternating runs "
              "(images/s; batch 1 rows: single-query embeddings/s):", "",
-             f"`python bench/compare_throughput.py --reps {args.reps} --models {args.models}`",
+             f"`python -m bench.compare_throughput --reps {args.reps} --models {args.models}`",
              "", "| model | mode | batch | jax | keras | torch | jax/keras | jax/torch | "
              "jax runs |", "|---|---|---|---|---|---|---|---|---|"]
     for model, mode, batch in cases:

@@ -1,6 +1,6 @@
 """One convolution, oneDNN custom call against XLA's own: forward, and both gradients.
 
-    python bench/conv.py [--shape 32,111,111,32,64] [--repeats 5]
+    python -m bench.conv [--shape 32,111,111,32,64] [--repeats 5]
 
 The seed CNN's second convolution by default (3x3, VALID), on however many CPU devices
 XLA_FLAGS gives (the custom call uses that device's share of the cores). Prints the median
@@ -11,10 +11,8 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The oneDNN column must be oneDNN: a failed build is an error here, not a silent fallback.
 os.environ.setdefault("JAXRETRIEVAL_CPU_CONV", "onednn")
 

@@ -1,13 +1,13 @@
 """Training and embedding throughput on one GPU, with model FLOPs utilisation, and a small
 bfloat16 checkpoint written there to be restored and embedded on a CPU here.
 
-On the GPU machine (one prepared run; its image lacks ml_collections, carried as a wheel):
+On the GPU machine, from the repository root:
 
-    python bench/gpu.py --out $OUT                      # seed CNN and ResNet-50, bf16 + f32
+    python -m bench.gpu --out $OUT                      # seed CNN and ResNet-50, bf16 + f32
 
-Back here, with the files it returned:
+Back on a CPU machine, with the files it returned:
 
-    python bench/gpu.py --check DIR                     # DIR holds gpu_workdir.tar.gz
+    python -m bench.gpu --check DIR                     # DIR holds gpu_workdir.tar.gz
 
 Throughput is measured with the batch already on the device (no input pipeline), after a
 warm-up, as the median of `--repeats` timed windows of `--steps` steps. Model FLOPs are
@@ -22,7 +22,6 @@ import functools
 import json
 import os
 import statistics
-import sys
 import tarfile
 import tempfile
 import time
@@ -30,7 +29,6 @@ import traceback
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # XLA's FLOP count cannot see inside the oneDNN custom calls that CPU runs would otherwise use.
 os.environ.setdefault("JAXRETRIEVAL_CPU_CONV", "xla")
 
@@ -74,8 +72,7 @@ def forward_flops_per_image(config) -> float:
     """FLOPs of one image's forward pass, counted by XLA on the CPU backend. Model FLOPs
     utilisation takes a training step as three forward passes (the usual definition: the
     backward pass costs two). Not counted on the GPU: its compiler hands convolutions to
-    cuDNN as custom calls that its cost analysis leaves out (on the H200 it put ResNet-50's
-    training step at 1/60 of its FLOPs), and JAX 0.11's lowered programs give none."""
+    cuDNN as custom calls that its cost analysis leaves out."""
     import jax
 
     from jaxretrieval.data.augment import preprocess
@@ -105,9 +102,8 @@ def measure(name: str, dtype: str, batch: int, steps: int, repeats: int, smoke: 
 
     from jaxretrieval import parallel
     from jaxretrieval.data.augment import preprocess
-    from jaxretrieval.losses import get_loss
     from jaxretrieval.models import build_model
-    from jaxretrieval.training import create_train_state, make_optimizer, make_train_step
+    from jaxretrieval.training import build_training
 
     config = model_config(name, dtype, smoke)
     config.global_batch_size = batch
@@ -117,14 +113,12 @@ def measure(name: str, dtype: str, batch: int, steps: int, repeats: int, smoke: 
     host_batch = {"images": rng.integers(0, 256, shape, dtype=np.uint8),
                   "labels": rng.integers(0, num_classes, batch).astype(np.int32)}
 
-    model = build_model(config, bn_axis_name=parallel.DEVICE_AXIS)
-    loss = get_loss(config.loss)
-    optimizer, _ = make_optimizer(config)
-    state = parallel.replicate(create_train_state(config, model, loss, num_classes, optimizer))
-    device_batch = parallel.shard_batch(host_batch)
-    step = parallel.data_parallel(make_train_step(model, loss, optimizer, config), "pmap")
+    devices = parallel.global_devices()
+    training = build_training(config, devices, num_classes)
+    state = parallel.replicate(training.initial_state, devices)
+    device_batch = parallel.shard_batch(host_batch, devices)
     start = time.perf_counter()
-    step = step.lower(state, device_batch).compile()  # compiled once, then timed
+    step = training.step.lower(state, device_batch).compile()  # compiled once, then timed
     compile_seconds = time.perf_counter() - start
     holder = [state]
 

@@ -1,6 +1,6 @@
 """Recall@1 and MAP@R of every loss on unseen classes: the README's loss table.
 
-    python bench/loss_table.py [--only yalefaces|digits] [--recipes supcon,triplet]
+    python -m bench.loss_table [--only yalefaces|digits] [--recipes supcon,triplet]
         [--seeds 0,1,2]
 
 Each row is one recipe (a loss, or a loss with a projection head) trained once per seed

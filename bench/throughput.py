@@ -1,6 +1,6 @@
 """Training and embedding throughput of one model in one framework, in this process.
 
-    python bench/throughput.py --framework jax|keras|torch --model seed_cnn|default \
+    python -m bench.throughput --framework jax|keras|torch --model seed_cnn|default \
         --mode train|embed [--batch 32] [--steps 10] [--warmup 3]
 
 The same network in each framework: `seed_cnn` is the seed's model (224x224x3, 3x3 VALID
@@ -18,12 +18,9 @@ Peers' dependencies: `pip install -r requirements-bench.txt`.
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 NUM_CLASSES = 10
 MODELS = {
@@ -50,9 +47,7 @@ def jax_step(model_name, mode, batch):
     from jaxretrieval import parallel
     from jaxretrieval.config import base_config
     from jaxretrieval.embed import Embedder
-    from jaxretrieval.losses import get_loss
-    from jaxretrieval.models import build_model
-    from jaxretrieval.training import create_train_state, make_optimizer, make_train_step
+    from jaxretrieval.training import build_training
 
     size, channels, widths, padding, batch_norm, pooling, dim = MODELS[model_name]
     config = base_config()
@@ -64,22 +59,18 @@ def jax_step(model_name, mode, batch):
     config.learning_rate, config.weight_decay, config.warmup_steps = LEARNING_RATE, WEIGHT_DECAY, 0
     devices = parallel.local_devices()
     images = np.random.default_rng(0).integers(0, 256, (batch, size, size, channels), np.uint8)
-    loss = get_loss("softmax")
-    model = build_model(config, bn_axis_name=parallel.DEVICE_AXIS)
-    optimizer, _ = make_optimizer(config)
-    host_state = create_train_state(config, model, loss, NUM_CLASSES, optimizer)
+    training = build_training(config, devices, NUM_CLASSES)
+    host_state = training.initial_state
     if mode == "embed":
         variables = {"params": host_state.params["model"], "batch_stats": host_state.batch_stats}
         embedder = Embedder(config, variables, checkpoint_step=0, devices=devices)
         return lambda: embedder.embed_uint8(images), len(devices)
     labels = np.arange(batch, dtype=np.int32) % NUM_CLASSES
     state = [parallel.replicate(host_state, devices)]
-    step = parallel.data_parallel(make_train_step(model, loss, optimizer, config), "pmap",
-                                  devices)
     batch_on_device = parallel.shard_batch({"images": images, "labels": labels}, devices)
 
     def run():
-        state[0], metrics = step(state[0], batch_on_device)
+        state[0], metrics = training.step(state[0], batch_on_device)
         jax.block_until_ready(metrics)
 
     return run, len(devices)

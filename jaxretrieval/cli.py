@@ -9,6 +9,8 @@ import logging
 import os
 import sys
 
+from jaxretrieval.errors import JaxRetrievalError
+
 DEFAULT_WORKDIR = os.path.join("runs", "default")
 
 
@@ -24,13 +26,14 @@ def main(argv=None) -> int:
     if not argv or argv[0] not in commands:
         print(f"usage: jaxretrieval {{{','.join(commands)}}} [--help]", file=sys.stderr)
         return 2
-    _quiet_dependencies()
+    # Imported after the re-execution above: JAX is slow to import twice.
+    from jaxretrieval import runtime
+    runtime.setup()
     # Our own progress at INFO; dependencies (TFDS, absl, Orbax) only when they warn.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("jaxretrieval").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.ERROR)  # TFDS's advice to install OpenCV
-    from jaxretrieval.errors import JaxRetrievalError
     try:
         return commands[argv[0]](argv[1:])
     except JaxRetrievalError as err:
@@ -58,37 +61,7 @@ def _lost_process_message(err) -> str | None:
             "workdir's last checkpoint")
 
 
-def _quiet_dependencies():
-    # TensorFlow (imported by TFDS and ScaNN) prints start-up chatter that hides our output.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # JAX's persistent compilation cache: a resumed run, --eval_only or a restarted service
-    # loads its compiled programs instead of compiling them again. JAX_COMPILATION_CACHE_DIR
-    # chooses another folder; an empty value turns the cache off.
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxretrieval", "xla"))
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-
-
-MIN_IMAGES_PER_CPU_DEVICE = 8
-
-
-def _use_one_cpu_device_per_core(global_batch_size: int) -> None:
-    """Exposes one XLA CPU device per core (up to what the batch feeds), before JAX starts.
-
-    XLA runs a CPU convolution on one thread; pmap over one device per core is what puts
-    every core to work (DESIGN.md). Accelerators are unaffected: this only shapes the host
-    platform. A count the user set in XLA_FLAGS wins.
-    """
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" in flags or "jax" in sys.modules:
-        return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    most = max(1, min(cores or 1, global_batch_size // MIN_IMAGES_PER_CPU_DEVICE))
-    count = max(d for d in range(1, most + 1) if global_batch_size % d == 0)
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
-
-
-def _split_config_overrides(argv):
+def split_config_overrides(argv):
     """Separates `--config.KEY=VALUE` / `--config.KEY VALUE` from the other arguments."""
     overrides, rest, i = [], [], 0
     while i < len(argv):
@@ -97,7 +70,6 @@ def _split_config_overrides(argv):
             key, eq, value = arg[len("--config."):].partition("=")
             if not eq:
                 if i + 1 >= len(argv):
-                    from jaxretrieval.errors import JaxRetrievalError
                     raise JaxRetrievalError(f"{arg} needs a value: {arg}=VALUE")
                 value, i = argv[i + 1], i + 1
             overrides.append((key, value))
@@ -107,27 +79,8 @@ def _split_config_overrides(argv):
     return overrides, rest
 
 
-def resolve_config(config_path, workdir, overrides):
-    """The run's config: --config, else the workdir's config.json, else the built-in default;
-    then the --config.KEY=VALUE overrides, validated."""
-    from jaxretrieval import config as config_lib
-    from jaxretrieval.workdir import Workdir
-
-    wd = Workdir(workdir)
-    if config_path:
-        config = config_lib.load_config_file(config_path)
-    elif os.path.isfile(wd.config_path):
-        config = wd.read_config()
-    else:
-        config = config_lib.base_config()
-    for key, value in overrides:
-        config_lib.apply_override(config, key, value)
-    config_lib.validate_config(config)
-    return config
-
-
 def run_train(argv) -> int:
-    overrides, rest = _split_config_overrides(argv)
+    overrides, rest = split_config_overrides(argv)
     parser = argparse.ArgumentParser(
         prog="python -m train",
         description="Train, evaluate retrieval, and build the index in a workdir "
@@ -140,31 +93,29 @@ def run_train(argv) -> int:
                         help="evaluate and index the workdir's latest checkpoint, no training")
     _add_distributed_arguments(parser)
     args = parser.parse_args(rest)
-    if args.eval_only:
-        if args.config or overrides:
-            from jaxretrieval.errors import JaxRetrievalError
-            raise JaxRetrievalError(
-                "--eval_only evaluates the workdir's own run (its config.json); drop --config "
-                "and --config.KEY flags, or train a new workdir with them")
-        config = resolve_config(None, args.workdir, [])
-    else:
-        config = resolve_config(args.config, args.workdir, overrides)
-    _use_one_cpu_device_per_core(config.global_batch_size // (args.num_processes or 1))
+    if args.eval_only and (args.config or overrides):
+        raise JaxRetrievalError(
+            "--eval_only evaluates the workdir's own run (its config.json); drop --config "
+            "and --config.KEY flags, or train a new workdir with them")
+    from jaxretrieval import runtime
+    from jaxretrieval.config import resolve_config
+    config = resolve_config(args.config, args.workdir, overrides)
+    # Chosen here, before joining other processes: each process steps through its share.
+    runtime.setup(config.global_batch_size // (args.num_processes or 1))
     primary = _join_distributed(args)
-    from jaxretrieval.evaluation import evaluate_and_index
-    if not args.eval_only:
-        from jaxretrieval.training import train
-        with _ProgressBar("step", enabled=primary) as bar:
-            train(config, args.workdir, on_progress=lambda event: bar.update(
-                event["step"], event["total_steps"], loss=f"{event['loss']:.4f}",
-                img_s=_rate(event["images_per_sec"])))
-    with _ProgressBar("chunk", enabled=primary) as bar:
-        metrics = evaluate_and_index(args.workdir, on_progress=bar.update_chunks)
+    from jaxretrieval.pipeline import evaluate_and_index, metrics_table
+    from jaxretrieval.training import train_and_evaluate
+    steps, chunks = _ProgressBar("step", enabled=primary), _ProgressBar("chunk", enabled=primary)
+    with steps, chunks:
+        if args.eval_only:
+            metrics = evaluate_and_index(args.workdir, on_progress=chunks.update_chunks)
+        else:
+            metrics = train_and_evaluate(config, args.workdir, on_progress=steps.update_steps,
+                                         on_export_progress=chunks.update_chunks)
     if primary:
         print(f"\nretrieval on {metrics['dataset']} ({metrics['split']}, "
               f"{metrics['num_queries']} queries), checkpoint step "
               f"{metrics['checkpoint_step']}:")
-        from jaxretrieval.evaluation import metrics_table
         print(metrics_table(metrics))
         print(f"\nworkdir: {os.path.abspath(args.workdir)}")
     return 0
@@ -188,10 +139,11 @@ def run_embed(argv) -> int:
                         help="items per chunk: the unit that is written, and kept when resumed")
     _add_distributed_arguments(parser)
     args = parser.parse_args(argv)
-    config = resolve_config(None, args.workdir, [])
-    _use_one_cpu_device_per_core(config.embed_batch_size)
+    from jaxretrieval import runtime
+    from jaxretrieval.config import resolve_config
+    runtime.setup(resolve_config(None, args.workdir).embed_batch_size)
     primary = _join_distributed(args)
-    from jaxretrieval.evaluation import embed_corpus
+    from jaxretrieval.pipeline import embed_corpus
     with _ProgressBar("chunk", enabled=primary) as bar:
         meta = embed_corpus(args.workdir, dataset=args.dataset, data_dir=args.data_dir,
                             output=args.output, chunk_size=args.chunk_size,
@@ -241,7 +193,7 @@ def run_index(argv) -> int:
                              "flat index; default: as many as the index there has, else 1); "
                              "replaces either layout in place")
     args = parser.parse_args(argv)
-    from jaxretrieval.evaluation import rebuild_index
+    from jaxretrieval.pipeline import rebuild_index
     index = rebuild_index(args.workdir, num_shards=args.shards)
     print(json.dumps(index.manifest, indent=2, sort_keys=True))
     return 0
@@ -326,17 +278,28 @@ class _ProgressBar:
         self._bar.n = done
         self._bar.set_postfix(**postfix)
         self._bar.refresh()
+        if done >= total:  # the next bar starts on its own line
+            self.close()
+
+    def update_steps(self, event: dict) -> None:
+        """For the training's events."""
+        self.update(event["step"], event["total_steps"], loss=f"{event['loss']:.4f}",
+                    img_s=_rate(event["images_per_sec"]))
 
     def update_chunks(self, event: dict) -> None:
         """For the embedding export's events."""
         self.update(event["done"], event["total"], img_s=_rate(event["images_per_sec"]))
 
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        if self._bar is not None:
-            self._bar.close()
+        self.close()
 
 
 if __name__ == "__main__":

@@ -238,3 +238,29 @@ def _as_tuples(values, reference):
         else:
             out[key] = value
     return out
+
+
+# A workdir keeps the config it was trained with in this file (Workdir.config_path).
+CONFIG_FILE_NAME = "config.json"
+
+
+def resolve_config(config_path: str | None, workdir: str | None,
+                   overrides=()) -> ml_collections.ConfigDict:
+    """A run's config: the file `config_path`, else the workdir's own config.json, else
+    the built-in default; then `overrides`, (dotted key, text) pairs, applied and checked.
+
+    This is the precedence of `python -m train --config FILE --config.KEY=VALUE`: a workdir
+    resumes with what it was trained with unless told otherwise.
+    """
+    saved = os.path.join(workdir, CONFIG_FILE_NAME) if workdir else None
+    if config_path:
+        config = load_config_file(config_path)
+    elif saved and os.path.isfile(saved):
+        with open(saved) as f:
+            config = config_from_json(f.read())
+    else:
+        config = base_config()
+    for key, value in overrides:
+        apply_override(config, key, value)
+    validate_config(config)
+    return config

@@ -34,7 +34,7 @@ from jax.sharding import SingleDeviceSharding
 
 from jaxretrieval import parallel
 from jaxretrieval.errors import JaxRetrievalError
-from jaxretrieval.workdir import recover_interrupted_swap, swap_in, write_json_atomically
+from jaxretrieval.fileio import recover_interrupted_swap, swap_in, write_json_atomically
 
 logger = logging.getLogger(__name__)
 

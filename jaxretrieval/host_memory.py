@@ -1,14 +1,13 @@
 """Transparent huge pages for the large host allocations of XLA on CPU.
 
 XLA's CPU runtime gets each execution's buffers from malloc, and glibc serves allocations
-this large (the seed CNN's temporaries at batch 32 are 120 MB per device) with a fresh
-mmap that it unmaps again on free: every step then faults in and zeroes each 4 KiB page
-anew, about 60,000 page faults per embedding batch (measured with `/usr/bin/time`), a
-quarter of its time. Started with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc 2.35+),
-malloc asks for transparent huge pages on those mappings: about nine times fewer faults
-measured, and BENCHMARKS.md has the speed-up. The tunable is read once, when a process
-starts, so the command-line entry points re-execute themselves with it set, before
-anything else runs. `JAXRETRIEVAL_HUGE_PAGES=0` turns this off.
+this large (a convolution network's temporaries run to many megabytes per device) with a
+fresh mmap that it unmaps again on free: every step then faults in and zeroes each 4 KiB
+page anew. Started with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc 2.35+), malloc asks
+for transparent huge pages on those mappings, which take far fewer page faults
+(BENCHMARKS.md has the figures). The tunable is read once, when a process starts, so the
+command-line entry points re-execute themselves with it set, before anything else runs.
+`JAXRETRIEVAL_HUGE_PAGES=0` turns this off.
 """
 
 import os
@@ -20,7 +19,7 @@ SWITCH = "JAXRETRIEVAL_HUGE_PAGES"
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
-def _glibc_supports_hugetlb() -> bool:
+def glibc_supports_hugetlb() -> bool:
     library, version = platform.libc_ver()
     if library != "glibc":
         return False
@@ -30,7 +29,7 @@ def _glibc_supports_hugetlb() -> bool:
         return False
 
 
-def _kernel_allows_thp() -> bool:
+def kernel_allows_thp() -> bool:
     try:
         with open(THP_SETTING) as f:
             return "[never]" not in f.read()
@@ -42,7 +41,7 @@ def huge_pages_wanted() -> bool:
     """Whether this process should be running with the tunable and is not yet."""
     return (sys.platform == "linux" and os.environ.get(SWITCH, "1") != "0"
             and "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", "")
-            and _glibc_supports_hugetlb() and _kernel_allows_thp())
+            and glibc_supports_hugetlb() and kernel_allows_thp())
 
 
 def reexec_with_huge_pages() -> None:

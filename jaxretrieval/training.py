@@ -1,10 +1,13 @@
-"""Training: the train state, the per-device step, and `train_and_evaluate(config, workdir)`.
+"""Training: the train state, the per-device step, `build_training(config, devices)`, the
+loop `train(config, workdir)`, and `train_and_evaluate(config, workdir)`, which is what
+`python -m train` runs.
 
-The loop reads top to bottom in sections: workdir, devices, data, model and optimiser,
-update step, checkpoint, loop. Progress goes to `logging`, to `DIR/metrics.jsonl`, and to
-an optional `on_progress(dict)` callback that entry points render (a progress bar).
+The loop reads top to bottom in sections: devices, workdir, data, model and update step,
+checkpoint, loop. Progress goes to `logging`, to `DIR/metrics.jsonl`, and to an optional
+`on_progress(dict)` callback that entry points render (a progress bar).
 """
 
+import dataclasses
 import logging
 import os
 import time
@@ -16,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxretrieval import parallel
+from jaxretrieval import parallel, runtime
 from jaxretrieval.checkpoint import CheckpointStore
 from jaxretrieval.config import RUN_KEYS, config_to_json, model_config_hash, validate_config
 from jaxretrieval.data.augment import augment_batch, preprocess
@@ -25,7 +28,9 @@ from jaxretrieval.data.splits import batch_rows, class_balanced_batch_rows, spli
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.losses import gather_batch, get_loss, with_projection_head
 from jaxretrieval.models import build_model
-from jaxretrieval.workdir import Workdir, write_file_atomically
+from jaxretrieval.fileio import write_file_atomically
+from jaxretrieval.pipeline import evaluate_and_index
+from jaxretrieval.workdir import Workdir
 
 logger = logging.getLogger(__name__)
 
@@ -106,19 +111,48 @@ def make_train_step(model, loss, optimizer, config) -> Callable:
     return train_step
 
 
-def train_and_evaluate(config, workdir: str, *, on_progress: Callable | None = None) -> dict:
-    """Trains (resuming from the latest checkpoint), then evaluates, exports and indexes.
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """What a training run is made of, from `build_training`."""
+    model: Any  # the flax module, its BatchNorm statistics averaged over the devices
+    loss: Any  # a losses.Loss, with the projection head when the config asks for one
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule  # the learning rate at each step
+    initial_state: TrainState  # fresh, on the host (numpy leaves)
+    step: Callable  # (replicated state, sharded batch) -> (state, metrics), over the devices
 
-    Returns the metrics written to `DIR/metrics.json`.
+
+def build_training(config, devices, num_classes: int) -> Training:
+    """The model, loss, optimiser, initial state and data-parallel step of `config` over
+    `devices`, for a dataset of `num_classes` training classes."""
+    loss = get_loss(config.loss)
+    if config.projection_head:
+        loss = with_projection_head(loss, config.projection_head)
+    model = build_model(config, bn_axis_name=parallel.DEVICE_AXIS)
+    optimizer, schedule = make_optimizer(config)
+    initial_state = create_train_state(config, model, loss, num_classes, optimizer)
+    step = parallel.data_parallel(make_train_step(model, loss, optimizer, config),
+                                  config.parallel, devices)
+    return Training(model=model, loss=loss, optimizer=optimizer, schedule=schedule,
+                    initial_state=initial_state, step=step)
+
+
+def train_and_evaluate(config, workdir: str, *, on_progress: Callable | None = None,
+                       on_export_progress: Callable | None = None) -> dict:
+    """Trains (resuming from the workdir's latest checkpoint), then embeds every item,
+    evaluates, exports and indexes (`pipeline.evaluate_and_index`).
+
+    `on_progress` receives the training's progress events, `on_export_progress` the
+    embedding export's. Returns the metrics written to `DIR/metrics.json`.
     """
-    from jaxretrieval.evaluation import evaluate_and_index
-
     train(config, workdir, on_progress=on_progress)
-    return evaluate_and_index(workdir)
+    return evaluate_and_index(workdir, on_progress=on_export_progress)
 
 
 def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
+    """Trains `config` in `workdir`, resuming from its latest checkpoint."""
     validate_config(config)
+    runtime.setup(config.global_batch_size)
 
     # ---------------------------------------------------------------- devices
     # Every device of every process; this process feeds and reads only its own.
@@ -128,9 +162,7 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
     primary = parallel.is_primary_process()
     logger.info("training on %d %s device(s) in %d process(es)", len(devices),
                 devices[0].platform, jax.process_count())
-    loss = get_loss(config.loss)
-    if config.projection_head:
-        loss = with_projection_head(loss, config.projection_head)
+    get_loss(config.loss)  # an unknown loss is refused before the workdir is written to
 
     # ---------------------------------------------------------------- workdir
     # With several processes the workdir is one shared folder (NFS, Filestore, ...): every
@@ -157,10 +189,9 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
         rows = rows[share]
         return {"images": dataset.images(rows), "labels": dataset.labels[rows].astype(np.int32)}
 
-    # ---------------------------------------------------------------- model and optimiser
-    model = build_model(config, bn_axis_name=parallel.DEVICE_AXIS)
-    optimizer, schedule = make_optimizer(config)
-    host_state = create_train_state(config, model, loss, split.num_train_classes, optimizer)
+    # ---------------------------------------------------------------- model and update step
+    training = build_training(config, devices, split.num_train_classes)
+    host_state = training.initial_state
 
     # ---------------------------------------------------------------- checkpoint
     store = CheckpointStore(wd.checkpoints, every_steps=config.checkpoint_every_steps,
@@ -173,10 +204,7 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
     if primary:
         wd.truncate_train_log(after_step=start_step)
 
-    # ---------------------------------------------------------------- update step
     state = parallel.replicate(host_state, devices)
-    train_step = parallel.data_parallel(make_train_step(model, loss, optimizer, config),
-                                        config.parallel, devices)
 
     # ---------------------------------------------------------------- loop
     pending = []  # (step, metrics on device) not yet checked on the host
@@ -185,7 +213,7 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
     try:
         for step in range(start_step, total_steps):
             step_start = time.perf_counter()
-            state, metrics = train_step(state, parallel.shard_batch(host_batch(step), devices))
+            state, metrics = training.step(state, parallel.shard_batch(host_batch(step), devices))
             done = step + 1
             pending.append((done, metrics))
             if interval_start is None:  # the first step compiles: images/s count from after it
@@ -204,7 +232,7 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
                 images_per_sec = (interval_steps * config.global_batch_size / elapsed
                                   if interval_steps else float("nan"))
                 record = {"step": done, "loss": host_metrics["loss"],
-                          "learning_rate": float(schedule(done - 1)),
+                          "learning_rate": float(training.schedule(done - 1)),
                           "images_per_sec": images_per_sec}
                 if primary:
                     wd.append_train_log(record)

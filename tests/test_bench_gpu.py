@@ -2,20 +2,24 @@
 
 import json
 import os
+import subprocess
+import sys
 
-from conftest import run_python
+from conftest import REPO
 
-SCRIPT = os.path.join("bench", "gpu.py")
+
+def run(*args):
+    """`python -m bench.gpu ARGS` from the repository root, on one CPU device."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, "-m", "bench.gpu", *map(str, args)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_the_gpu_benchmark_measures_writes_a_checkpoint_and_checks_it_on_cpu(tmp_path):
-    run = ("import runpy, sys\n"
-           f"sys.argv = [{SCRIPT!r}] + sys.argv[1:]\n"
-           f"runpy.run_path({SCRIPT!r}, run_name='__main__')\n")
     # A model that does not exist fails its own part; the other parts still report.
-    result = run_python(run, "--out", tmp_path, "--smoke", "--models", "seed_cnn,vgg",
-                        "--dtypes", "bfloat16", "--batch", "8", "--steps", "1",
-                        "--repeats", "1")
+    result = run("--out", tmp_path, "--smoke", "--models", "seed_cnn,vgg", "--dtypes",
+                 "bfloat16", "--batch", "8", "--steps", "1", "--repeats", "1")
     assert result.returncode != 0 and "failed: vgg bfloat16" in result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     with open(tmp_path / "gpu_bench.json") as f:
@@ -34,7 +38,7 @@ def test_the_gpu_benchmark_measures_writes_a_checkpoint_and_checks_it_on_cpu(tmp
     assert measured["train_mfu"] is None  # no known peak for a CPU
     assert os.path.isfile(tmp_path / "gpu_workdir.tar.gz")
 
-    check = run_python(run, "--check", tmp_path)
+    check = run("--check", tmp_path)
     assert check.returncode == 0, check.stderr[-3000:]
     checked = json.loads(check.stdout.strip().splitlines()[-1])
     assert checked["dtype"] == "bfloat16" and checked["checkpoint_step"] == 4

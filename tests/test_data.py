@@ -114,7 +114,7 @@ def test_load_images_takes_paths_arrays_and_any_channel_count(tmp_path):
 
 
 def test_an_interrupted_directory_swap_is_undone_by_the_next_reader(tmp_path):
-    from jaxretrieval.workdir import new_sibling_directory, recover_interrupted_swap, swap_in
+    from jaxretrieval.fileio import new_sibling_directory, recover_interrupted_swap, swap_in
 
     final = str(tmp_path / "index")
     first = new_sibling_directory(final)

@@ -10,7 +10,7 @@ from PIL import Image
 from jaxretrieval.data.sources import load_dataset
 from jaxretrieval.embed import Embedder
 from jaxretrieval.errors import JaxRetrievalError
-from jaxretrieval.evaluation import embed_corpus, rebuild_index
+from jaxretrieval.pipeline import embed_corpus, rebuild_index
 from jaxretrieval.export import (load_embedding_export, partial_directory,
                                  write_embedding_export)
 from jaxretrieval.workdir import Workdir

@@ -34,8 +34,8 @@ def _run(tmp_path, **env_changes):
 
 
 needs_huge_pages = pytest.mark.skipif(
-    not (sys.platform == "linux" and host_memory._glibc_supports_hugetlb()
-         and host_memory._kernel_allows_thp()),
+    not (sys.platform == "linux" and host_memory.glibc_supports_hugetlb()
+         and host_memory.kernel_allows_thp()),
     reason="needs glibc 2.35+ and a kernel with transparent huge pages")
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import run_python
 from jaxretrieval.errors import JaxRetrievalError
-from jaxretrieval.evaluation import rebuild_index
+from jaxretrieval.pipeline import rebuild_index
 from jaxretrieval.index import Index, snapshot_directory
 from jaxretrieval.retriever import Retriever, UnknownItemError
 from jaxretrieval.workdir import Workdir

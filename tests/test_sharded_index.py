@@ -11,7 +11,7 @@ import pytest
 
 from conftest import run_python
 from jaxretrieval.errors import JaxRetrievalError
-from jaxretrieval.evaluation import rebuild_index
+from jaxretrieval.pipeline import rebuild_index
 from jaxretrieval.index import (EXACT_SEARCH_MAX_COUNT, Index, ShardedIndex, open_index,
                                 save_index, shard_of, snapshot_directory, storage)
 from jaxretrieval.index import sharded as sharded_module

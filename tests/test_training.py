@@ -164,7 +164,7 @@ def test_embedding_export_holds_every_item_with_keys_and_sources(trained_workdir
 @pytest.mark.parametrize("loss, projection_head", [("triplet", 0), ("softmax+triplet", 32)])
 def test_a_pair_loss_on_class_balanced_batches_trains_on_four_devices(
         tmp_path, data_dir, loss, projection_head):
-    from jaxretrieval.evaluation import evaluate_and_index
+    from jaxretrieval.pipeline import evaluate_and_index
 
     config = tiny_config(data_dir, loss=loss, projection_head=projection_head,
                          sampler="class_balanced", images_per_class=4, num_train_steps=12,

@@ -63,7 +63,7 @@ from jaxretrieval.index.checks import (as_float_matrix, checked_manifest_updates
                                        refuse_unknown_keys)
 from jaxretrieval.index.flat import Index
 from jaxretrieval.index.storage import SHARDS_DIR, SHARDS_FILE, UnreadableIndexError
-from jaxretrieval.workdir import recover_interrupted_swap, write_json_atomically
+from jaxretrieval.fileio import recover_interrupted_swap, write_json_atomically
 
 FORMAT_VERSION = 1
 ROUTING = "crc32(utf-8 key) % num_shards"

@@ -44,7 +44,7 @@ from jaxretrieval.index.checks import CORE_MANIFEST_KEYS
 from jaxretrieval.index.scann_adapter import SCANN_ASSETS_FILE, load_searcher
 from jaxretrieval.index.state import State
 from jaxretrieval.index.wal import LOG_FILE, read_log, replayed
-from jaxretrieval.workdir import recover_interrupted_swap, write_file_atomically
+from jaxretrieval.fileio import recover_interrupted_swap, write_file_atomically
 
 logger = logging.getLogger(__name__)
 

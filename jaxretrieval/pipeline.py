@@ -1,8 +1,8 @@
 """After training: embed every item, export, evaluate the split, build and save the index.
 
 `evaluate_and_index(workdir)` is what `python -m train` runs after the loop and what
-`--eval_only` runs alone; `rebuild_index(workdir)` rebuilds the index from the export
-without the model.
+`--eval_only` runs alone; `embed_corpus(workdir)` embeds any dataset with the run's model;
+`rebuild_index(workdir)` rebuilds the index from the export without the model.
 """
 
 import json
@@ -12,7 +12,7 @@ import os
 import jax
 import numpy as np
 
-from jaxretrieval import parallel
+from jaxretrieval import parallel, runtime
 from jaxretrieval.data.sources import load_dataset
 from jaxretrieval.data.splits import split_dataset
 from jaxretrieval.embed import Embedder
@@ -21,7 +21,8 @@ from jaxretrieval.export import (DEFAULT_CHUNK_SIZE, load_embedding_export,
 from jaxretrieval.index import Index
 from jaxretrieval.metrics import (calibrate_match_thresholds, pair_similarities, pixel_embeddings,
                                   retrieval_metrics)
-from jaxretrieval.workdir import Workdir, write_json_atomically
+from jaxretrieval.fileio import write_json_atomically
+from jaxretrieval.workdir import Workdir
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ def evaluate_and_index(workdir: str, *, on_progress=None) -> dict:
     evaluates and writes the index, and the others return what it wrote.
     """
     wd = Workdir(workdir)
+    runtime.setup(wd.read_config().embed_batch_size)
     embedder = Embedder.from_workdir(workdir)
     config = embedder.config
     # Several processes: each decodes only the images it embeds (process 0 the split's too).
@@ -74,6 +76,7 @@ def embed_corpus(workdir: str, *, dataset: str | None = None, data_dir: str | No
     model, so they are carried into the export. Returns the export's metadata.
     """
     wd = Workdir(workdir)
+    runtime.setup(wd.read_config().embed_batch_size)
     embedder = Embedder.from_workdir(workdir)
     config = embedder.config.copy_and_resolve_references()
     if dataset is not None:

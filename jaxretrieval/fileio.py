@@ -1,0 +1,76 @@
+"""Writing files and directories so that a reader never sees them half-written.
+
+A file is written beside its final path and renamed into place. A directory is filled
+beside its final path (`new_sibling_directory`) and then swapped in (`swap_in`); a swap cut
+short between its two renames is undone by `recover_interrupted_swap`, which every reader
+calls first.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+
+
+def write_file_atomically(path: str, text: str) -> None:
+    """Writes `text` to a temporary file beside `path`, then renames it into place."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json_atomically(path: str, value) -> None:
+    write_file_atomically(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def new_sibling_directory(final_dir: str) -> str:
+    """An empty temporary directory beside `final_dir`, to fill and then `swap_in`."""
+    parent = os.path.dirname(os.path.abspath(final_dir))
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(final_dir)}.tmp-")
+
+
+def swap_in(tmp_dir: str, final_dir: str) -> None:
+    """Replaces `final_dir` by the finished `tmp_dir`; the old one is removed only after.
+
+    `final_dir` never holds a half-written directory. Between the two renames it is briefly
+    absent; a process killed right there leaves the old copy beside it, which
+    `recover_interrupted_swap` (called by every reader and by the next swap) puts back.
+    """
+    recover_interrupted_swap(final_dir)
+    old = None
+    if os.path.exists(final_dir):
+        old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(final_dir)),
+                               prefix=f".{os.path.basename(final_dir)}.old-")
+        os.rmdir(old)
+        os.rename(final_dir, old)
+    try:
+        os.rename(tmp_dir, final_dir)
+    except BaseException:
+        if old is not None:
+            os.rename(old, final_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_interrupted_swap(final_dir: str) -> None:
+    """Puts back the old copy of `final_dir` if a swap was killed between its two renames."""
+    if os.path.exists(final_dir):
+        return
+    parent = os.path.dirname(os.path.abspath(final_dir))
+    prefix = f".{os.path.basename(final_dir)}.old-"
+    leftovers = sorted((e for e in os.scandir(parent) if e.name.startswith(prefix))
+                       if os.path.isdir(parent) else [], key=lambda e: e.stat().st_mtime)
+    if leftovers:
+        os.rename(leftovers[-1].path, final_dir)
