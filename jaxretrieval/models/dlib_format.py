@@ -249,7 +249,8 @@ def read_add_prev(s: Stream, record: str) -> DlibLayer:
 def read_loss_metric(s: Stream, record: str) -> DlibLayer:
     if record == "loss_metric_":  # the first version kept these fixed, not in the file
         return DlibLayer("loss_metric", {"margin": 0.1, "distance_threshold": 0.75}, {})
-    p = {"margin": s.real("the margin"), "distance_threshold": s.real("the distance threshold")}
+    p = {"margin": float(np.float32(s.real("the margin"))),  # C++ floats, as in dlib
+         "distance_threshold": float(np.float32(s.real("the distance threshold")))}
     return DlibLayer("loss_metric", p, {})
 
 
@@ -278,9 +279,10 @@ LAYER_RECORDS = {
 def read_record(s: Stream, readers: dict, what: str) -> DlibLayer:
     record = s.peek_string()
     if record not in readers:
-        found = "no record name" if record is None else f"the record {record[:40]!r}"
-        raise s.error(f"expected {what} ({', '.join(sorted(readers))}), found {found}; "
-                      "only the layer types of dlib's face ResNet are supported")
+        found = ("no record name" if record is None else
+                 f"the record {record[:40]!r}, which this reader does not know (it reads the "
+                 "layer types of dlib's face ResNet)")
+        raise s.error(f"expected {what} ({', '.join(sorted(readers))}), found {found}")
     s.string("a record name")
     return readers[record](s, record)
 
