@@ -90,30 +90,40 @@ def test_the_reader_reads_dlibs_face_resnet_layer_by_layer(layers):
     assert all(t.dtype == np.float32 and np.isfinite(t).all() for t in tensors)
 
 
-@needs_faces
-@pytest.mark.parametrize("case", ["truncated", "empty", "shape_predictor", "random", "png",
-                                  "bzip2"])
-def test_the_reader_rejects_other_and_damaged_files(case, network_file, tmp_path):
+def malformed_file(case, network_file, tmp_path):
+    """The path of a file that is not dlib's face ResNet, or no longer whole."""
     path = tmp_path / f"{case}.dat"
-    with open(network_file, "rb") as f:
-        network = f.read()
     if case == "truncated":
-        path.write_bytes(network[:len(network) * 2 // 3])
+        with open(network_file, "rb") as f:
+            path.write_bytes(f.read()[:os.path.getsize(network_file) * 2 // 3])
     elif case == "empty":
         path.write_bytes(b"")
-    elif case == "shape_predictor":
+    elif case == "shape_predictor":  # a dlib file, but not a network
         path = faces.face_model_file(SHAPE_PREDICTOR_FILE)
     elif case == "random":
         path.write_bytes(np.random.default_rng(0).bytes(4096))
     elif case == "png":
         Image.new("RGB", (8, 8)).save(path, format="PNG")
-    elif case == "bzip2":
+    elif case == "bzip2":  # the form dlib.net serves its files in
         path.write_bytes(b"BZh91AY&SY" + bytes(64))
+    return path
+
+
+@needs_faces
+@pytest.mark.parametrize("case, says", [
+    ("truncated", "is it truncated?"),
+    ("empty", "the file is empty"),
+    ("shape_predictor", "expected a loss layer record"),
+    ("random", "Expected a network saved by dlib's serialize()"),
+    ("png", "bad integer control byte 0x89"),
+    ("bzip2", "decompress it first"),
+])
+def test_the_reader_rejects_other_and_damaged_files(case, says, network_file, tmp_path):
     with pytest.raises(JaxRetrievalError) as error:
-        read_dlib_network(path)
+        read_dlib_network(malformed_file(case, network_file, tmp_path))
     message = str(error.value)
-    assert "is not a dlib network file" in message and "dlib_face_recognition_resnet_model_v1" in message
-    assert {"truncated": "truncated", "empty": "empty", "bzip2": "decompress"}.get(case, "") in message
+    assert "is not a dlib network file this reader can read" in message
+    assert "dlib_face_recognition_resnet_model_v1.dat" in message and says in message
 
 
 def test_the_reader_needs_no_dlib_and_names_a_missing_file(tmp_path):

@@ -45,6 +45,7 @@ the file. The reader reports them as "tag_or_skip", in place.
 """
 
 import dataclasses
+import math
 import os
 
 import numpy as np
@@ -54,7 +55,7 @@ from jaxretrieval.errors import JaxRetrievalError
 # float_details exponents that stand for special values.
 FLOAT_INF, FLOAT_NINF, FLOAT_NAN = 32000, 32001, 32002
 
-# Signed lengths of the integer types dlib writes here, in bytes.
+# Sizes in bytes of the C++ integer types dlib writes here: int, and long / long long.
 INT, LONG = 4, 8
 
 
@@ -96,7 +97,8 @@ class Stream:
 
     def integer(self, size: int, signed: bool, what: str) -> int:
         control = self.take(1, what)[0]
-        # Bit 0x80 is the sign; bits 0x70 are reserved and ignored for signed types.
+        # Bits 0x70 are reserved and ignored; bit 0x80 is a signed type's sign, and an
+        # unsigned type refuses it (its masked length is then over 8).
         length = control & (0x0F if signed else 0x8F)
         if length == 0 or length > size:
             raise self.error(f"bad integer control byte 0x{control:02x} for {what}")
@@ -120,8 +122,13 @@ class Stream:
             raise self.error(f"{what} is not in dlib's binary float format")
         mantissa = self.signed(what, LONG)
         exponent = self.signed(what, 2)
-        special = {FLOAT_INF: float("inf"), FLOAT_NINF: float("-inf"), FLOAT_NAN: float("nan")}
-        return special.get(exponent, float(np.ldexp(float(mantissa), exponent)))
+        special = {FLOAT_INF: math.inf, FLOAT_NINF: -math.inf, FLOAT_NAN: math.nan}
+        if exponent in special:
+            return special[exponent]
+        try:
+            return math.ldexp(mantissa, exponent)
+        except OverflowError:
+            raise self.error(f"{what} is out of range: {mantissa} * 2**{exponent}") from None
 
     def string(self, what: str) -> str:
         length = self.unsigned(f"the length of {what}")
