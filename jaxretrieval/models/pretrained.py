@@ -153,6 +153,8 @@ def configured_for_init(config):
             raise JaxRetrievalError(
                 f"the {name} format decides config key {key!r}, which this config lacks; "
                 "start from jaxretrieval.config.base_config()") from None
+        if isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(value)  # a format may read its keys from JSON
         if current != value:
             # A value the user gave on purpose is overridden too: the file cannot be read
             # into another shape of network.
