@@ -15,7 +15,8 @@ from jaxretrieval.data.sources import parse_reference
 from jaxretrieval.data.splits import SPLITS
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.losses import DEFAULT_LOSS_OPTIONS, check_loss_options
-from jaxretrieval.models import backbone_options, check_backbone
+from jaxretrieval.models import backbone_options, check_backbone, check_input_norm
+from jaxretrieval.models.pretrained import FORMATS
 
 POOLINGS = ("flatten", "avg", "max", "gem")
 PARALLEL_WRAPPERS = ("pmap", "shard_map")
@@ -27,7 +28,7 @@ MODEL_KEYS = ("image_size", "channels", "embedding_dim", "model")
 # With the model keys, the keys that make a checkpoint this run's: another dataset, split or
 # seed trains on other images (and often another number of classes).
 RUN_KEYS = MODEL_KEYS + ("dataset", "label_key", "split", "query_fraction", "seed", "loss",
-                         "projection_head")
+                         "projection_head", "init_from")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -56,6 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
     # TPUs). Parameters, BatchNorm statistics, pooling, the embedding and the loss stay
     # float32, so a checkpoint embeds in either dtype.
     c.dtype = "float32"
+    # How pixels are normalised for the backbone (jaxretrieval.models.INPUT_NORMS): centred
+    # (the package's own), dlib (dlib's face network), imagenet (torchvision and timm).
+    c.model.input_norm = "centred"
+    c.model.projection_bias = True  # False: the projection has no bias (dlib's 128-d layer)
 
     # Augmentation, on device inside the train step; never applied at evaluation.
     c.augment = ml_collections.ConfigDict()
@@ -85,6 +90,23 @@ def base_config() -> ml_collections.ConfigDict:
     c.warmup_steps = 50
     c.weight_decay = 1e-4
     c.seed = 0
+    # Start from a pretrained file (jaxretrieval.models.pretrained) instead of from scratch:
+    # its format is found from the file (init_format forces one), it sets the config keys it
+    # decides, and it loads what it holds; the rest starts fresh. A resumed run continues
+    # from its own checkpoint instead.
+    c.init_from = ""
+    c.init_format = ""  # "" finds it; else a key of jaxretrieval.models.pretrained.FORMATS
+    # Fine-tuning: the backbone learns at learning_rate x backbone_lr_multiplier (0: frozen),
+    # and not at all for its first frozen_backbone_steps steps, while the head and the loss
+    # learn.
+    c.backbone_lr_multiplier = 1.0
+    c.frozen_backbone_steps = 0
+    # BatchNorm normalises with its running statistics and keeps them while training: for an
+    # imported backbone and a small per-device batch.
+    c.freeze_batch_norm = False
+    # Weight decay reaches every parameter; False (the default) spares BatchNorm scales and
+    # offsets, biases and GeM's exponent (every parameter of fewer than two dimensions).
+    c.decay_norm_and_bias = False
 
     # Devices, logging, checkpoints.
     c.parallel = "pmap"  # pmap | shard_map
@@ -192,11 +214,25 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not 0.0 < config.match_target_precision <= 1.0:
         fail(f"match_target_precision={config.match_target_precision}; use a value in (0, 1]")
     check_backbone(config)
-    for name in ("image_size", "embedding_dim", "global_batch_size", "num_train_steps",
+    check_input_norm(config)
+    for name in ("image_size", "embedding_dim", "global_batch_size",
                  "log_every_steps", "checkpoint_every_steps", "checkpoints_to_keep",
                  "embed_batch_size"):
         if config[name] < 1:
             fail(f"{name}={config[name]}; use a positive integer")
+    if config.num_train_steps < 0:
+        fail(f"num_train_steps={config.num_train_steps}; use 0 (evaluate the initial model, "
+             "e.g. a pretrained one) or a positive number of steps")
+    if config.init_format and config.init_format not in FORMATS:
+        fail(f"init_format={config.init_format!r}; use one of {', '.join(FORMATS)}, or leave "
+             "it empty to find the format from the file")
+    if config.init_format and not config.init_from:
+        fail(f"init_format={config.init_format!r} without init_from; set "
+             "--config.init_from=PATH, or leave init_format empty")
+    if config.backbone_lr_multiplier < 0 or config.frozen_backbone_steps < 0:
+        fail(f"backbone_lr_multiplier={config.backbone_lr_multiplier} and frozen_backbone_steps="
+             f"{config.frozen_backbone_steps}; use values >= 0 (0: the backbone does not learn; "
+             "no frozen steps)")
     if config.warmup_steps < 0 or config.learning_rate <= 0 or config.weight_decay < 0:
         fail("learning_rate must be positive, warmup_steps and weight_decay not negative")
     if config.model.hidden_dim < 0:

@@ -28,6 +28,7 @@ from jaxretrieval.data.splits import batch_rows, class_balanced_batch_rows, spli
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.losses import gather_batch, get_loss, with_projection_head
 from jaxretrieval.models import build_model
+from jaxretrieval.models.pretrained import configured_for_init, initial_variables
 from jaxretrieval.fileio import write_file_atomically
 from jaxretrieval.pipeline import evaluate_and_index
 from jaxretrieval.workdir import Workdir
@@ -45,25 +46,78 @@ class TrainState:
 
 
 def make_optimizer(config):
-    """AdamW with linear warm-up and cosine decay; returns (optimizer, schedule)."""
+    """AdamW with linear warm-up and cosine decay; returns (optimizer, schedule).
+
+    The backbone's step is the schedule's times `backbone_lr_multiplier`, and zero for the
+    first `frozen_backbone_steps` steps; everything else (the head, the loss's parameters)
+    takes the schedule itself. Its state has the same structure as `optax.adamw`'s whatever
+    the fine-tuning keys say, so a run resumes with them changed.
+    """
+    steps = max(config.num_train_steps, 1)  # a run of no steps still builds its state
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=config.learning_rate,
         # optax counts the warm-up inside decay_steps; keep at least one decaying step.
-        warmup_steps=min(config.warmup_steps, config.num_train_steps - 1),
-        decay_steps=config.num_train_steps, end_value=config.learning_rate * 0.01)
-    # Decay weights only: not biases, BatchNorm scales or GeM's exponent (all 0- or 1-D).
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-    return optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask), schedule
+        warmup_steps=min(config.warmup_steps, steps - 1),
+        decay_steps=steps, end_value=config.learning_rate * 0.01)
+    if config.decay_norm_and_bias:
+        decay_mask = lambda params: jax.tree.map(lambda p: True, params)
+    else:
+        # Decay weights only: not biases, BatchNorm scales or GeM's exponent (all 0- or 1-D).
+        decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    multiplier, frozen = config.backbone_lr_multiplier, config.frozen_backbone_steps
+    backbone_factor = lambda count: jnp.where(count < frozen, 0.0, multiplier)
+    optimizer = optax.chain(  # optax.adamw, with its last part scaling the backbone apart
+        optax.scale_by_adam(),
+        optax.add_decayed_weights(config.weight_decay, decay_mask),
+        scale_by_learning_rate_per_part(schedule, backbone_factor))
+    return optimizer, schedule
 
 
-def create_train_state(config, model, loss, num_classes, optimizer) -> TrainState:
-    """A fresh state on the host (numpy leaves), from `config.seed`.
+# Where the backbone's parameters sit in the train state's params.
+BACKBONE_PATH = ("model", "backbone")
+
+
+def is_backbone(key_path) -> bool:
+    names = tuple(str(getattr(k, "key", k)) for k in key_path[:len(BACKBONE_PATH)])
+    return names == BACKBONE_PATH
+
+
+def scale_by_learning_rate_per_part(schedule, backbone_factor) -> optax.GradientTransformation:
+    """`optax.scale_by_learning_rate(schedule)`, with the same state, whose step for the
+    backbone's parameters (BACKBONE_PATH) is also multiplied by `backbone_factor(count)`.
+
+    One transformation rather than optax.multi_transform over two AdamWs: the same result
+    (Adam's moments do not depend on the step size), with the optimiser state of a plain
+    run, so checkpoints do not depend on the fine-tuning keys.
+    """
+    def init(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None):
+        del params
+        step_size = -schedule(state.count)
+        backbone_step_size = step_size * backbone_factor(state.count)
+        updates = jax.tree_util.tree_map_with_path(
+            lambda path, g: jnp.array(backbone_step_size if is_backbone(path) else step_size,
+                                      dtype=g.dtype) * g, updates)
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
+
+
+def create_train_state(config, model, loss, num_classes, optimizer, *,
+                       load_init: bool = True) -> TrainState:
+    """A fresh state on the host (numpy leaves), from `config.seed`, with the model's values
+    from `config.init_from`'s file when it names one and `load_init` is true.
 
     `params` holds the model's ("model") and the loss's learned parameters ("loss").
     """
     init_rng, loss_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
     dummy = jnp.zeros((1, config.image_size, config.image_size, config.channels), jnp.float32)
     variables = jax.jit(lambda rng: model.init(rng, dummy, train=False))(init_rng)
+    if config.init_from and load_init:
+        variables = initial_variables(config, variables)
     params = {"model": variables["params"],
               "loss": loss.init(loss_rng, num_classes, config.embedding_dim, config)}
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -122,15 +176,22 @@ class Training:
     step: Callable  # (replicated state, sharded batch) -> (state, metrics), over the devices
 
 
-def build_training(config, devices, num_classes: int) -> Training:
+def build_training(config, devices, num_classes: int, *, load_init: bool = True) -> Training:
     """The model, loss, optimiser, initial state and data-parallel step of `config` over
-    `devices`, for a dataset of `num_classes` training classes."""
+    `devices`, for a dataset of `num_classes` training classes.
+
+    With `config.init_from` (and `load_init`), the initial state holds the file's values;
+    the config must already hold the keys the file decides
+    (`jaxretrieval.models.pretrained.configured_for_init`, which `train` applies). A run
+    that resumes from a checkpoint passes load_init=False: the file is not read.
+    """
     loss = get_loss(config.loss)
     if config.projection_head:
         loss = with_projection_head(loss, config.projection_head)
     model = build_model(config, bn_axis_name=parallel.DEVICE_AXIS)
     optimizer, schedule = make_optimizer(config)
-    initial_state = create_train_state(config, model, loss, num_classes, optimizer)
+    initial_state = create_train_state(config, model, loss, num_classes, optimizer,
+                                       load_init=load_init)
     step = parallel.data_parallel(make_train_step(model, loss, optimizer, config),
                                   config.parallel, devices)
     return Training(model=model, loss=loss, optimizer=optimizer, schedule=schedule,
@@ -150,7 +211,14 @@ def train_and_evaluate(config, workdir: str, *, on_progress: Callable | None = N
 
 
 def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
-    """Trains `config` in `workdir`, resuming from its latest checkpoint."""
+    """Trains `config` in `workdir`, resuming from its latest checkpoint.
+
+    With `config.init_from`, the keys the file decides are set first (and logged), so the
+    workdir's config.json records the model the file holds; a run with no checkpoint yet
+    starts from the file's values. With num_train_steps=0 the initial state is saved as the
+    checkpoint of step 0, for evaluation and indexing as it is.
+    """
+    config = configured_for_init(config)
     validate_config(config)
     runtime.setup(config.global_batch_size)
 
@@ -190,16 +258,23 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
         return {"images": dataset.images(rows), "labels": dataset.labels[rows].astype(np.int32)}
 
     # ---------------------------------------------------------------- model and update step
-    training = build_training(config, devices, split.num_train_classes)
+    store = CheckpointStore(wd.checkpoints, every_steps=config.checkpoint_every_steps,
+                            keep=config.checkpoints_to_keep)
+    latest = store.latest_step()
+    try:
+        # A run that resumes continues from its own checkpoint: the init_from file is not read.
+        training = build_training(config, devices, split.num_train_classes,
+                                  load_init=latest is None)
+    except BaseException:
+        store.close()
+        raise
     host_state = training.initial_state
 
     # ---------------------------------------------------------------- checkpoint
-    store = CheckpointStore(wd.checkpoints, every_steps=config.checkpoint_every_steps,
-                            keep=config.checkpoints_to_keep)
-    start_step = store.latest_step() or 0
-    if start_step:
-        host_state = store.restore(start_step, target=host_state)
-        logger.info("resumed from the checkpoint at step %d", start_step)
+    start_step = latest or 0
+    if latest is not None:
+        host_state = store.restore(latest, target=host_state)
+        logger.info("resumed from the checkpoint at step %d", latest)
     total_steps = config.num_train_steps
     if primary:
         wd.truncate_train_log(after_step=start_step)
@@ -211,6 +286,10 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
     last_saved = start_step
     interval_start, interval_steps = None, 0
     try:
+        if total_steps == 0 and latest is None:
+            # No training: the initial (pretrained) state is what gets evaluated and indexed.
+            store.save(0, host_state)
+            logger.info("num_train_steps=0: saved the initial state as the checkpoint of step 0")
         for step in range(start_step, total_steps):
             step_start = time.perf_counter()
             state, metrics = training.step(state, parallel.shard_batch(host_batch(step), devices))

@@ -5,7 +5,9 @@ their defaults, and their check. The config takes its model keys and their valid
 there, so adding a backbone touches this package alone.
 
 `RetrievalModel(x, train)` maps float32 images in [0, 1] to L2-normalised embeddings
-[B, embedding_dim]. Anything a loss learns besides the model (classifier weights, proxies)
+[B, embedding_dim]: it normalises the pixels as `config.model.input_norm` names
+(`INPUT_NORMS`: the convention the backbone's weights were trained with), runs the backbone,
+pools, and projects. Anything a loss learns besides the model (classifier weights, proxies)
 belongs to the loss (`jaxretrieval.losses`), not to the model.
 """
 
@@ -17,6 +19,8 @@ import jax.numpy as jnp
 
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.models.cnn import SeedCNN
+from jaxretrieval.models.face_resnet import INPUT_SIZE as DLIB_INPUT_SIZE
+from jaxretrieval.models.face_resnet import DlibFaceResNet, preprocess_dlib
 from jaxretrieval.models.heads import GeM, l2_normalize, pool_features
 from jaxretrieval.models.resnet import resnet18, resnet50
 
@@ -83,11 +87,68 @@ RESNET_OPTIONS = {  # always with BatchNorm
     "small_stem": True,  # 3x3 stride-1 stem, no max-pool: for inputs under ~100 pixels
 }
 
+def _dlib_face_resnet(m, bn_axis_name, dtype):
+    del m, bn_axis_name  # no options, and no BatchNorm: dlib's is frozen into affine layers
+    return DlibFaceResNet(dtype=dtype)
+
+
+def _check_dlib_face_resnet(config):
+    if config.image_size != DLIB_INPUT_SIZE or config.channels != 3:
+        return (f"model.name=dlib_face_resnet takes {DLIB_INPUT_SIZE}x{DLIB_INPUT_SIZE} RGB "
+                f"face chips; image_size={config.image_size} and channels={config.channels} "
+                f"given: use image_size={DLIB_INPUT_SIZE} and channels=3")
+    return None
+
+
 BACKBONES = {
     "seed_cnn": Backbone(_seed_cnn, SEED_CNN_OPTIONS, _check_seed_cnn),
     "resnet18": Backbone(_resnet(resnet18), RESNET_OPTIONS, _check_resnet),
     "resnet50": Backbone(_resnet(resnet50), RESNET_OPTIONS, _check_resnet),
+    # dlib's face descriptor network; its weights come with --config.init_from=FILE
+    # (jaxretrieval.models.pretrained), which also sets the keys it needs.
+    "dlib_face_resnet": Backbone(_dlib_face_resnet, {}, _check_dlib_face_resnet),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class InputNorm:
+    """How pixels are normalised before the backbone: the convention its weights expect."""
+
+    # float32 [..., C] pixels in [0, 1] -> the backbone's float32 input.
+    normalize: Callable
+    # The channel counts it applies to.
+    channels: tuple = (1, 3)
+
+
+IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
+IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+
+
+def _imagenet(x):
+    return (x - jnp.asarray(IMAGENET_MEAN_RGB, x.dtype)) / jnp.asarray(IMAGENET_STD_RGB, x.dtype)
+
+
+INPUT_NORMS = {
+    # Centred on 0 and spread to about +-2: what the package's own models train with.
+    "centred": InputNorm(lambda x: (x - 0.5) * 4.0),
+    # dlib's face network: (pixel - dlib's channel mean) / 256, on 0..255 pixels.
+    "dlib": InputNorm(preprocess_dlib, channels=(3,)),
+    # torchvision's and timm's ImageNet weights: RGB, ImageNet channel mean and std.
+    "imagenet": InputNorm(_imagenet, channels=(3,)),
+}
+
+
+def check_input_norm(config) -> None:
+    """Raises JaxRetrievalError when `config.model.input_norm` is unknown or does not fit
+    `config.channels`."""
+    name = config.model.input_norm
+    if name not in INPUT_NORMS:
+        raise JaxRetrievalError(f"bad config: model.input_norm={name!r}; use one of "
+                                f"{', '.join(INPUT_NORMS)}")
+    if config.channels not in INPUT_NORMS[name].channels:
+        raise JaxRetrievalError(
+            f"bad config: model.input_norm={name} normalises RGB images; channels="
+            f"{config.channels} given: use channels=3, or model.input_norm=centred")
 
 
 def backbone_options() -> dict:
@@ -122,16 +183,26 @@ class RetrievalModel(nn.Module):
     hidden_dim: int
     embedding_dim: int
     dtype: jnp.dtype = jnp.float32  # compute dtype of the backbone and the dense layers
+    input_norm: str = "centred"  # a key of INPUT_NORMS
+    projection_bias: bool = True
+    # BatchNorm normalises with its running statistics and keeps them, in training too: the
+    # statistics of an imported backbone outlast the few images of a small per-device batch.
+    freeze_batch_norm: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = self.backbone(((x - 0.5) * 4.0).astype(self.dtype), train=train)  # centred pixels
+        # Normalised in float32, then cast: bfloat16 pixels would round the normalisation.
+        x = INPUT_NORMS[self.input_norm].normalize(x.astype(jnp.float32))
+        # Only BatchNorm reads `train` in the backbones, so a frozen BatchNorm is the
+        # backbone run as in evaluation.
+        x = self.backbone(x.astype(self.dtype), train=train and not self.freeze_batch_norm)
         # Pooling in float32: GeM's power and mean lose too much in bfloat16.
         x = pool_features(x.astype(jnp.float32), self.pooling,
                           GeM() if self.pooling == "gem" else None)
         if self.hidden_dim:
             x = nn.relu(nn.Dense(self.hidden_dim, dtype=self.dtype, name="hidden")(x))
-        x = nn.Dense(self.embedding_dim, dtype=self.dtype, name="projection")(x)
+        x = nn.Dense(self.embedding_dim, use_bias=self.projection_bias, dtype=self.dtype,
+                     name="projection")(x)
         return l2_normalize(x.astype(jnp.float32))
 
 
@@ -142,4 +213,6 @@ def build_model(config, bn_axis_name: str | None = None) -> RetrievalModel:
     backbone = get_backbone(m.name).build(m, bn_axis_name, dtype)
     return RetrievalModel(backbone=backbone, pooling=m.pooling,
                           hidden_dim=m.hidden_dim, embedding_dim=config.embedding_dim,
-                          dtype=dtype)
+                          dtype=dtype, input_norm=m.input_norm,
+                          projection_bias=m.projection_bias,
+                          freeze_batch_norm=config.freeze_batch_norm)
