@@ -41,15 +41,19 @@ BLANK_KEY = "subject01/blank.png"
 
 @pytest.fixture(scope="module")
 def chip_cache(tmp_path_factory):
-    """A face chip cache of this module's own, through XDG_CACHE_HOME."""
-    home = tmp_path_factory.mktemp("cache_home")
-    previous = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(home)
-    yield os.path.join(str(home), "jaxretrieval", "face_chips")
-    if previous is None:
-        del os.environ["XDG_CACHE_HOME"]
-    else:
-        os.environ["XDG_CACHE_HOME"] = previous
+    """A face chip cache of this module's own. Not through XDG_CACHE_HOME: the other caches
+    under it (the compiled convolution library) would be built again."""
+    path = str(tmp_path_factory.mktemp("face_chips"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(face_chips, "cache_dir", lambda: path)
+        yield path
+
+
+def test_the_chip_cache_lives_under_xdg_cache_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert face_chips.cache_dir() == os.path.join(str(tmp_path), "jaxretrieval", "face_chips")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert face_chips.cache_dir() == os.path.expanduser("~/.cache/jaxretrieval/face_chips")
 
 
 def make_face_folder(root) -> str:
@@ -213,18 +217,18 @@ def test_the_service_aligns_an_uploaded_photo_as_the_retriever_does(face_run, fa
 
 def flip_embedder(flip_test: bool) -> Embedder:
     config = base_config()
-    config.image_size = 16
+    config.image_size = 8
     config.channels = 3
-    config.model.widths = (8, 16)
-    config.embedding_dim = 16
-    config.embed_batch_size = 8
+    config.model.widths = (8,)
+    config.embedding_dim = 8
+    config.embed_batch_size = 4  # one compiled batch size
     config.model.flip_test = flip_test
-    variables = build_model(config).init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))
+    variables = build_model(config).init(jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32))
     return Embedder(config, variables, checkpoint_step=0)
 
 
 def test_flip_test_embeds_an_image_and_its_mirror_alike_with_unit_norm():
-    images = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
     mirrored = images[:, :, ::-1]
     embedder = flip_embedder(True)
     a, b = embedder.embed_uint8(images), embedder.embed_uint8(np.ascontiguousarray(mirrored))
