@@ -18,8 +18,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest import YALEFACES
-from jaxretrieval.config import base_config, validate_config
+from conftest import REPO, YALEFACES
+from jaxretrieval.config import base_config, load_config_file, validate_config
 from jaxretrieval.data import face_chips, faces
 from jaxretrieval.data.images import read_image_file
 from jaxretrieval.data.sources import load_dataset
@@ -145,6 +145,14 @@ def test_an_unreadable_cache_entry_is_made_again(tmp_path, chip_cache, count_ali
     again = load_dataset(config)
     assert len(count_alignments) == len(again)
     assert np.array_equal(again.images(np.arange(3)), want)
+
+
+def test_the_faces_config_says_how_to_install_its_model(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: (
+        None if name == "face_recognition_models" else find_spec(name, *args)))
+    with pytest.raises(JaxRetrievalError, match=r'pip install -e "\.\[faces\]"'):
+        load_config_file(os.path.join(REPO, "configs", "faces.py"))
 
 
 def test_align_faces_needs_rgb():
