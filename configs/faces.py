@@ -1,47 +1,57 @@
-"""Faces in a class-per-folder layout, evaluated on identities never seen in training.
+"""Face recognition on dlib's pretrained face ResNet, for any class-per-folder face set.
 
-    python -m train --config configs/faces.py --workdir runs/faces
+    python -m train --config configs/faces.py --config.dataset=folder:PATH --workdir runs/faces
 
-trains on ../shared/data/yalefaces (15 subjects: the first 7 train, the other 8 are the
-queries and gallery, split=unseen_classes). Any other face folder, with no other change:
+PATH holds one sub-folder of photos per person. Every photo is detected and aligned to
+dlib's 150x150 face chip (5-point landmarks, cached on disk per dataset) and embedded by
+dlib's face ResNet, read from the installed face-recognition-models package (the `[faces]`
+extra: pip install -e ".[faces]"). No training by default: the run embeds, evaluates the
+unseen_classes split (the identities of the second half of the folders, in name order, are
+the queries and the gallery), calibrates the match threshold and builds the index; search
+and the service take photos as they are and align them the same way.
 
-    python -m train --config configs/faces.py --workdir runs/my_faces \
-        --config.dataset=folder:/path/to/faces
-
-The recipe for small face sets: 64x64 grayscale, the seed CNN with BatchNorm and GeM, P x K
-class-balanced batches (every identity in a batch has 8 images), lighting and pose
-augmentation, and softmax cross-entropy, the best on yalefaces' unseen identities (mean
-MAP@R over three seeds) of the losses, sums of losses and projection heads compared in
-BENCHMARKS.md; any other is one flag away, e.g. `--config.loss=arcface`.
-The 165 images of yalefaces train and evaluate in under a minute on a 2-core CPU.
+Fine-tuning on the training identities is one flag away, e.g. --config.num_train_steps=300:
+softmax cross-entropy on class-balanced P x K batches, the pretrained network at a tenth of
+the learning rate, with flips and small shifts. --config.model.flip_test=true embeds each
+photo and its mirror image and uses their mean.
 """
 
 from jaxretrieval.config import base_config
+from jaxretrieval.data.faces import CHIP_SIZE, FACE_RESNET_FILE, face_model_file
 
 
 def get_config():
     config = base_config()
-    config.dataset = "folder:../shared/data/yalefaces"
+    config.dataset = ""  # required: --config.dataset=folder:PATH
     config.split = "unseen_classes"
-    config.image_size = 64
-    config.channels = 1
-    config.model.widths = (32, 64, 128)
-    config.model.batch_norm = True
-    config.model.pooling = "gem"
-    config.embedding_dim = 64
+
+    # The network and its input; loading the file sets and checks these too.
+    config.init_from = face_model_file(FACE_RESNET_FILE)
+    config.image_size = CHIP_SIZE
+    config.channels = 3
+    config.model.name = "dlib_face_resnet"
+    config.model.input_norm = "dlib"
+    config.model.pooling = "avg"
+    config.model.hidden_dim = 0
+    config.embedding_dim = 128
+    config.model.align_faces = True
+    config.embed_batch_size = 64
+
+    # Fine-tuning, when num_train_steps is set above 0.
+    config.num_train_steps = 0
     config.loss = "softmax"
     config.sampler = "class_balanced"
-    config.images_per_class = 8
-    config.global_batch_size = 56
-    config.num_train_steps = 400
-    config.learning_rate = 2e-3
-    config.warmup_steps = 40
+    config.images_per_class = 4
+    config.global_batch_size = 32
+    config.learning_rate = 1e-3
+    config.backbone_lr_multiplier = 0.1
+    config.warmup_steps = 0
     config.weight_decay = 1e-4
     config.augment.flip = True
-    config.augment.max_rotation_degrees = 10.0
-    config.augment.max_translation = 0.08
-    config.augment.brightness = 0.2
-    config.augment.contrast = 0.3
+    config.augment.max_rotation_degrees = 5.0
+    config.augment.max_translation = 0.05
+    config.augment.brightness = 0.1
+    config.augment.contrast = 0.1
     config.log_every_steps = 20
-    config.checkpoint_every_steps = 200
+    config.checkpoint_every_steps = 100
     return config

@@ -43,9 +43,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.image_size = 32
     c.channels = 1
     c.cache_max_bytes = 1 << 30  # decoded images are kept in memory below this size
+    # Faces. These two belong to the model's input convention, so they live under `model`
+    # and enter the model hash: an index is only searched with the embedding it was built by.
+    c.model = ml_collections.ConfigDict()
+    # Each image (dataset items and queries alike) is cut to its face's aligned chip of side
+    # image_size, found by dlib's detector and 5-point landmarks, before the model sees it;
+    # an image with no face found is aligned as if the whole image were the face. Needs
+    # channels=3 and the `[faces]` extra.
+    c.model.align_faces = False
+    # Test-time augmentation: an image's embedding is the L2-normalised mean of its own and
+    # its mirror image's, at evaluation, export, search and in the service; never in training.
+    c.model.flip_test = False
 
     # Model.
-    c.model = ml_collections.ConfigDict()
     c.model.name = "seed_cnn"  # a key of jaxretrieval.models.BACKBONES
     # Every backbone's own keys, with their defaults: BACKBONES[name].options.
     c.model.update(backbone_options())
@@ -187,6 +197,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     def fail(message):
         raise JaxRetrievalError(f"bad config: {message}")
 
+    if not config.dataset:
+        fail("no dataset given; pass --config.dataset=folder:PATH (a folder with one "
+             "sub-folder of images per class)")
     parse_reference(config.dataset)
     if config.split not in SPLITS:
         fail(f"split={config.split!r}; use one of {', '.join(SPLITS)}")
@@ -194,6 +207,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         fail(f"query_fraction={config.query_fraction}; use a value between 0 and 1")
     if config.channels not in (1, 3):
         fail(f"channels={config.channels}; use 1 (grayscale) or 3 (RGB)")
+    if config.model.align_faces and config.channels != 3:
+        fail(f"model.align_faces needs channels=3 (dlib's face chips are RGB); got "
+             f"channels={config.channels}")
     if config.model.pooling not in POOLINGS:
         fail(f"model.pooling={config.model.pooling!r}; use one of {', '.join(POOLINGS)}")
     if config.dtype not in DTYPES:

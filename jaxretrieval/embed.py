@@ -1,6 +1,7 @@
 """The Embedder: checkpoint -> jit-compiled, batched embedding on any device count."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -11,11 +12,16 @@ from jaxretrieval.data.augment import preprocess
 from jaxretrieval.data.images import load_images
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.models import build_model
+from jaxretrieval.models.heads import l2_normalize
 from jaxretrieval.workdir import Workdir
 
 
 class Embedder:
     """Maps uint8 images to L2-normalised float32 embeddings with a trained model.
+
+    With `config.model.flip_test`, an image's embedding is the L2-normalised mean of its
+    own and its mirror image's; with `config.model.align_faces`, `embed` aligns each image
+    to its face chip first, as the dataset's images were.
 
     Batches are spread over all local devices; batch shapes come from a few fixed buckets
     (powers of two up to `config.embed_batch_size`), so a stream of odd-sized requests
@@ -35,9 +41,18 @@ class Embedder:
         # Each device embeds its own slice of the batch (shard_map, not XLA's partitioner:
         # the CPU convolution is a custom call XLA would otherwise run whole on every device).
         batch_spec = PartitionSpec(parallel.DEVICE_AXIS)
+        flip_test = bool(config.model.flip_test)
+
+        def embed_fn(variables, images):
+            x = preprocess(images)
+            if not flip_test:
+                return model.apply(variables, x)
+            # The image and its mirror in one batch: one apply, one program.
+            both = model.apply(variables, jnp.concatenate([x, x[:, :, ::-1]], axis=0))
+            return l2_normalize(both[:len(x)] + both[len(x):])
+
         self._embed_fn = jax.jit(jax.shard_map(
-            lambda variables, images: model.apply(variables, preprocess(images)), mesh=mesh,
-            in_specs=(PartitionSpec(), batch_spec), out_specs=batch_spec))
+            embed_fn, mesh=mesh, in_specs=(PartitionSpec(), batch_spec), out_specs=batch_spec))
         self._buckets = _bucket_sizes(config.embed_batch_size, len(self.devices))
 
     @classmethod
@@ -83,7 +98,8 @@ class Embedder:
 
     def embed(self, images) -> np.ndarray:
         """Any batch of HxWxC uint8 arrays or image file paths -> float32 [n, d], unit norm."""
-        return self.embed_uint8(load_images(images, self.config.image_size, self.config.channels))
+        return self.embed_uint8(load_images(images, self.config.image_size, self.config.channels,
+                                            align_faces=self.config.model.align_faces))
 
 
 def _bucket_sizes(max_batch: int, num_devices: int) -> list:

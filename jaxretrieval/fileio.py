@@ -6,20 +6,23 @@ short between its two renames is undone by `recover_interrupted_swap`, which eve
 calls first.
 """
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 
 
-def write_file_atomically(path: str, text: str) -> None:
-    """Writes `text` to a temporary file beside `path`, then renames it into place."""
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "w"):
+    """A file opened with `mode` ("w" or "wb") beside `path`, renamed into place when the
+    `with` block ends without an error and removed when it raises."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.tmp-")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -27,6 +30,12 @@ def write_file_atomically(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_file_atomically(path: str, text: str) -> None:
+    """Writes `text` to a temporary file beside `path`, then renames it into place."""
+    with atomic_file(path) as f:
+        f.write(text)
 
 
 def write_json_atomically(path: str, value) -> None:

@@ -56,6 +56,8 @@ def evaluate_and_index(workdir: str, *, on_progress=None) -> dict:
             target_precision=config.match_target_precision)
         metrics.update(checkpoint_step=embedder.checkpoint_step, split=config.split,
                        dataset=config.dataset, match_thresholds=thresholds)
+        if dataset.faces_not_found is not None:  # aligned faces: images without one
+            metrics["faces_not_found"] = dataset.faces_not_found
         update_export_metadata(wd.embeddings, match_thresholds=thresholds)
         export.metadata["match_thresholds"] = thresholds  # as just written to export.json
         write_json_atomically(wd.metrics_path, metrics)

@@ -42,6 +42,9 @@ class Retriever:
         r = Retriever.load("runs/default")
         keys, scores = r.search(images, k=10)   # images: HxWxC uint8 arrays or file paths
 
+    Images are made into the model's input as the run's dataset was (for a face model,
+    aligned to their face chip), so any photo can be given as it is.
+
     Searches may run in many threads at once, beside one thread changing the gallery.
     Errors a caller can fix raise JaxRetrievalError (UnknownItemError for a key that is
     not in the gallery).
@@ -114,12 +117,15 @@ class Retriever:
     def decode_image(self, data: bytes, *, max_pixels: int) -> np.ndarray:
         """An encoded image (PNG, JPEG, ...) as the model's uint8 [size, size, channels] input.
 
-        Raises JaxRetrievalError for bytes that are not an image, a truncated image, or one
-        of more than `max_pixels` pixels (checked before the pixels are decoded).
+        With `config.model.align_faces` it is the aligned chip of the image's face, as for
+        `embed`. Raises JaxRetrievalError for bytes that are not an image, a truncated
+        image, or one of more than `max_pixels` pixels (checked before the pixels are
+        decoded).
         """
         image = decode_image_bytes(data, max_pixels=max_pixels)
         config = self.embedder.config
-        return to_model_input(image, config.image_size, config.channels)
+        return to_model_input(image, config.image_size, config.channels,
+                              align_faces=config.model.align_faces)
 
     def embed(self, images) -> np.ndarray:
         """L2-normalised float32 [n, d] embeddings of HxWxC uint8 arrays or image paths."""

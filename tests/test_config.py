@@ -19,7 +19,17 @@ from jaxretrieval.errors import JaxRetrievalError
 def test_every_config_file_loads_and_validates():
     for name in sorted(os.listdir(os.path.join(REPO, "configs"))):
         if name.endswith(".py"):
-            config = load_config_file(os.path.join(REPO, "configs", name))
+            try:
+                config = load_config_file(os.path.join(REPO, "configs", name))
+            except JaxRetrievalError as err:
+                # A recipe on an optional extra's model says how to install it.
+                if "pip install" in str(err) and not os.environ.get("JAXRETRIEVAL_REQUIRE_FACES"):
+                    continue
+                raise
+            if not config.dataset:  # a recipe for the user's own data asks for it
+                with pytest.raises(JaxRetrievalError, match="--config.dataset=folder:PATH"):
+                    validate_config(config)
+                config.dataset = "folder:/any/faces"
             validate_config(config)
             assert "python -m train" in open(os.path.join(REPO, "configs", name)).read()
 

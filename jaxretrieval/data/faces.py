@@ -14,6 +14,7 @@ model is used (the 68-point model in the same package carries a non-commercial l
 import functools
 import importlib.util
 import os
+import threading
 
 import numpy as np
 from PIL import Image
@@ -25,6 +26,12 @@ CHIP_PADDING = 0.25  # dlib's default: the chip shows a quarter face width aroun
 SHAPE_PREDICTOR_FILE = "shape_predictor_5_face_landmarks.dat"
 FACE_RESNET_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 INSTALL_HINT = 'install the face extra: pip install -e ".[faces]"'
+# dlib's object_detector keeps its image scanner as mutable state that every call loads
+# its image into (`mutable image_scanner_type scanner` in dlib/image_processing/
+# object_detector.h), so one detector must not run in two threads at once (the service
+# aligns uploads in its thread pool). The shape predictor shares the lock: it takes a
+# millisecond, and its thread safety is not documented.
+DETECTOR_LOCK = threading.Lock()
 
 
 def import_dlib():
@@ -93,11 +100,12 @@ def align_face(image, size: int = CHIP_SIZE, upsample: int = 0) -> tuple:
     dlib = import_dlib()
     detector, predictor = face_models()
     rgb = as_rgb(image)
-    box = largest(detector(rgb, upsample))
-    found = box is not None
-    if not found:
-        box = dlib.rectangle(0, 0, rgb.shape[1] - 1, rgb.shape[0] - 1)
-    landmarks = predictor(rgb, box)
+    with DETECTOR_LOCK:
+        box = largest(detector(rgb, upsample))
+        found = box is not None
+        if not found:
+            box = dlib.rectangle(0, 0, rgb.shape[1] - 1, rgb.shape[0] - 1)
+        landmarks = predictor(rgb, box)
     chip = dlib.get_face_chip(rgb, landmarks, size=size, padding=CHIP_PADDING)
     return np.asarray(chip, np.uint8), found
 

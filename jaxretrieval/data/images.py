@@ -21,17 +21,24 @@ def read_image_file(path: str) -> Image.Image:
             f"cannot read image {path!r} ({err}); replace or remove the file") from None
 
 
-def to_model_input(image, image_size: int, channels: int) -> np.ndarray:
+def to_model_input(image, image_size: int, channels: int, *,
+                   align_faces: bool = False) -> np.ndarray:
     """Returns uint8 [image_size, image_size, channels] from a PIL image or an HxW(xC) array.
 
     Grayscale and colour are converted to `channels`; the image is resized (bilinear) to a
-    square, as the training data was.
+    square, as the training data was. With `align_faces`, the image is first cut to its
+    face's aligned chip of side `image_size` (`faces.align_face`), as a dataset's images are
+    with `config.model.align_faces`.
     """
     if isinstance(image, np.ndarray):
         image = _array_to_pil(image)
     elif not isinstance(image, Image.Image):
         raise JaxRetrievalError(
             f"expected an image array or a PIL image, got {type(image).__name__}")
+    if align_faces:
+        from jaxretrieval.data.faces import align_face
+
+        image = Image.fromarray(align_face(image, image_size)[0])
     image = image.convert("L" if channels == 1 else "RGB")
     if image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.BILINEAR)
@@ -55,8 +62,10 @@ def _array_to_pil(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array)
 
 
-def load_images(images, image_size: int, channels: int) -> np.ndarray:
-    """A batch of file paths and/or arrays -> uint8 [n, image_size, image_size, channels]."""
+def load_images(images, image_size: int, channels: int, *,
+                align_faces: bool = False) -> np.ndarray:
+    """A batch of file paths and/or arrays -> uint8 [n, image_size, image_size, channels];
+    `align_faces` as in `to_model_input`."""
     if isinstance(images, np.ndarray) and images.ndim == 4:
         images = list(images)
     elif isinstance(images, (str, os.PathLike, np.ndarray, Image.Image)):
@@ -65,7 +74,7 @@ def load_images(images, image_size: int, channels: int) -> np.ndarray:
     for i, image in enumerate(images):
         if isinstance(image, (str, os.PathLike)):
             image = read_image_file(os.fspath(image))
-        out[i] = to_model_input(image, image_size, channels)
+        out[i] = to_model_input(image, image_size, channels, align_faces=align_faces)
     return out
 
 

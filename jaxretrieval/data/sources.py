@@ -39,6 +39,8 @@ class ImageDataset:
     image_size: int
     channels: int
     read_one: Callable[[int], np.ndarray]  # index -> uint8 [size, size, channels]
+    # With config.model.align_faces: the images aligned as whole images, no face found in them.
+    faces_not_found: int | None = None
     _cache: np.ndarray = None  # filled as images are first read; see cache_in_memory
     _cached: np.ndarray = None  # bool [n]: which rows of _cache are decoded
 
@@ -88,11 +90,18 @@ class ImageDataset:
 
 def load_dataset(config, *, decode_now: bool = True) -> ImageDataset:
     """The dataset named by `config.dataset`, its images sized per the config (decoded now
-    into memory when they fit `config.cache_max_bytes`, see `cache_in_memory`)."""
+    into memory when they fit `config.cache_max_bytes`, see `cache_in_memory`); with
+    `config.model.align_faces`, its images are the aligned face chips (`face_chips`)."""
     source, argument = parse_reference(config.dataset)
     dataset = source.load(argument, config)
     if len(dataset) == 0:
         raise JaxRetrievalError(f"dataset {config.dataset!r} holds no images")
+    if config.model.align_faces:
+        from jaxretrieval.data.face_chips import align_dataset
+
+        # Chips are cut from the original images: a face in a resized input is too small.
+        align_dataset(dataset, config,
+                      lambda i: read_source(dataset.sources[i], _tfds_data_dir(config)))
     dataset.cache_in_memory(config.cache_max_bytes, decode_now=decode_now)
     return dataset
 

@@ -71,7 +71,10 @@ async def read_upload(service: Service, upload) -> np.ndarray:
     if not data:
         raise ServiceError(400, "bad_image", "the uploaded file is empty")
     try:
-        return service.retriever.decode_image(data, max_pixels=service.settings.max_pixels)
+        # In the thread pool: decoding, and for a face model finding and aligning the face,
+        # takes milliseconds that would otherwise hold up every other request.
+        return await run_in_threadpool(service.retriever.decode_image, data,
+                                       max_pixels=service.settings.max_pixels)
     except JaxRetrievalError as err:
         raise ServiceError(400, "bad_image", str(err)) from None
 
