@@ -6,6 +6,7 @@ safetensors. Where torchvision and timm import, their own ResNets are checked th
 without them those tests skip, and fail instead when JAXRETRIEVAL_REQUIRE_TORCHVISION is set.
 """
 
+import functools
 import importlib.util
 import os
 import sys
@@ -19,7 +20,10 @@ from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.models import torch_import
 from jaxretrieval.models.resnet import resnet
 
-torch = pytest.importorskip("torch")
+REQUIRE = bool(os.environ.get("JAXRETRIEVAL_REQUIRE_TORCHVISION"))
+if importlib.util.find_spec("torch") is None and not REQUIRE:
+    pytest.skip('torch is not installed (pip install -e ".[test]")', allow_module_level=True)
+import torch  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 
@@ -33,7 +37,6 @@ def _importable(name):
 
 HAVE_TORCHVISION = _importable("torchvision")
 HAVE_TIMM = HAVE_TORCHVISION and importlib.util.find_spec("timm") is not None
-REQUIRE = bool(os.environ.get("JAXRETRIEVAL_REQUIRE_TORCHVISION"))
 needs_torchvision = pytest.mark.skipif(
     not HAVE_TORCHVISION and not REQUIRE,
     reason="torchvision does not import here (pip install torch torchvision of one release)")
@@ -166,15 +169,22 @@ def configured(path):
     return config
 
 
+@functools.lru_cache(maxsize=None)
+def compiled_resnet(name, num_filters):
+    """One compiled forward pass per network, shared by the reference, torchvision and timm
+    checks: compiling ResNet-50 takes longer than running it."""
+    return jax.jit(resnet(name, num_filters=num_filters, small_stem=False).apply)
+
+
 def flax_features(path, images_nchw):
     """(pre-pool feature map NCHW, pooled) of the imported backbone on torch's input."""
     config = configured(path)
     loaded = torch_import.load(path, config)
     variables = {"params": loaded["params"]["backbone"],
                  "batch_stats": loaded["batch_stats"]["backbone"]}
-    model = resnet(config.model.name, num_filters=config.model.num_filters, small_stem=False)
     x = np.transpose(images_nchw, (0, 2, 3, 1))
-    feature_map = np.asarray(jax.jit(model.apply)(variables, x))
+    feature_map = np.asarray(compiled_resnet(config.model.name, config.model.num_filters)(
+        variables, x))
     return np.transpose(feature_map, (0, 3, 1, 2)), feature_map.mean(axis=(1, 2))
 
 

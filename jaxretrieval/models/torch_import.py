@@ -219,15 +219,18 @@ def _raw_names_in_head(path: str) -> set | None:
 def _unwrap(obj, path: str) -> dict:
     """The state_dict inside what torch.load returned: training checkpoints keep it under
     "state_dict" or "model"; DataParallel prefixes every name with "module."."""
-    if isinstance(obj, dict) and not any(hasattr(v, "shape") for v in obj.values()):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj:
+    def holds_tensors(value):
+        return isinstance(value, dict) and any(hasattr(v, "shape") for v in value.values())
+
+    if isinstance(obj, dict) and not holds_tensors(obj):
+        obj = next((obj[key] for key in ("state_dict", "model") if holds_tensors(obj.get(key))),
+                   obj)
+    if not holds_tensors(obj):
+        what = (f"a dict of {_listing(map(str, obj))}" if isinstance(obj, dict)
+                else f"a {type(obj).__name__}")
         raise JaxRetrievalError(
-            f"{path}: holds a {type(obj).__name__}, not a state_dict of tensors; save "
-            "model.state_dict() with torch.save")
+            f"{path}: holds {what}, not a state_dict of tensors; save model.state_dict() "
+            "with torch.save")
     if all(name.startswith("module.") for name in obj):
         obj = {name[len("module."):]: value for name, value in obj.items()}
     return obj
