@@ -227,6 +227,11 @@ def test_both_file_kinds_give_the_same_variables(tmp_path):
     from_pth = torch_import.load(str(tmp_path / "r.pth"), config)
     from_st = torch_import.load(save_safetensors(model, tmp_path / "r.safetensors"), config)
     jax.tree.map(np.testing.assert_array_equal, from_pth, from_st)
+    # torch.save's format before the zip one, as torchvision's oldest files have it.
+    legacy = str(tmp_path / "legacy.pth")
+    torch.save(model.state_dict(), legacy, _use_new_zipfile_serialization=False)
+    assert torch_import.sniff_torchvision(legacy)
+    jax.tree.map(np.testing.assert_array_equal, from_pth, torch_import.load(legacy, config))
     assert set(from_pth) == {"params", "batch_stats"}
     assert set(from_pth["params"]) == {"backbone"}  # the head starts fresh
     kernel = from_pth["params"]["backbone"]["stage2_block1"]["conv1"]["kernel"]
@@ -328,6 +333,12 @@ def test_wrapped_and_data_parallel_state_dicts_load(tmp_path, tiny):
     config = configured(pth)
     jax.tree.map(np.testing.assert_array_equal, torch_import.load(pth, config),
                  torch_import.load(str(tmp_path / "wrapped.pth"), config))
+    assert torch_import.sniff_torchvision(str(tmp_path / "wrapped.pth"))
+    save_file({f"module.{k}": v.numpy().copy() for k, v in model.state_dict().items()},
+              str(tmp_path / "wrapped.safetensors"))
+    assert torch_import.sniff_torchvision(str(tmp_path / "wrapped.safetensors"))
+    assert torch_import.decided_keys(str(tmp_path / "wrapped.safetensors")) == \
+        torch_import.decided_keys(pth)
 
 
 # --- Errors -------------------------------------------------------------------------------
@@ -402,3 +413,15 @@ def test_without_torch_a_pth_file_asks_for_it(monkeypatch, tiny):
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
     with pytest.raises(JaxRetrievalError, match="pip install torch"):
         torch_import.load(pth, base_config())
+
+
+@needs_timm
+def test_timm_variants_are_recognised_and_refused(tmp_path):
+    import timm
+
+    plain = save_safetensors(timm.create_model("resnet18"), tmp_path / "plain.safetensors")
+    assert torch_import.sniff_torchvision(plain) and not torch_import.sniff_timm(plain)
+    path = save_safetensors(timm.create_model("resnet18d"), tmp_path / "d.safetensors")
+    assert torch_import.sniff_timm(path) and not torch_import.sniff_torchvision(path)
+    with pytest.raises(JaxRetrievalError, match="deep stem"):
+        torch_import.load(path, base_config())

@@ -190,8 +190,9 @@ def _names_in_head(path: str) -> set | None:
     """The tensor names a file shows without reading any tensor (less DataParallel's
     "module." prefix); None when the file is in neither container or its names cannot be
     read (a truncated zip has no directory)."""
+    # A pickle's strings include more than the names, so the prefix comes off each one.
     names = _raw_names_in_head(os.path.expanduser(path))
-    return None if names is None else {n.removeprefix("module.") for n in names}
+    return None if names is None else {name.removeprefix("module.") for name in names}
 
 
 def _raw_names_in_head(path: str) -> set | None:
@@ -218,7 +219,7 @@ def _raw_names_in_head(path: str) -> set | None:
 
 def _unwrap(obj, path: str) -> dict:
     """The state_dict inside what torch.load returned: training checkpoints keep it under
-    "state_dict" or "model"; DataParallel prefixes every name with "module."."""
+    "state_dict" or "model"."""
     def holds_tensors(value):
         return isinstance(value, dict) and any(hasattr(v, "shape") for v in value.values())
 
@@ -231,9 +232,14 @@ def _unwrap(obj, path: str) -> dict:
         raise JaxRetrievalError(
             f"{path}: holds {what}, not a state_dict of tensors; save model.state_dict() "
             "with torch.save")
-    if all(name.startswith("module.") for name in obj):
-        obj = {name[len("module."):]: value for name, value in obj.items()}
-    return obj
+    return without_data_parallel_prefix(obj)
+
+
+def without_data_parallel_prefix(tensors: dict) -> dict:
+    """`tensors` with DataParallel's "module." taken off names that all carry it."""
+    if all(name.startswith("module.") for name in tensors):
+        return {name[len("module."):]: value for name, value in tensors.items()}
+    return tensors
 
 
 def _read_torch(path: str) -> dict:
@@ -439,7 +445,8 @@ def _shapes(path: str) -> dict:
     """Tensor shapes by name, from a safetensors header alone where it can."""
     path = os.path.expanduser(path)
     if os.path.isfile(path) and container_of(_read_head(path, 16)) == "safetensors":
-        return {name: tuple(entry["shape"]) for name, entry in _safetensors_header(path).items()}
+        return without_data_parallel_prefix(
+            {name: tuple(entry["shape"]) for name, entry in _safetensors_header(path).items()})
     return {name: np.shape(t) for name, t in read_state_dict(path).items()}
 
 
