@@ -4,6 +4,7 @@ bfloat16 checkpoint written there to be restored and embedded on a CPU here.
 On the GPU machine, from the repository root:
 
     python -m bench.gpu --out $OUT                      # seed CNN and ResNet-50, bf16 + f32
+    python -m bench.gpu --out $OUT --models resnet50 --init_from resnet50-11ad3fa6.pth
 
 Back on a CPU machine, with the files it returned:
 
@@ -97,7 +98,21 @@ def timed(run_steps, steps: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(name: str, dtype: str, batch: int, steps: int, repeats: int, smoke: bool) -> dict:
+def start_from_file(config, state, path: str):
+    """`state` with the model's variables read from the weights file at `path`
+    (`--config.init_from`): the backbone from the file, the head as initialised."""
+    # Imported here: the loader needs the model registry and, for .pth files, torch.
+    from jaxretrieval.models.pretrained import initial_variables
+
+    config.init_from = path
+    variables = initial_variables(
+        config, {"params": state.params["model"], "batch_stats": state.batch_stats})
+    return state.replace(params={**state.params, "model": variables["params"]},
+                         batch_stats=variables["batch_stats"])
+
+
+def measure(name: str, dtype: str, batch: int, steps: int, repeats: int, smoke: bool,
+            init_from: str | None = None) -> dict:
     import jax
 
     from jaxretrieval import parallel
@@ -115,7 +130,10 @@ def measure(name: str, dtype: str, batch: int, steps: int, repeats: int, smoke: 
 
     devices = parallel.global_devices()
     training = build_training(config, devices, num_classes)
-    state = parallel.replicate(training.initial_state, devices)
+    state = training.initial_state
+    if init_from and name != "seed_cnn":
+        state = start_from_file(config, state, init_from)
+    state = parallel.replicate(state, devices)
     device_batch = parallel.shard_batch(host_batch, devices)
     start = time.perf_counter()
     step = training.step.lower(state, device_batch).compile()  # compiled once, then timed
@@ -148,6 +166,7 @@ def measure(name: str, dtype: str, batch: int, steps: int, repeats: int, smoke: 
     peak = peak_flops(jax.devices()[0].device_kind, dtype)
     forward = forward_flops_per_image(config)
     result = {"model": name, "dtype": dtype, "batch": batch, "image_size": config.image_size,
+              "init_from": init_from if name != "seed_cnn" else None,
               "train_images_per_sec": batch / train_seconds,
               "embed_images_per_sec": batch / embed_seconds,
               "forward_flops_per_image": forward, "train_compile_seconds": compile_seconds}
@@ -224,6 +243,9 @@ def main():
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--init_from", metavar="PATH",
+                        help="start the ResNet from this torchvision or timm weights file "
+                             "(the seed CNN still starts from scratch)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny models and inputs: checks the script itself on a CPU")
     parser.add_argument("--check", metavar="DIR",
@@ -237,6 +259,8 @@ def main():
     import jax
 
     os.makedirs(args.out, exist_ok=True)
+    if args.init_from and not os.path.isfile(os.path.expanduser(args.init_from)):
+        parser.error(f"--init_from {args.init_from}: no such file")
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "date": time.strftime("%Y-%m-%d"), "results": []}
     print(f"{report['device']}, jax {jax.__version__}", flush=True)
@@ -246,7 +270,7 @@ def main():
     parts = [("checkpoint", functools.partial(write_checkpoint, args.out, args.smoke))]
     parts += [(f"{name} {dtype}",
                functools.partial(measure, name, dtype, args.batch, args.steps, args.repeats,
-                                 args.smoke))
+                                 args.smoke, args.init_from))
               for name in args.models.split(",") for dtype in args.dtypes.split(",")]
     for label, run in parts:
         try:

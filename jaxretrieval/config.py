@@ -80,6 +80,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.augment.max_translation = 0.1  # share of the image side
     c.augment.brightness = 0.1  # added to [0, 1] pixels, uniform in +-this
     c.augment.contrast = 0.1  # scale around the image mean, uniform in 1 +- this
+    # Random resized crop (Inception-style): the crop's share of the image area, uniform in
+    # this range, and its aspect ratio (width / height), log-uniform in that one; the crop
+    # is then scaled to image_size. (1.0, 1.0): off. Fine-tuning on ImageNet: (0.08, 1.0).
+    c.augment.crop_scale = (1.0, 1.0)
+    c.augment.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
+    # RGB only: blend with the grey image by a factor uniform in 1 +- saturation, and turn
+    # the hue by up to +-hue of the colour circle (at most 0.5). 0: off.
+    c.augment.saturation = 0.0
+    c.augment.hue = 0.0
 
     # Optimisation.
     # Loss, by name (jaxretrieval.losses.LOSSES), or a sum such as "softmax+triplet". Pair
@@ -258,6 +267,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             and 0 <= a.max_rotation_degrees <= 180):
         fail("augment: use 0 <= max_translation < 0.5, 0 <= contrast < 1, "
              "0 <= brightness <= 1 and 0 <= max_rotation_degrees <= 180")
+    scale, ratio = tuple(a.crop_scale), tuple(a.crop_ratio)
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        fail(f"augment.crop_scale={scale}; use (low, high) with 0 < low <= high <= 1, "
+             "e.g. (0.08, 1.0), or (1.0, 1.0) for no crop")
+    if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+        fail(f"augment.crop_ratio={ratio}; use (low, high) with 0 < low <= high, e.g. "
+             "(0.75, 1.333)")
+    if not (0 <= a.saturation <= 1 and 0 <= a.hue <= 0.5):
+        fail(f"augment: saturation={a.saturation}, hue={a.hue}; use 0 <= saturation <= 1 "
+             "and 0 <= hue <= 0.5")
+    if (a.saturation or a.hue) and config.channels != 3:
+        fail(f"augment.saturation and augment.hue change colours, and channels="
+             f"{config.channels}; set them to 0 or use channels=3")
 
 
 def model_config_hash(config: ml_collections.ConfigDict, keys=MODEL_KEYS) -> str:

@@ -94,8 +94,9 @@ def test_json_round_trip_keeps_the_model_hash():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("name", "vgg16", "model.name='vgg16'; use one of dlib_face_resnet, resnet18, resnet50, "
-                                     "seed_cnn"),
+    ("name", "vgg16",
+     "model.name='vgg16'; use one of dlib_face_resnet, resnet101, resnet152, resnet18, "
+     "resnet34, resnet50, seed_cnn"),
     ("padding", "FULL", "model.padding='FULL'; use SAME or VALID"),
     ("widths", (), "at least one positive width"),
     ("hidden_dim", -1, "model.hidden_dim=-1"),

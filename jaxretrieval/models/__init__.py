@@ -22,7 +22,7 @@ from jaxretrieval.models.cnn import SeedCNN
 from jaxretrieval.models.face_resnet import INPUT_SIZE as DLIB_INPUT_SIZE
 from jaxretrieval.models.face_resnet import DlibFaceResNet, preprocess_dlib
 from jaxretrieval.models.heads import GeM, l2_normalize, pool_features
-from jaxretrieval.models.resnet import resnet18, resnet50
+from jaxretrieval.models.resnet import RESNET_DEPTHS, resnet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +70,9 @@ SEED_CNN_OPTIONS = {
 }
 
 
-def _resnet(factory):
-    return lambda m, bn_axis_name, dtype: factory(
-        num_filters=m.num_filters, small_stem=m.small_stem, bn_axis_name=bn_axis_name,
+def _resnet(name):
+    return lambda m, bn_axis_name, dtype: resnet(
+        name, num_filters=m.num_filters, small_stem=m.small_stem, bn_axis_name=bn_axis_name,
         dtype=dtype)
 
 
@@ -84,7 +84,9 @@ def _check_resnet(config):
 
 RESNET_OPTIONS = {  # always with BatchNorm
     "num_filters": 64,  # the first stage's width; each later stage doubles it
-    "small_stem": True,  # 3x3 stride-1 stem, no max-pool: for inputs under ~100 pixels
+    # 3x3 stride-1 stem, no max-pool: for inputs under ~100 pixels. False: the ImageNet
+    # stem (7x7/2 conv, 3x3/2 max-pool), which torchvision's and timm's weights need.
+    "small_stem": True,
 }
 
 def _dlib_face_resnet(m, bn_axis_name, dtype):
@@ -102,8 +104,7 @@ def _check_dlib_face_resnet(config):
 
 BACKBONES = {
     "seed_cnn": Backbone(_seed_cnn, SEED_CNN_OPTIONS, _check_seed_cnn),
-    "resnet18": Backbone(_resnet(resnet18), RESNET_OPTIONS, _check_resnet),
-    "resnet50": Backbone(_resnet(resnet50), RESNET_OPTIONS, _check_resnet),
+    **{name: Backbone(_resnet(name), RESNET_OPTIONS, _check_resnet) for name in RESNET_DEPTHS},
     # dlib's face descriptor network; its weights come with --config.init_from=FILE
     # (jaxretrieval.models.pretrained), which also sets the keys it needs.
     "dlib_face_resnet": Backbone(_dlib_face_resnet, {}, _check_dlib_face_resnet),

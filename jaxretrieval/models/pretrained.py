@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from jaxretrieval.errors import JaxRetrievalError
+from jaxretrieval.models import torch_import
 from jaxretrieval.models.dlib_format import Stream, read_dlib_network
 from jaxretrieval.models.face_resnet import EMBEDDING_DIM as DLIB_EMBEDDING_DIM
 from jaxretrieval.models.face_resnet import INPUT_SIZE as DLIB_INPUT_SIZE
@@ -72,7 +73,7 @@ def dlib_decided_keys(path: str) -> dict:
     return {"image_size": DLIB_INPUT_SIZE, "channels": 3, "model.name": "dlib_face_resnet",
             "model.pooling": "avg", "model.hidden_dim": 0,
             "embedding_dim": DLIB_EMBEDDING_DIM, "model.input_norm": "dlib",
-            "model.projection_bias": False}
+            "model.projection_bias": False, "model.align_faces": True}
 
 
 def load_dlib(path: str, config) -> dict:
@@ -87,6 +88,13 @@ FORMATS = {
     # dlib's face descriptor network, dlib_face_recognition_resnet_model_v1.dat of the
     # face-recognition-models package (jaxretrieval.data.faces.face_model_file finds it).
     "dlib": PretrainedFormat(sniff=sniff_dlib, decided_keys=dlib_decided_keys, load=load_dlib),
+    # ResNet state_dicts as torchvision saves them (torch.save or safetensors); timm's plain
+    # resnet* files use the same names. "timm" claims only timm's own variants.
+    "torchvision": PretrainedFormat(sniff=torch_import.sniff_torchvision,
+                                    decided_keys=torch_import.decided_keys,
+                                    load=torch_import.load),
+    "timm": PretrainedFormat(sniff=torch_import.sniff_timm,
+                             decided_keys=torch_import.decided_keys, load=torch_import.load),
 }
 
 

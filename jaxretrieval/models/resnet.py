@@ -2,6 +2,12 @@
 
 `ResNet(x)` returns the feature map [B, H', W', C] after the last ReLU, with no pooling and
 no classifier; the retrieval head pools and projects it, as it does for SeedCNN.
+
+With `small_stem=False` the network is torchvision's ResNet layer for layer (the 7x7/2 stem
+padded by 3, the 3x3/2 max-pool padded by 1, the strided 3x3 conv, the 1x1 strided
+projection with BatchNorm, BatchNorm's epsilon 1e-5), so torchvision's and timm's weights
+load into it unchanged (`jaxretrieval.models.torch_import`). `RESNET_DEPTHS` lists the
+family by name.
 """
 
 import functools
@@ -123,9 +129,37 @@ class ResNet(nn.Module):
         return x
 
 
+# name -> (blocks per stage, block kind), as He et al. (2016) define the family.
+RESNET_DEPTHS = {
+    "resnet18": ((2, 2, 2, 2), "basic"),
+    "resnet34": ((3, 4, 6, 3), "basic"),
+    "resnet50": ((3, 4, 6, 3), "bottleneck"),
+    "resnet101": ((3, 4, 23, 3), "bottleneck"),
+    "resnet152": ((3, 8, 36, 3), "bottleneck"),
+}
+
+
+def resnet(name: str, **kwargs) -> ResNet:
+    """The ResNet called `name` (a key of RESNET_DEPTHS) with ResNet's other fields."""
+    stage_sizes, block = RESNET_DEPTHS[name]
+    return ResNet(stage_sizes=stage_sizes, block=block, **kwargs)
+
+
 def resnet18(**kwargs) -> ResNet:
-    return ResNet(stage_sizes=(2, 2, 2, 2), block="basic", **kwargs)
+    return resnet("resnet18", **kwargs)
+
+
+def resnet34(**kwargs) -> ResNet:
+    return resnet("resnet34", **kwargs)
 
 
 def resnet50(**kwargs) -> ResNet:
-    return ResNet(stage_sizes=(3, 4, 6, 3), block="bottleneck", **kwargs)
+    return resnet("resnet50", **kwargs)
+
+
+def resnet101(**kwargs) -> ResNet:
+    return resnet("resnet101", **kwargs)
+
+
+def resnet152(**kwargs) -> ResNet:
+    return resnet("resnet152", **kwargs)
