@@ -353,3 +353,25 @@ def test_winograd_runs_exactly_where_it_applies(onednn, monkeypatch, shape, uses
     for on, off in zip(outputs["1"], outputs["0"]):
         assert np.array_equal(on, off) != uses_winograd
         np.testing.assert_allclose(on, off, rtol=1e-4, atol=2e-5 * np.abs(off).max())
+
+
+def test_an_unwritable_cache_or_a_corrupt_record_falls_back_or_builds_again(
+        fake_onednn, mode, decisions, monkeypatch, tmp_path):
+    mode("auto")
+    monkeypatch.setenv("CXX", "true")  # a "compiler" that succeeds and writes nothing
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    path, lines = decisions()
+    assert lines == [f"convolutions: XLA (could not build in {conv.cache_dir()}: "
+                     f"[Errno 20] Not a directory: '{blocker}/jaxretrieval')"]
+    # A record that cannot be read is no record: the build is tried (and, writing no
+    # library here, does not load).
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", "false")
+    decisions()
+    (record,) = (tmp_path / "cache" / "jaxretrieval" / "ops").glob("*.failed.json")
+    record.write_text("{not json")
+    path, lines = decisions()
+    assert "the oneDNN build failed: the compiler exited with status 1" in lines[0]
+    assert record.read_text().startswith('{"detail"')

@@ -180,6 +180,16 @@ def _build(compiler: str, onednn: OnednnInstall, library: str, log: str) -> str 
     return None
 
 
+def _recorded_failure(record: str) -> str | None:
+    """The line a failed build recorded; None if there is none (or it cannot be read:
+    then building again is the way to find out)."""
+    try:
+        with open(record) as f:
+            return str(json.load(f)["detail"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 @dataclasses.dataclass(frozen=True)
 class ConvolutionPath:
     """Which convolution the seed CNN runs on CPU, and why or from where."""
@@ -209,7 +219,7 @@ def _decide() -> ConvolutionPath:
     """oneDNN if it builds (or was built) and loads here, else XLA with the reason."""
     if _mode() == "xla":
         return ConvolutionPath(False, f"XLA ({MODE_VARIABLE}=xla)")
-    if not (sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64")):
+    if not (sys.platform == "linux" and platform.machine() == "x86_64"):
         return ConvolutionPath(False, "XLA (not a Linux x86-64 CPU)")
     onednn = find_onednn()
     if isinstance(onednn, str):
@@ -227,17 +237,19 @@ def _decide() -> ConvolutionPath:
     digest = hashlib.sha256("\0".join(key).encode()).hexdigest()[:16]
     stem = os.path.join(cache_dir(), f"onednn_conv-{digest}")
     library, log, failed = stem + ".so", stem + ".log", stem + ".failed.json"
-    if os.path.isfile(failed):
-        with open(failed) as f:
-            record = json.load(f)
-        return ConvolutionPath(False, record["detail"])
+    recorded = _recorded_failure(failed)
+    if recorded is not None:
+        return ConvolutionPath(False, recorded)
     if not os.path.isfile(library):
-        os.makedirs(cache_dir(), exist_ok=True)
-        error = _build(compiler, onednn, library, log)
-        if error is not None:
-            detail = f"XLA (the oneDNN build failed: {error}; details in {log})"
-            _write_atomically(failed, json.dumps({"detail": detail}))
-            return ConvolutionPath(False, detail)
+        try:
+            os.makedirs(cache_dir(), exist_ok=True)
+            error = _build(compiler, onednn, library, log)
+            if error is not None:
+                detail = f"XLA (the oneDNN build failed: {error}; details in {log})"
+                _write_atomically(failed, json.dumps({"detail": detail}))
+                return ConvolutionPath(False, detail)
+        except OSError as err:  # an unwritable cache: nothing to record either
+            return ConvolutionPath(False, f"XLA (could not build in {cache_dir()}: {err})")
     if onednn.opencl_runtime and OPENCL_ICD_VARIABLE not in os.environ:
         # The wheel's OpenCL registry file names a path that does not exist: name the
         # runtime directly (read when oneDNN first makes its engine, just below).
