@@ -15,12 +15,17 @@ line before anything touches JAX). Each part leaves alone what the user chose fi
   them again. JAX_COMPILATION_CACHE_DIR moves it; an empty value turns it off.
 - TF_CPP_MIN_LOG_LEVEL=2: TensorFlow (imported by TFDS and ScaNN) otherwise prints start-up
   chatter that hides the run's own output.
+- The seed CNN's CPU convolution, oneDNN or XLA, decided when a run that trains or embeds
+  sets up, so that it logs the one line that says which, before its first step
+  (`jaxretrieval.ops.conv.convolution_path`); elsewhere, at the first convolution.
 """
 
 import logging
 import os
 
 import jax
+
+from jaxretrieval.ops import conv
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +44,9 @@ def setup(batch_size: int | None = None) -> None:
     use_compilation_cache()
     if batch_size is not None:
         use_one_cpu_device_per_core(batch_size)
+        # A run that trains or embeds: say which convolution it uses (this starts no JAX
+        # backend, so the device count above stays the user's to change).
+        conv.convolution_path()
 
 
 def available_cores() -> int:

@@ -1,6 +1,12 @@
-"""The oneDNN convolution custom calls against XLA's own convolution: values and gradients."""
+"""The oneDNN convolution custom calls against XLA's own convolution: values and gradients;
+the one line that says which convolution a run uses, and a failed build tried only once."""
 
+import logging
 import os
+import platform
+import re
+import stat
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +19,7 @@ from jaxretrieval.models import build_model
 from jaxretrieval.ops import conv
 
 NHWC = ("NHWC", "HWIO", "NHWC")
-# CI installs g++ and libdnnl-dev and sets this: there the custom calls must be built.
+# CI installs g++, pip installs oneDNN, and CI sets this: there the custom calls must be built.
 REQUIRED = os.environ.get("JAXRETRIEVAL_REQUIRE_ONEDNN") == "1"
 
 
@@ -28,22 +34,42 @@ def cpu_has_winograd_kernels() -> bool:
     return {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
 
 
+LINUX_X86_64 = sys.platform == "linux" and platform.machine() == "x86_64"
+
+
 @pytest.fixture
 def onednn():
-    if not conv.onednn_available():
+    path = conv.convolution_path()
+    if not path.onednn:
         if REQUIRED:
-            pytest.fail("the oneDNN convolution did not build or load (g++, libdnnl-dev?)")
-        pytest.skip("oneDNN convolution unavailable here (install g++ and libdnnl-dev)")
+            pytest.fail(f"the oneDNN convolution did not build or load: {path}")
+        pytest.skip(f"oneDNN convolution unavailable here: {path}")
 
 
 @pytest.fixture
 def mode(monkeypatch):
-    """Sets JAXRETRIEVAL_CPU_CONV for one test (the availability check is cached)."""
+    """Sets JAXRETRIEVAL_CPU_CONV for one test (the decision is made once per process)."""
     def set_mode(value):
         monkeypatch.setenv(conv.MODE_VARIABLE, value)
-        conv.onednn_available.cache_clear()
+        conv.convolution_path.cache_clear()
     yield set_mode
-    conv.onednn_available.cache_clear()
+    conv.convolution_path.cache_clear()
+
+
+@pytest.fixture
+def decisions(caplog):
+    """Decides afresh and returns the path with the lines logged for it."""
+    caplog.set_level(logging.INFO, logger="jaxretrieval")
+
+    def decide():
+        conv.convolution_path.cache_clear()
+        caplog.clear()
+        path = conv.convolution_path()
+        conv.convolution_path()  # decided once: no second line
+        lines = [r.getMessage() for r in caplog.records if r.name.startswith("jaxretrieval")]
+        return path, lines
+    yield decide
+    conv.convolution_path.cache_clear()
 
 
 def loss_and_grads(conv_fn, x, w, padding):
@@ -126,13 +152,81 @@ def test_xla_mode_uses_no_custom_call_and_a_bad_mode_is_refused(mode):
         conv.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=NHWC)
 
 
-def test_onednn_mode_without_a_compiler_is_one_clear_error(mode, monkeypatch, tmp_path):
+def test_the_line_names_onednn_its_version_and_where_it_came_from(onednn, decisions):
+    path, lines = decisions()
+    install = conv.find_onednn()
+    assert lines == [str(path)] and path.onednn
+    # The version is the loaded library's own (3.x), the origin the pip package it is from.
+    assert re.fullmatch(rf"convolutions: oneDNN 3\.\d+\.\d+ \(pip {install.distribution} "
+                        rf"{re.escape(install.version)}, {re.escape(install.library_dir)}\)",
+                        lines[0]), lines
+    assert os.path.isfile(os.path.join(install.library_dir, "libdnnl.so"))
+
+
+def test_the_line_says_why_xla(mode, decisions, monkeypatch):
+    mode("xla")
+    assert decisions() == (conv.ConvolutionPath(False, "XLA (JAXRETRIEVAL_CPU_CONV=xla)"),
+                           ["convolutions: XLA (JAXRETRIEVAL_CPU_CONV=xla)"])
+    mode("auto")
+    monkeypatch.setattr(conv.platform, "machine", lambda: "aarch64")
+    assert decisions()[1] == ["convolutions: XLA (not a Linux x86-64 CPU)"]
+    monkeypatch.undo()
+    if LINUX_X86_64:
+        monkeypatch.setattr(conv, "PIP_ONEDNN", (("no-such-onednn", "no-such-onednn-devel"),))
+        assert decisions()[1] == [
+            "convolutions: XLA (oneDNN is not installed: pip install onednn onednn-devel)"]
+
+
+@pytest.fixture
+def fake_onednn(monkeypatch, tmp_path):
+    """A pip oneDNN that is never read (the compiler below fails first), in a cache of
+    its own."""
+    if not LINUX_X86_64:
+        pytest.skip("the oneDNN build is tried on Linux x86-64 only")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    install = conv.OnednnInstall("onednn", "0.0", str(tmp_path), str(tmp_path), None)
+    monkeypatch.setattr(conv, "find_onednn", lambda: install)
+
+
+def test_a_failed_build_is_one_line_recorded_once_and_not_tried_again(
+        fake_onednn, mode, decisions, monkeypatch, tmp_path, capfd):
+    calls = tmp_path / "calls"
+    compiler = tmp_path / "failing-g++"
+    compiler.write_text(f"#!/bin/sh\necho run >> {calls}\n"
+                        "echo 'onednn_conv.cc:25:10: fatal error: dnnl.hpp: missing' >&2\n"
+                        "echo 'compilation terminated.' >&2\nexit 1\n")
+    compiler.chmod(compiler.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CXX", str(compiler))
+    mode("auto")
+    path, lines = decisions()
+    assert calls.read_text().splitlines() == ["run"]
+    records = list((tmp_path / "cache" / "jaxretrieval" / "ops").glob("*.failed.json"))
+    log = records[0].with_name(records[0].name.replace(".failed.json", ".log"))
+    assert len(records) == 1 and "compilation terminated." in log.read_text()
+    assert lines == [str(path)] == [
+        "convolutions: XLA (the oneDNN build failed: onednn_conv.cc:25:10: fatal error: "
+        f"dnnl.hpp: missing; details in {log})"]
+    assert not path.onednn
+    # The next decision (the next run) reads the record instead of compiling again.
+    assert decisions() == (path, lines)
+    assert calls.read_text().splitlines() == ["run"]
+    captured = capfd.readouterr()
+    assert "compilation terminated" not in captured.out + captured.err
+    # Required, the recorded failure is one clear error, still without compiling.
     mode("onednn")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built there yet
+    with pytest.raises(JaxRetrievalError, match="the oneDNN build failed: .*fatal error"):
+        conv.convolution_path()
+    assert calls.read_text().splitlines() == ["run"]
+
+
+def test_onednn_mode_without_a_compiler_is_one_clear_error(fake_onednn, mode, decisions,
+                                                          monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    with pytest.raises(JaxRetrievalError, match="install g\\+\\+ and libdnnl-dev"):
-        conv.onednn_available()
+    mode("onednn")
+    with pytest.raises(JaxRetrievalError, match="pip install onednn onednn-devel"):
+        conv.convolution_path()
     mode("auto")  # the same failure in auto mode falls back to XLA
+    assert decisions()[1] == [f"convolutions: XLA (CXX={tmp_path}/no-such-compiler not found)"]
     assert conv.onednn_available() is False
 
 
@@ -259,3 +353,25 @@ def test_winograd_runs_exactly_where_it_applies(onednn, monkeypatch, shape, uses
     for on, off in zip(outputs["1"], outputs["0"]):
         assert np.array_equal(on, off) != uses_winograd
         np.testing.assert_allclose(on, off, rtol=1e-4, atol=2e-5 * np.abs(off).max())
+
+
+def test_an_unwritable_cache_or_a_corrupt_record_falls_back_or_builds_again(
+        fake_onednn, mode, decisions, monkeypatch, tmp_path):
+    mode("auto")
+    monkeypatch.setenv("CXX", "true")  # a "compiler" that succeeds and writes nothing
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    path, lines = decisions()
+    assert lines == [f"convolutions: XLA (could not build in {conv.cache_dir()}: "
+                     f"[Errno 20] Not a directory: '{blocker}/jaxretrieval')"]
+    # A record that cannot be read is no record: the build is tried (and, writing no
+    # library here, does not load).
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", "false")
+    decisions()
+    (record,) = (tmp_path / "cache" / "jaxretrieval" / "ops").glob("*.failed.json")
+    record.write_text("{not json")
+    path, lines = decisions()
+    assert "the oneDNN build failed: the compiler exited with status 1" in lines[0]
+    assert record.read_text().startswith('{"detail"')

@@ -6,23 +6,33 @@ takes it as `conv_general_dilated=`) and sends the convolutions oneDNN handles (
 NHWC/HWIO, stride 1, no dilation, one group) to three XLA FFI custom calls, forward and
 both gradients (`onednn_conv.cc`), tied together with a custom VJP; `conv_relu_pool` is a
 fourth, the seed CNN's whole block when evaluated. Where the channels come in multiples
-of 16 they use oneDNN's Winograd convolution. Anything else, any other platform, or a
-machine without oneDNN uses XLA's own convolution, the same math (tests/test_conv.py
-checks values and gradients against it).
+of 16 they use oneDNN's Winograd convolution (on CPUs that oneDNN has Winograd kernels
+for). Anything else, any other platform, or a machine without oneDNN uses XLA's own
+convolution, the same math (tests/test_conv.py checks values and gradients against it).
 
-The library is compiled on first use with the system C++ compiler against oneDNN 2.x
-(Debian/Ubuntu: `apt install g++ libdnnl-dev`) and cached under
-`~/.cache/jaxretrieval/ops/`. `JAXRETRIEVAL_CPU_CONV=xla` turns it off; `=onednn` makes a
-failed build an error instead of a fallback.
+The library is compiled on first use with the system C++ compiler (`CXX`, else g++)
+against oneDNN 3.x from PyPI (`onednn` and `onednn-devel`, which `pip install` brings on
+Linux x86-64) and cached under `~/.cache/jaxretrieval/ops/`, with the compiler's output
+in a log file beside it. A failed build is recorded there too, so the next run falls back
+to XLA at once instead of compiling again; a new source, oneDNN or compiler tries again.
+`convolution_path()` decides once per process and logs one line, `convolutions: oneDNN
+<version> (<where from>)` or `convolutions: XLA (<why>)`.
+`JAXRETRIEVAL_CPU_CONV=xla` turns oneDNN off; `=onednn` makes its absence an error
+instead of a fallback.
 """
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
+import importlib.metadata
+import json
 import logging
 import os
+import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import jax
@@ -37,9 +47,16 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "onednn_conv.c
 MODE_VARIABLE = "JAXRETRIEVAL_CPU_CONV"
 MODES = ("auto", "onednn", "xla")
 WINOGRAD_VARIABLE = "JAXRETRIEVAL_CPU_WINOGRAD"
+COMPILER_VARIABLE = "CXX"
 TARGETS = {"forward": "JrConvForward", "backward_data": "JrConvBackwardData",
            "backward_weights": "JrConvBackwardWeights", "relu_pool": "JrConvReluPool"}
 NHWC = ("NHWC", "HWIO", "NHWC")
+# The PyPI distributions of oneDNN 3.x, (library, headers), in order of preference:
+# Intel's current build (a SYCL one: its CPU engine runs on Intel's OpenCL CPU runtime,
+# which pip brings with it), then the older CPU-only OpenMP build.
+PIP_ONEDNN = (("onednn", "onednn-devel"), ("onednn-cpu-gomp", "onednn-devel-cpu-gomp"))
+OPENCL_RUNTIME = "intel-opencl-rt"
+OPENCL_ICD_VARIABLE = "OCL_ICD_FILENAMES"
 
 
 def _mode() -> str:
@@ -59,54 +76,211 @@ def _winograd() -> bool:
     return value == "1"
 
 
-def _cache_dir() -> str:
+def cache_dir() -> str:
+    """Where the built library, its build log and any failed-build record live."""
     base = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
     return os.path.join(base, "jaxretrieval", "ops")
 
 
-def _build(library: str) -> None:
-    """Compiles onednn_conv.cc into `library` (atomically: a half-written file never loads)."""
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        raise OSError("no C++ compiler (install g++)")
-    os.makedirs(os.path.dirname(library), exist_ok=True)
+@dataclasses.dataclass(frozen=True)
+class OnednnInstall:
+    """oneDNN as pip installed it: the distribution, its headers and its library."""
+    distribution: str
+    version: str
+    include_dir: str
+    library_dir: str
+    opencl_runtime: str | None  # Intel's OpenCL CPU runtime, for a SYCL build's CPU engine
+
+    def __str__(self) -> str:
+        return f"pip {self.distribution} {self.version}, {self.library_dir}"
+
+
+def _installed_file(distribution, suffix: str) -> str | None:
+    for file in distribution.files or ():
+        if str(file).replace(os.sep, "/").endswith(suffix):
+            return os.path.normpath(str(distribution.locate_file(file)))
+    return None
+
+
+def _distribution(name: str):
+    try:
+        return importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def find_onednn() -> OnednnInstall | str:
+    """The pip-installed oneDNN 3.x to build against, or why there is none."""
+    missing = "oneDNN is not installed: pip install onednn onednn-devel"
+    for library_name, headers_name in PIP_ONEDNN:
+        library, headers = _distribution(library_name), _distribution(headers_name)
+        if library is None:
+            continue
+        if headers is None:
+            missing = f"oneDNN's headers are not installed: pip install {headers_name}"
+            continue
+        shared = _installed_file(library, "/libdnnl.so")
+        header = _installed_file(headers, "/oneapi/dnnl/dnnl.hpp")
+        if shared is None or header is None:
+            missing = f"{library_name} or {headers_name} lacks libdnnl.so or dnnl.hpp"
+            continue
+        with open(os.path.join(os.path.dirname(header), "dnnl_config.h")) as f:
+            sycl = "DNNL_CPU_RUNTIME DNNL_RUNTIME_SYCL" in f.read()
+        opencl = _distribution(OPENCL_RUNTIME) if sycl else None
+        return OnednnInstall(
+            library_name, library.version, os.path.dirname(os.path.dirname(
+                os.path.dirname(header))), os.path.dirname(shared),
+            opencl and _installed_file(opencl, "/libintelocl.so"))
+    return missing
+
+
+def _compiler() -> str | None:
+    chosen = os.environ.get(COMPILER_VARIABLE)
+    if chosen:
+        return shutil.which(chosen)
+    return shutil.which("g++") or shutil.which("c++")
+
+
+def _first_error(output: str, returncode: int) -> str:
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for line in lines:
+        if "error" in line.lower():
+            return line
+    return lines[0] if lines else f"the compiler exited with status {returncode}"
+
+
+def _write_atomically(path: str, text: str) -> None:
+    fd, partial = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(partial, path)
+
+
+def _build(compiler: str, onednn: OnednnInstall, library: str, log: str) -> str | None:
+    """Compiles onednn_conv.cc into `library` (atomically: a half-written file never
+    loads), the compiler's output into `log`; returns the first error line on failure."""
     fd, partial = tempfile.mkstemp(dir=os.path.dirname(library), suffix=".so.tmp")
     os.close(fd)
+    # An RPATH, not a RUNPATH (--disable-new-dtags): it also finds the libraries that
+    # libdnnl.so itself needs in the wheel's folder, with no LD_LIBRARY_PATH.
     command = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
-               f"-I{jax.ffi.include_dir()}", SOURCE, "-ldnnl", "-o", partial]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode:
+               f"-I{jax.ffi.include_dir()}", f"-I{onednn.include_dir}", SOURCE,
+               f"-L{onednn.library_dir}", "-ldnnl",
+               f"-Wl,--disable-new-dtags,-rpath,{onednn.library_dir}", "-o", partial]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+        output, returncode = result.stdout + result.stderr, result.returncode
+    except OSError as err:
+        output, returncode = f"error: could not run {compiler}: {err}", -1
+    _write_atomically(log, " ".join(command) + "\n" + output)
+    if returncode:
         os.unlink(partial)
-        raise OSError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+        return _first_error(output, returncode)
     os.replace(partial, library)
+    return None
+
+
+def _recorded_failure(record: str) -> str | None:
+    """The line a failed build recorded; None if there is none (or it cannot be read:
+    then building again is the way to find out)."""
+    try:
+        with open(record) as f:
+            return str(json.load(f)["detail"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvolutionPath:
+    """Which convolution the seed CNN runs on CPU, and why or from where."""
+    onednn: bool
+    detail: str
+
+    def __str__(self) -> str:
+        return f"convolutions: {self.detail}"
+
+
+def _register(library: str) -> str:
+    """Loads the built library, checks that oneDNN can make a CPU engine, registers the
+    custom calls; returns the loaded oneDNN's version."""
+    handle = ctypes.cdll.LoadLibrary(library)
+    handle.JrOnednnVersion.restype = ctypes.c_char_p
+    handle.JrOnednnEngineError.restype = ctypes.c_char_p
+    problem = handle.JrOnednnEngineError().decode()
+    if problem:
+        raise OSError(f"oneDNN could not make a CPU engine: {problem}")
+    for name, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(f"jaxretrieval_conv_{name}",
+                                    jax.ffi.pycapsule(getattr(handle, symbol)), platform="cpu")
+    return handle.JrOnednnVersion().decode()
+
+
+def _decide() -> ConvolutionPath:
+    """oneDNN if it builds (or was built) and loads here, else XLA with the reason."""
+    if _mode() == "xla":
+        return ConvolutionPath(False, f"XLA ({MODE_VARIABLE}=xla)")
+    if not (sys.platform == "linux" and platform.machine() == "x86_64"):
+        return ConvolutionPath(False, "XLA (not a Linux x86-64 CPU)")
+    onednn = find_onednn()
+    if isinstance(onednn, str):
+        return ConvolutionPath(False, f"XLA ({onednn})")
+    compiler = _compiler()
+    if compiler is None:
+        chosen = os.environ.get(COMPILER_VARIABLE)
+        return ConvolutionPath(False, f"XLA ({COMPILER_VARIABLE}={chosen} not found)"
+                               if chosen else "XLA (g++ not found)")
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    stat = os.stat(compiler)
+    key = [source.hex(), jax.__version__, str(onednn), onednn.include_dir,
+           os.path.realpath(compiler), str(stat.st_size), str(stat.st_mtime_ns)]
+    digest = hashlib.sha256("\0".join(key).encode()).hexdigest()[:16]
+    stem = os.path.join(cache_dir(), f"onednn_conv-{digest}")
+    library, log, failed = stem + ".so", stem + ".log", stem + ".failed.json"
+    recorded = _recorded_failure(failed)
+    if recorded is not None:
+        return ConvolutionPath(False, recorded)
+    if not os.path.isfile(library):
+        try:
+            os.makedirs(cache_dir(), exist_ok=True)
+            error = _build(compiler, onednn, library, log)
+            if error is not None:
+                detail = f"XLA (the oneDNN build failed: {error}; details in {log})"
+                _write_atomically(failed, json.dumps({"detail": detail}))
+                return ConvolutionPath(False, detail)
+        except OSError as err:  # an unwritable cache: nothing to record either
+            return ConvolutionPath(False, f"XLA (could not build in {cache_dir()}: {err})")
+    if onednn.opencl_runtime and OPENCL_ICD_VARIABLE not in os.environ:
+        # The wheel's OpenCL registry file names a path that does not exist: name the
+        # runtime directly (read when oneDNN first makes its engine, just below).
+        os.environ[OPENCL_ICD_VARIABLE] = onednn.opencl_runtime
+    try:
+        version = _register(library)
+    except (OSError, AttributeError) as err:
+        return ConvolutionPath(False, f"XLA (the oneDNN library did not load: {err})")
+    return ConvolutionPath(True, f"oneDNN {version} ({onednn})")
 
 
 @functools.cache
+def convolution_path() -> ConvolutionPath:
+    """Decides, once per process, whether the seed CNN's CPU convolutions run in oneDNN
+    (building and registering the custom calls) or in XLA, and logs the one line that
+    says which. Under `JAXRETRIEVAL_CPU_CONV=onednn`, XLA is an error instead."""
+    path = _decide()
+    if not path.onednn and _mode() == "onednn":
+        raise JaxRetrievalError(
+            f"{MODE_VARIABLE}=onednn, but the convolutions would run in {path.detail}; "
+            f"on Linux x86-64 with g++, `pip install onednn onednn-devel` brings oneDNN "
+            f"(a recorded failed build is retried once the compiler or oneDNN changes, or "
+            f"after removing {cache_dir()}), or unset {MODE_VARIABLE} to use XLA's "
+            f"convolution")
+    logger.info("%s", path)
+    return path
+
+
 def onednn_available() -> bool:
-    """Builds (once per source and JAX version), loads and registers the custom calls."""
-    mode = _mode()
-    if mode == "xla":
-        return False
-    with open(SOURCE, "rb") as f:
-        digest = hashlib.sha256(f.read() + jax.__version__.encode()).hexdigest()[:16]
-    library = os.path.join(_cache_dir(), f"onednn_conv-{digest}.so")
-    try:
-        if not os.path.isfile(library):
-            _build(library)
-        handle = ctypes.cdll.LoadLibrary(library)
-        for name, symbol in TARGETS.items():
-            jax.ffi.register_ffi_target(f"jaxretrieval_conv_{name}",
-                                        jax.ffi.pycapsule(getattr(handle, symbol)),
-                                        platform="cpu")
-    except (OSError, AttributeError) as err:
-        if mode == "onednn":
-            raise JaxRetrievalError(
-                f"{MODE_VARIABLE}=onednn, but the oneDNN convolution could not be built or "
-                f"loaded ({err}); install g++ and libdnnl-dev (oneDNN 2.x), or unset "
-                f"{MODE_VARIABLE} to fall back to XLA's convolution") from err
-        logger.info("oneDNN convolution unavailable (%s); using XLA's", err)
-        return False
-    return True
+    """Whether the seed CNN's CPU convolutions run in oneDNN (see `convolution_path`)."""
+    return convolution_path().onednn
 
 
 def _explicit_padding(padding, kernel_hw):

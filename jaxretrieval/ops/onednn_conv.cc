@@ -9,8 +9,8 @@
 //   JrConvReluPool         x, w, bias [O]              -> 2x2 max-pool(relu(conv + bias))
 //                                                         [N,OH/2,OW/2,O], inference only
 // Each takes `threads` (the cores this call may use) and `winograd` (whether oneDNN's
-// Winograd F(4x4, 3x3) convolution may be used). Built against oneDNN 2.x (Debian's
-// libdnnl-dev) by jaxretrieval/ops/conv.py.
+// Winograd F(4x4, 3x3) convolution may be used). Built against oneDNN 3.x from PyPI by
+// jaxretrieval/ops/conv.py; JrOnednnVersion says which oneDNN was loaded.
 
 #include <cstdint>
 #include <cstdlib>
@@ -20,9 +20,11 @@
 #include <unordered_map>
 #include <utility>
 
-#include <omp.h>
-
 #include "oneapi/dnnl/dnnl.hpp"
+
+#if DNNL_CPU_THREADING_RUNTIME == DNNL_RUNTIME_OMP
+#include <omp.h>
+#endif
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -52,7 +54,7 @@ memory::desc Bias(const Shapes& s) {
   return memory::desc({s.o}, memory::data_type::f32, memory::format_tag::a);
 }
 memory::desc Any(const memory::desc& md) {
-  return memory::desc(md.dims(), memory::data_type::f32, memory::format_tag::any);
+  return memory::desc(md.get_dims(), memory::data_type::f32, memory::format_tag::any);
 }
 
 // What the primitives are asked for. Direct convolution: NHWC activations (its brgemm
@@ -73,8 +75,9 @@ memory::desc Weights(const Shapes& s) { return Any(Hwio(s)); }
 // Winograd where allowed, oneDNN has a kernel for the shape and machine, the channels
 // fill its 16-wide blocks (on the 3-channel stem it is slower than direct), and the
 // call has enough output pixels to pay for transforming the kernel, which oneDNN does on
-// every call; else direct. `make` builds the primitive
-// descriptor(s) for one algorithm.
+// every call; else direct. oneDNN implements Winograd for AVX-512 CPUs only: elsewhere
+// building its primitive descriptor throws "unimplemented", and the direct convolution
+// is used instead. `make` builds the primitive descriptor(s) for one algorithm.
 constexpr int64_t kWinogradMinPixels = 8192;
 
 template <typename Make>
@@ -83,8 +86,9 @@ auto WithAlgorithm(const Shapes& s, bool winograd, int64_t images, Make make) {
       images * s.oh * s.ow >= kWinogradMinPixels) {
     try {
       return make(algorithm::convolution_winograd);
-    } catch (const dnnl::error&) {
-      // not implemented here: fall through to the direct convolution
+    } catch (const dnnl::error& e) {
+      // No Winograd kernel for this shape or CPU: the direct convolution below.
+      if (e.status != dnnl_unimplemented) throw;
     }
   }
   return make(algorithm::convolution_direct);
@@ -100,10 +104,9 @@ dnnl::primitive_attr UserScratchpad() {
 
 // The training forward primitive descriptor, also the hint both backward ones need.
 dnnl::convolution_forward::primitive_desc ForwardDesc(const Shapes& s, algorithm a) {
-  dnnl::convolution_forward::desc desc(
-      dnnl::prop_kind::forward_training, a, Src(s, a), Weights(s), Dst(s, a), {1, 1},
-      {s.pad_top, s.pad_left}, {s.pad_bottom, s.pad_right});
-  return dnnl::convolution_forward::primitive_desc(desc, UserScratchpad(), CpuEngine());
+  return dnnl::convolution_forward::primitive_desc(
+      CpuEngine(), dnnl::prop_kind::forward_training, a, Src(s, a), Weights(s), Dst(s, a),
+      {1, 1}, {s.pad_top, s.pad_left}, {s.pad_bottom, s.pad_right}, UserScratchpad());
 }
 
 // A primitive and the layouts it wants for its two inputs and its output.
@@ -203,10 +206,15 @@ Shapes ShapesOf(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
 
 // oneDNN throws on bad descriptors; XLA needs an Error, never an exception across its ABI.
 // `threads`: with one XLA CPU device per core, each device's thread runs its own
-// convolutions on one core instead of all of them contending.
+// convolutions on one core instead of all of them contending. Only an OpenMP build of
+// oneDNN takes a per-thread count; a TBB build shares its one pool among the callers.
 template <typename Body>
 ffi::Error Protected(int64_t threads, Body body) {
+#if DNNL_CPU_THREADING_RUNTIME == DNNL_RUNTIME_OMP
   omp_set_num_threads(static_cast<int>(threads));  // this calling thread's setting only
+#else
+  (void)threads;
+#endif
   try {
     return body();
   } catch (const dnnl::error& e) {
@@ -240,11 +248,9 @@ ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
   return Protected(threads, [&] {
     Compiled c = Cached<Compiled>(Key("backward_data", s, winograd), [&] {
       return WithAlgorithm(s, winograd, s.n, [&](algorithm a) {
-        dnnl::convolution_backward_data::desc desc(
-            a, Src(s, a), Weights(s), Dst(s, a), {1, 1}, {s.pad_top, s.pad_left},
-            {s.pad_bottom, s.pad_right});
-        dnnl::convolution_backward_data::primitive_desc pd(desc, UserScratchpad(),
-                                                            CpuEngine(), ForwardDesc(s, a));
+        dnnl::convolution_backward_data::primitive_desc pd(
+            CpuEngine(), a, Src(s, a), Weights(s), Dst(s, a), {1, 1}, {s.pad_top, s.pad_left},
+            {s.pad_bottom, s.pad_right}, ForwardDesc(s, a), UserScratchpad());
         return Compile(pd, DNNL_ARG_DIFF_DST, DNNL_ARG_WEIGHTS, DNNL_ARG_DIFF_SRC);
       });
     });
@@ -262,11 +268,9 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
   return Protected(threads, [&] {
     Compiled c = Cached<Compiled>(Key("backward_weights", s, winograd), [&] {
       return WithAlgorithm(s, winograd, s.n, [&](algorithm a) {
-        dnnl::convolution_backward_weights::desc desc(
-            a, Src(s, a), Weights(s), Dst(s, a), {1, 1}, {s.pad_top, s.pad_left},
-            {s.pad_bottom, s.pad_right});
-        dnnl::convolution_backward_weights::primitive_desc pd(desc, UserScratchpad(),
-                                                               CpuEngine(), ForwardDesc(s, a));
+        dnnl::convolution_backward_weights::primitive_desc pd(
+            CpuEngine(), a, Src(s, a), Weights(s), Dst(s, a), {1, 1}, {s.pad_top, s.pad_left},
+            {s.pad_bottom, s.pad_right}, ForwardDesc(s, a), UserScratchpad());
         return Compile(pd, DNNL_ARG_SRC, DNNL_ARG_DIFF_DST, DNNL_ARG_DIFF_WEIGHTS);
       });
     });
@@ -302,22 +306,21 @@ ffi::Error ConvReluPool(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
     whole_call.n = n;
     FusedCompiled c = Cached<FusedCompiled>(Key("conv_relu_pool", whole_call, winograd), [&] {
       dnnl::post_ops relu;
-      relu.append_eltwise(1.f, algorithm::eltwise_relu, 0.f, 0.f);
+      relu.append_eltwise(algorithm::eltwise_relu, 0.f, 0.f);
       dnnl::primitive_attr attr = UserScratchpad();
       attr.set_post_ops(relu);
       auto conv = WithAlgorithm(s, winograd, n, [&](algorithm a) {
-        dnnl::convolution_forward::desc desc(
-            dnnl::prop_kind::forward_inference, a, Src(s, a), Weights(s), Bias(s), Dst(s, a),
-            {1, 1}, {s.pad_top, s.pad_left}, {s.pad_bottom, s.pad_right});
-        return dnnl::convolution_forward::primitive_desc(desc, attr, CpuEngine());
+        return dnnl::convolution_forward::primitive_desc(
+            CpuEngine(), dnnl::prop_kind::forward_inference, a, Src(s, a), Weights(s),
+            Bias(s), Dst(s, a), {1, 1}, {s.pad_top, s.pad_left}, {s.pad_bottom, s.pad_right},
+            attr);
       });
       // Pooled in the convolution's own layout; an odd last row or column is dropped
-      // (right padding -1 makes oneDNN's size check agree).
-      dnnl::pooling_forward::desc pool_desc(
-          dnnl::prop_kind::forward_inference, algorithm::pooling_max, conv.dst_desc(),
-          Any(Nhwc(1, s.o, ph, pw)), {2, 2}, {2, 2}, {0, 0},
+      // (right padding -1 makes oneDNN's size check agree; dilation 0 is none).
+      dnnl::pooling_forward::primitive_desc pool(
+          CpuEngine(), dnnl::prop_kind::forward_inference, algorithm::pooling_max,
+          conv.dst_desc(), Any(Nhwc(1, s.o, ph, pw)), {2, 2}, {2, 2}, {0, 0}, {0, 0},
           {s.oh % 2 ? -1 : 0, s.ow % 2 ? -1 : 0});
-      dnnl::pooling_forward::primitive_desc pool(pool_desc, CpuEngine());
       return FusedCompiled{dnnl::primitive(conv), dnnl::primitive(pool), conv.src_desc(),
                            conv.weights_desc(), conv.dst_desc(), conv.scratchpad_desc(),
                            pool.dst_desc()};
@@ -365,6 +368,34 @@ auto TwoOperands() {
 }
 
 }  // namespace
+
+// The loaded oneDNN's version, "major.minor.patch", for the log line that says which
+// convolution a run uses.
+extern "C" const char* JrOnednnVersion() {
+  static const std::string version = [] {
+    const dnnl_version_t* v = dnnl_version();
+    return std::to_string(v->major) + "." + std::to_string(v->minor) + "." +
+           std::to_string(v->patch);
+  }();
+  return version.c_str();
+}
+
+// Empty if oneDNN can make its CPU engine here, else why not (a SYCL build of oneDNN
+// needs a SYCL CPU device), checked before any convolution is sent to it.
+extern "C" const char* JrOnednnEngineError() {
+  static const std::string error = []() -> std::string {
+    // The caller reports a failure in its own words: no oneDNN error lines on stdout,
+    // unless the user asked for oneDNN's verbose output.
+    if (!std::getenv("ONEDNN_VERBOSE") && !std::getenv("DNNL_VERBOSE")) dnnl::set_verbose(0);
+    try {
+      CpuEngine();
+      return "";
+    } catch (const dnnl::error& e) {
+      return e.what();
+    }
+  }();
+  return error.c_str();
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JrConvForward, Forward, TwoOperands());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JrConvBackwardData, BackwardData, TwoOperands());
