@@ -282,9 +282,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
              f"{config.channels}; set them to 0 or use channels=3")
 
 
+# `config.model` keys that came after workdirs already recorded model hashes, each with the
+# value that means "as before". At that value a key stays out of the hash, so a checkpoint,
+# export or index written before the key existed still belongs to its model.
+NEUTRAL_MODEL_KEYS = {"input_norm": "centred", "projection_bias": True, "align_faces": False,
+                      "flip_test": False}
+
+
 def model_config_hash(config: ml_collections.ConfigDict, keys=MODEL_KEYS) -> str:
     """A short digest of the keys that decide the model (MODEL_KEYS), or of other `keys`."""
     subset = {key: config[key] for key in keys}
+    if "model" in subset:
+        subset["model"] = {key: value for key, value in subset["model"].items()
+                           if key not in NEUTRAL_MODEL_KEYS or value != NEUTRAL_MODEL_KEYS[key]}
     text = json.dumps(ml_collections.ConfigDict(subset).to_dict(), sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

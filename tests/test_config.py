@@ -93,6 +93,19 @@ def test_json_round_trip_keeps_the_model_hash():
     assert model_config_hash(again) != model_config_hash(config)
 
 
+def test_model_keys_added_later_keep_the_hash_of_earlier_workdirs():
+    # What model_config_hash gave for these configs before model.input_norm, projection_bias,
+    # align_faces and flip_test existed: indexes and exports written then record it.
+    seed_cnn = load_config_file(os.path.join(REPO, "configs", "seed_cnn.py"))
+    assert model_config_hash(base_config()) == "92a3972f6eafd773"
+    assert model_config_hash(seed_cnn) == "08c7f218d6e23a8a"
+    for key, value in (("input_norm", "imagenet"), ("projection_bias", False),
+                       ("align_faces", True), ("flip_test", True)):
+        changed = base_config()
+        changed.model[key] = value
+        assert model_config_hash(changed) != "92a3972f6eafd773", key
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("name", "vgg16",
      "model.name='vgg16'; use one of dlib_face_resnet, resnet101, resnet152, resnet18, "
