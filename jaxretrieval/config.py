@@ -71,6 +71,10 @@ def base_config() -> ml_collections.ConfigDict:
     # (the package's own), dlib (dlib's face network), imagenet (torchvision and timm).
     c.model.input_norm = "centred"
     c.model.projection_bias = True  # False: the projection has no bias (dlib's 128-d layer)
+    # How an image is fitted to image_size x image_size (data.images.InputSpec): 1 resizes
+    # the whole image; below 1 resizes the shorter side to image_size / crop_fraction and
+    # keeps the centre (ImageNet weights are evaluated at 0.875: 224 of 256).
+    c.model.crop_fraction = 1.0
 
     # Augmentation, on device inside the train step; never applied at evaluation.
     c.augment = ml_collections.ConfigDict()
@@ -216,6 +220,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         fail(f"query_fraction={config.query_fraction}; use a value between 0 and 1")
     if config.channels not in (1, 3):
         fail(f"channels={config.channels}; use 1 (grayscale) or 3 (RGB)")
+    if not 0 < config.model.crop_fraction <= 1:
+        fail(f"model.crop_fraction={config.model.crop_fraction}; use a share in (0, 1], 1 to "
+             "resize the whole image")
     if config.model.align_faces and config.channels != 3:
         fail(f"model.align_faces needs channels=3 (dlib's face chips are RGB); got "
              f"channels={config.channels}")
@@ -286,7 +293,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 # value that means "as before". At that value a key stays out of the hash, so a checkpoint,
 # export or index written before the key existed still belongs to its model.
 NEUTRAL_MODEL_KEYS = {"input_norm": "centred", "projection_bias": True, "align_faces": False,
-                      "flip_test": False}
+                      "flip_test": False, "crop_fraction": 1.0}
 
 
 def model_config_hash(config: ml_collections.ConfigDict, keys=MODEL_KEYS) -> str:

@@ -83,7 +83,7 @@ TIMM_VARIANTS = (
 )
 # The input convention of torchvision's and timm's ImageNet weights: RGB in [0, 1]
 # normalised by ImageNet's mean and std, 224x224 centre crops.
-IMAGENET_INPUT = {"image_size": 224, "model.input_norm": "imagenet"}
+IMAGENET_INPUT = {"image_size": 224, "model.input_norm": "imagenet", "model.crop_fraction": 0.875}
 
 
 @dataclasses.dataclass(frozen=True)
