@@ -31,6 +31,11 @@ RUN_KEYS = MODEL_KEYS + ("dataset", "label_key", "split", "query_fraction", "see
                          "projection_head", "init_from")
 
 
+# A recipe that cannot run without pretrained weights sets init_from to this prefix and
+# where such a file comes from; validation then asks for --config.init_from=PATH.
+REQUIRED_INIT = "required: "
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every key a run reads, with the offline default's values (digits, small seed CNN)."""
     c = ml_collections.ConfigDict()
@@ -258,6 +263,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.init_format and config.init_format not in FORMATS:
         fail(f"init_format={config.init_format!r}; use one of {', '.join(FORMATS)}, or leave "
              "it empty to find the format from the file")
+    if config.init_from.startswith(REQUIRED_INIT):
+        fail("this recipe starts from pretrained weights: pass --config.init_from=PATH with "
+             + config.init_from[len(REQUIRED_INIT):])
     if config.init_format and not config.init_from:
         fail(f"init_format={config.init_format!r} without init_from; set "
              "--config.init_from=PATH, or leave init_format empty")

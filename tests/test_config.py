@@ -10,8 +10,9 @@ import pytest
 
 from conftest import REPO
 from jaxretrieval import models
-from jaxretrieval.config import (apply_override, base_config, config_from_json, config_to_json,
-                                 load_config_file, model_config_hash, validate_config)
+from jaxretrieval.config import (REQUIRED_INIT, apply_override, base_config, config_from_json,
+                                 config_to_json, load_config_file, model_config_hash,
+                                 validate_config)
 from jaxretrieval.data import sources
 from jaxretrieval.errors import JaxRetrievalError
 
@@ -30,6 +31,10 @@ def test_every_config_file_loads_and_validates():
                 with pytest.raises(JaxRetrievalError, match="--config.dataset=folder:PATH"):
                     validate_config(config)
                 config.dataset = "folder:/any/faces"
+            if config.init_from.startswith(REQUIRED_INIT):  # so does one that needs weights
+                with pytest.raises(JaxRetrievalError, match="--config.init_from=PATH with"):
+                    validate_config(config)
+                config.init_from = "/any/resnet50.pth"
             validate_config(config)
             assert "python -m train" in open(os.path.join(REPO, "configs", name)).read()
 
