@@ -98,19 +98,6 @@ def timed(run_steps, steps: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def start_from_file(config, state, path: str):
-    """`state` with the model's variables read from the weights file at `path`
-    (`--config.init_from`): the backbone from the file, the head as initialised."""
-    # Imported here: the loader needs the model registry and, for .pth files, torch.
-    from jaxretrieval.models.pretrained import initial_variables
-
-    config.init_from = path
-    variables = initial_variables(
-        config, {"params": state.params["model"], "batch_stats": state.batch_stats})
-    return state.replace(params={**state.params, "model": variables["params"]},
-                         batch_stats=variables["batch_stats"])
-
-
 def measure(name: str, dtype: str, batch: int, steps: int, repeats: int, smoke: bool,
             init_from: str | None = None) -> dict:
     import jax
@@ -122,6 +109,12 @@ def measure(name: str, dtype: str, batch: int, steps: int, repeats: int, smoke: 
 
     config = model_config(name, dtype, smoke)
     config.global_batch_size = batch
+    if init_from and name != "seed_cnn":
+        # The file decides the network and its input (build_training then loads it).
+        from jaxretrieval.models.pretrained import configured_for_init
+
+        config.init_from = init_from
+        config = configured_for_init(config)
     num_classes = 100
     rng = np.random.default_rng(0)
     shape = (batch, config.image_size, config.image_size, config.channels)
@@ -130,10 +123,7 @@ def measure(name: str, dtype: str, batch: int, steps: int, repeats: int, smoke: 
 
     devices = parallel.global_devices()
     training = build_training(config, devices, num_classes)
-    state = training.initial_state
-    if init_from and name != "seed_cnn":
-        state = start_from_file(config, state, init_from)
-    state = parallel.replicate(state, devices)
+    state = parallel.replicate(training.initial_state, devices)
     device_batch = parallel.shard_batch(host_batch, devices)
     start = time.perf_counter()
     step = training.step.lower(state, device_batch).compile()  # compiled once, then timed

@@ -34,7 +34,8 @@ RECIPES = {
 }
 # Dataset name -> the command's fixed part.
 DATASETS = {
-    "yalefaces": ["--config", "configs/faces.py"],
+    "yalefaces": ["--config", "configs/faces_scratch.py",
+                  "--config.dataset=folder:../shared/data/yalefaces"],
     "digits": ["--config", "configs/default.py", "--config.split=unseen_classes"],
 }
 

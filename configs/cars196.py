@@ -2,7 +2,10 @@
 
 The same recipe as configs/cub.py (ResNet-50, GeM, 512-d, multi-similarity, P x K batches):
 
-    python -m train --config configs/cars196.py --workdir runs/cars196
+    python -m train --config configs/cars196.py --workdir runs/cars196 \
+        --config.init_from=~/.cache/torch/hub/checkpoints/resnet50-11ad3fa6.pth
+
+(published numbers to compare with: configs/cub.py's docstring).
 
 TFDS cannot download cars196 itself: its download address no longer serves the files.
 Download the Stanford Cars archives yourself and either

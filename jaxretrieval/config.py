@@ -31,6 +31,11 @@ RUN_KEYS = MODEL_KEYS + ("dataset", "label_key", "split", "query_fraction", "see
                          "projection_head", "init_from")
 
 
+# A recipe that cannot run without pretrained weights sets init_from to this prefix and
+# where such a file comes from; validation then asks for --config.init_from=PATH.
+REQUIRED_INIT = "required: "
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every key a run reads, with the offline default's values (digits, small seed CNN)."""
     c = ml_collections.ConfigDict()
@@ -71,6 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
     # (the package's own), dlib (dlib's face network), imagenet (torchvision and timm).
     c.model.input_norm = "centred"
     c.model.projection_bias = True  # False: the projection has no bias (dlib's 128-d layer)
+    # How an image is fitted to image_size x image_size (data.images.InputSpec): 1 resizes
+    # the whole image; below 1 resizes the shorter side to image_size / crop_fraction and
+    # keeps the centre (ImageNet weights are evaluated at 0.875: 224 of 256).
+    c.model.crop_fraction = 1.0
 
     # Augmentation, on device inside the train step; never applied at evaluation.
     c.augment = ml_collections.ConfigDict()
@@ -216,6 +225,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         fail(f"query_fraction={config.query_fraction}; use a value between 0 and 1")
     if config.channels not in (1, 3):
         fail(f"channels={config.channels}; use 1 (grayscale) or 3 (RGB)")
+    if not 0 < config.model.crop_fraction <= 1:
+        fail(f"model.crop_fraction={config.model.crop_fraction}; use a share in (0, 1], 1 to "
+             "resize the whole image")
     if config.model.align_faces and config.channels != 3:
         fail(f"model.align_faces needs channels=3 (dlib's face chips are RGB); got "
              f"channels={config.channels}")
@@ -251,6 +263,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.init_format and config.init_format not in FORMATS:
         fail(f"init_format={config.init_format!r}; use one of {', '.join(FORMATS)}, or leave "
              "it empty to find the format from the file")
+    if config.init_from.startswith(REQUIRED_INIT):
+        fail("this recipe starts from pretrained weights: pass --config.init_from=PATH with "
+             + config.init_from[len(REQUIRED_INIT):])
     if config.init_format and not config.init_from:
         fail(f"init_format={config.init_format!r} without init_from; set "
              "--config.init_from=PATH, or leave init_format empty")
@@ -282,9 +297,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
              f"{config.channels}; set them to 0 or use channels=3")
 
 
+# `config.model` keys that came after workdirs already recorded model hashes, each with the
+# value that means "as before". At that value a key stays out of the hash, so a checkpoint,
+# export or index written before the key existed still belongs to its model.
+NEUTRAL_MODEL_KEYS = {"input_norm": "centred", "projection_bias": True, "align_faces": False,
+                      "flip_test": False, "crop_fraction": 1.0}
+
+
 def model_config_hash(config: ml_collections.ConfigDict, keys=MODEL_KEYS) -> str:
     """A short digest of the keys that decide the model (MODEL_KEYS), or of other `keys`."""
     subset = {key: config[key] for key in keys}
+    if "model" in subset:
+        subset["model"] = {key: value for key, value in subset["model"].items()
+                           if key not in NEUTRAL_MODEL_KEYS or value != NEUTRAL_MODEL_KEYS[key]}
     text = json.dumps(ml_collections.ConfigDict(subset).to_dict(), sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -9,7 +9,7 @@ from jaxretrieval import parallel
 from jaxretrieval.checkpoint import open_for_reading
 from jaxretrieval.config import model_config_hash
 from jaxretrieval.data.augment import preprocess
-from jaxretrieval.data.images import load_images
+from jaxretrieval.data.images import InputSpec, load_images
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.models import build_model
 from jaxretrieval.models.heads import l2_normalize
@@ -98,8 +98,7 @@ class Embedder:
 
     def embed(self, images) -> np.ndarray:
         """Any batch of HxWxC uint8 arrays or image file paths -> float32 [n, d], unit norm."""
-        return self.embed_uint8(load_images(images, self.config.image_size, self.config.channels,
-                                            align_faces=self.config.model.align_faces))
+        return self.embed_uint8(load_images(images, InputSpec.of(self.config)))
 
 
 def _bucket_sizes(max_batch: int, num_devices: int) -> list:

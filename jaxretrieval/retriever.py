@@ -10,7 +10,7 @@ import dataclasses
 import numpy as np
 from PIL import Image
 
-from jaxretrieval.data.images import decode_image_bytes, to_model_input
+from jaxretrieval.data.images import InputSpec, decode_image_bytes, to_model_input
 from jaxretrieval.data.sources import read_source
 from jaxretrieval.embed import Embedder
 from jaxretrieval.errors import JaxRetrievalError
@@ -123,9 +123,7 @@ class Retriever:
         decoded).
         """
         image = decode_image_bytes(data, max_pixels=max_pixels)
-        config = self.embedder.config
-        return to_model_input(image, config.image_size, config.channels,
-                              align_faces=config.model.align_faces)
+        return to_model_input(image, InputSpec.of(self.embedder.config))
 
     def embed(self, images) -> np.ndarray:
         """L2-normalised float32 [n, d] embeddings of HxWxC uint8 arrays or image paths."""

@@ -10,8 +10,9 @@ import pytest
 
 from conftest import REPO
 from jaxretrieval import models
-from jaxretrieval.config import (apply_override, base_config, config_from_json, config_to_json,
-                                 load_config_file, model_config_hash, validate_config)
+from jaxretrieval.config import (REQUIRED_INIT, apply_override, base_config, config_from_json,
+                                 config_to_json, load_config_file, model_config_hash,
+                                 validate_config)
 from jaxretrieval.data import sources
 from jaxretrieval.errors import JaxRetrievalError
 
@@ -30,6 +31,10 @@ def test_every_config_file_loads_and_validates():
                 with pytest.raises(JaxRetrievalError, match="--config.dataset=folder:PATH"):
                     validate_config(config)
                 config.dataset = "folder:/any/faces"
+            if config.init_from.startswith(REQUIRED_INIT):  # so does one that needs weights
+                with pytest.raises(JaxRetrievalError, match="--config.init_from=PATH with"):
+                    validate_config(config)
+                config.init_from = "/any/resnet50.pth"
             validate_config(config)
             assert "python -m train" in open(os.path.join(REPO, "configs", name)).read()
 
@@ -91,6 +96,19 @@ def test_json_round_trip_keeps_the_model_hash():
     assert tuple(again.model.widths) == (8, 16)
     again.embedding_dim = 32
     assert model_config_hash(again) != model_config_hash(config)
+
+
+def test_model_keys_added_later_keep_the_hash_of_earlier_workdirs():
+    # What model_config_hash gave for these configs before model.input_norm, projection_bias,
+    # align_faces and flip_test existed: indexes and exports written then record it.
+    seed_cnn = load_config_file(os.path.join(REPO, "configs", "seed_cnn.py"))
+    assert model_config_hash(base_config()) == "92a3972f6eafd773"
+    assert model_config_hash(seed_cnn) == "08c7f218d6e23a8a"
+    for key, value in (("input_norm", "imagenet"), ("projection_bias", False),
+                       ("align_faces", True), ("flip_test", True)):
+        changed = base_config()
+        changed.model[key] = value
+        assert model_config_hash(changed) != "92a3972f6eafd773", key
 
 
 @pytest.mark.parametrize("key, value, message", [

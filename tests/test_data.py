@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from conftest import YALEFACES, tiny_config
-from jaxretrieval.data.images import load_images
+from jaxretrieval.config import base_config, validate_config
+from jaxretrieval.data.images import InputSpec, load_images, to_model_input
 from jaxretrieval.data.sources import load_dataset, read_source
 from jaxretrieval.errors import JaxRetrievalError
 
@@ -105,12 +106,12 @@ def test_digits_are_written_as_tfds_and_read_back_in_sklearn_order(data_dir):
 def test_load_images_takes_paths_arrays_and_any_channel_count(tmp_path):
     Image.fromarray(np.full((10, 20, 3), 200, np.uint8)).save(tmp_path / "x.jpg")
     gray = np.zeros((5, 5), np.uint8)
-    batch = load_images([str(tmp_path / "x.jpg"), gray, np.zeros((7, 7, 4), np.uint8)], 8, 1)
+    batch = load_images([str(tmp_path / "x.jpg"), gray, np.zeros((7, 7, 4), np.uint8)], InputSpec(8, 1))
     assert batch.shape == (3, 8, 8, 1) and abs(int(batch[0].mean()) - 200) <= 2
     with pytest.raises(JaxRetrievalError, match="shape"):
-        load_images([np.zeros((4, 4, 2), np.uint8)], 8, 1)
+        load_images([np.zeros((4, 4, 2), np.uint8)], InputSpec(8, 1))
     with pytest.raises(JaxRetrievalError, match="not found"):
-        load_images([str(tmp_path / "nope.png")], 8, 1)
+        load_images([str(tmp_path / "nope.png")], InputSpec(8, 1))
 
 
 def test_an_interrupted_directory_swap_is_undone_by_the_next_reader(tmp_path):
@@ -129,3 +130,19 @@ def test_an_interrupted_directory_swap_is_undone_by_the_next_reader(tmp_path):
     os.rename(final, str(tmp_path / ".index.old-abc"))
     recover_interrupted_swap(final)
     assert open(os.path.join(final, "v")).read() == "2"
+
+
+def test_a_centre_crop_keeps_the_middle_of_the_shorter_side_resized():
+    # 40 x 20 (W x H), a left-to-right ramp: what a crop keeps shows in the values it spans.
+    image = np.tile((np.arange(40) * 6).astype(np.uint8), (20, 1))
+    whole = to_model_input(image, InputSpec(8, 1))[4, :, 0].astype(int)
+    cropped = to_model_input(image, InputSpec(8, 1, crop_fraction=0.5))[4, :, 0].astype(int)
+    # Whole: the full ramp squeezed into 8 columns. Cropped: the shorter side to 16 (width
+    # 32), then the centre 8 columns, a quarter of the ramp around its middle (117).
+    assert whole[0] < 20 and whole[-1] > 210
+    assert 80 < cropped[0] < cropped[-1] < 160
+    assert abs((cropped[0] + cropped[-1]) / 2 - 117) < 10
+    with pytest.raises(JaxRetrievalError, match="crop_fraction"):
+        config = base_config()
+        config.model.crop_fraction = 1.5
+        validate_config(config)

@@ -1,5 +1,6 @@
 """Turning any image a user has (a file, an array) into the model's uint8 input."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -21,29 +22,59 @@ def read_image_file(path: str) -> Image.Image:
             f"cannot read image {path!r} ({err}); replace or remove the file") from None
 
 
-def to_model_input(image, image_size: int, channels: int, *,
-                   align_faces: bool = False) -> np.ndarray:
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """How any image becomes the model's uint8 input: a run's input convention, applied
+    alike to the training data, the gallery, queries and uploads."""
+
+    image_size: int
+    channels: int
+    # Cut each image to its face's aligned chip first (`faces.align_face`).
+    align_faces: bool = False
+    # 1: the whole image is resized to the square. Below 1: the shorter side is resized to
+    # image_size / crop_fraction and the centre square is kept (ImageNet weights' evaluation
+    # transform: 224 of 256 is 0.875).
+    crop_fraction: float = 1.0
+
+    @classmethod
+    def of(cls, config) -> "InputSpec":
+        return cls(config.image_size, config.channels, config.model.align_faces,
+                   config.model.crop_fraction)
+
+
+def to_model_input(image, spec: InputSpec) -> np.ndarray:
     """Returns uint8 [image_size, image_size, channels] from a PIL image or an HxW(xC) array.
 
-    Grayscale and colour are converted to `channels`; the image is resized (bilinear) to a
-    square, as the training data was. With `align_faces`, the image is first cut to its
-    face's aligned chip of side `image_size` (`faces.align_face`), as a dataset's images are
-    with `config.model.align_faces`.
+    Grayscale and colour are converted to `spec.channels`; the image is resized (bilinear)
+    as `spec` says, as the training data was.
     """
     if isinstance(image, np.ndarray):
         image = _array_to_pil(image)
     elif not isinstance(image, Image.Image):
         raise JaxRetrievalError(
             f"expected an image array or a PIL image, got {type(image).__name__}")
-    if align_faces:
+    size = spec.image_size
+    if spec.align_faces:
         from jaxretrieval.data.faces import align_face
 
-        image = Image.fromarray(align_face(image, image_size)[0])
-    image = image.convert("L" if channels == 1 else "RGB")
-    if image.size != (image_size, image_size):
-        image = image.resize((image_size, image_size), Image.BILINEAR)
+        image = Image.fromarray(align_face(image, size)[0])
+    image = image.convert("L" if spec.channels == 1 else "RGB")
+    if spec.crop_fraction < 1:
+        image = _centre_crop(image, size, spec.crop_fraction)
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BILINEAR)
     array = np.asarray(image, dtype=np.uint8)
-    return array.reshape(image_size, image_size, channels)
+    return array.reshape(size, size, spec.channels)
+
+
+def _centre_crop(image: Image.Image, size: int, fraction: float) -> Image.Image:
+    """The shorter side resized to size / fraction, then the centre size x size square."""
+    width, height = image.size
+    scale = size / fraction / min(width, height)
+    width, height = max(size, round(width * scale)), max(size, round(height * scale))
+    image = image.resize((width, height), Image.BILINEAR)
+    left, top = (width - size) // 2, (height - size) // 2
+    return image.crop((left, top, left + size, top + size))
 
 
 def _array_to_pil(array: np.ndarray) -> Image.Image:
@@ -62,19 +93,18 @@ def _array_to_pil(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array)
 
 
-def load_images(images, image_size: int, channels: int, *,
-                align_faces: bool = False) -> np.ndarray:
-    """A batch of file paths and/or arrays -> uint8 [n, image_size, image_size, channels];
-    `align_faces` as in `to_model_input`."""
+def load_images(images, spec: InputSpec) -> np.ndarray:
+    """A batch of file paths and/or arrays -> uint8 [n, image_size, image_size, channels],
+    each converted as `spec` says (`to_model_input`)."""
     if isinstance(images, np.ndarray) and images.ndim == 4:
         images = list(images)
     elif isinstance(images, (str, os.PathLike, np.ndarray, Image.Image)):
         images = [images]  # one image given where a batch is expected
-    out = np.empty((len(images), image_size, image_size, channels), np.uint8)
+    out = np.empty((len(images), spec.image_size, spec.image_size, spec.channels), np.uint8)
     for i, image in enumerate(images):
         if isinstance(image, (str, os.PathLike)):
             image = read_image_file(os.fspath(image))
-        out[i] = to_model_input(image, image_size, channels, align_faces=align_faces)
+        out[i] = to_model_input(image, spec)
     return out
 
 

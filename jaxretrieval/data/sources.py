@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from jaxretrieval.data.images import read_image_file, to_model_input
+from jaxretrieval.data.images import InputSpec, read_image_file, to_model_input
 from jaxretrieval.errors import JaxRetrievalError
 
 logger = logging.getLogger(__name__)
@@ -25,6 +25,13 @@ logger = logging.getLogger(__name__)
 DIGITS_TFDS_NAME = "sklearn_digits"
 DIGITS_TFDS_VERSION = "1.0.0"
 TFDS_REF_PREFIX = "tfds:"
+
+
+def decoded_input_spec(config) -> InputSpec:
+    """How a dataset's loaders turn its images into model inputs. Face alignment is left out:
+    with `model.align_faces`, `load_dataset` replaces the images with face chips cut from
+    the originals (`data.face_chips`)."""
+    return dataclasses.replace(InputSpec.of(config), align_faces=False)
 
 
 @dataclasses.dataclass
@@ -181,10 +188,11 @@ def _tfds_dataset(tfds_name, config, display_name=None) -> ImageDataset:
     num_classes = len(names) or int(labels.max()) + 1
     names = names or [str(i) for i in range(num_classes)]
 
+    spec = decoded_input_spec(config)
+
     def read_one(i):
         split_name, index = locations[i]
-        return to_model_input(split_sources[split_name][index]["image"],
-                              config.image_size, config.channels)
+        return to_model_input(split_sources[split_name][index]["image"], spec)
 
     return ImageDataset(display_name or f"tfds:{tfds_name}", labels, keys, sources, names,
                         config.image_size, config.channels, read_one)
@@ -256,8 +264,10 @@ def _image_files_dataset(root, class_names, files_per_class, config) -> ImageDat
             sources.append(os.path.join(root, class_name, file_name))
             labels.append(label)
 
+    spec = decoded_input_spec(config)
+
     def read_one(i):
-        return to_model_input(read_image_file(sources[i]), config.image_size, config.channels)
+        return to_model_input(read_image_file(sources[i]), spec)
 
     return ImageDataset(f"folder:{root}", np.asarray(labels, np.int64), keys, sources,
                         [name or os.path.basename(root) for name in class_names],

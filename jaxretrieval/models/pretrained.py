@@ -150,7 +150,7 @@ def configured_for_init(config):
     at INFO; `config` itself when init_from is empty. The input config is not changed."""
     if not config.init_from:
         return config
-    path = config.init_from
+    path = os.path.expanduser(config.init_from)
     name = find_format(path, config.init_format)
     decided = FORMATS[name].decided_keys(path)
     configured = config.copy_and_resolve_references()
@@ -184,7 +184,7 @@ def initial_variables(config, variables: dict) -> dict:
     Every value the file holds must have a fresh leaf at the same path, of the same shape;
     it takes that leaf's dtype. The input trees are not changed.
     """
-    path = config.init_from
+    path = os.path.expanduser(config.init_from)
     name = find_format(path, config.init_format)
     loaded = FORMATS[name].load(path, config)
     merged = jax.tree.map(lambda leaf: leaf, dict(variables))  # a copy of the containers

@@ -83,7 +83,7 @@ TIMM_VARIANTS = (
 )
 # The input convention of torchvision's and timm's ImageNet weights: RGB in [0, 1]
 # normalised by ImageNet's mean and std, 224x224 centre crops.
-IMAGENET_INPUT = {"image_size": 224, "model.input_norm": "imagenet"}
+IMAGENET_INPUT = {"image_size": 224, "model.input_norm": "imagenet", "model.crop_fraction": 0.875}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,8 +188,8 @@ def _pickled_strings(stream, pickles: int) -> set:
 
 def _names_in_head(path: str) -> set | None:
     """The tensor names a file shows without reading any tensor (less DataParallel's
-    "module." prefix); None when the file is in neither container or its names cannot be
-    read (a truncated zip has no directory)."""
+    "module." prefix); none for a zip that holds no pickle (an .npz); None when the file is
+    in neither container or its names cannot be read (a truncated zip has no directory)."""
     # A pickle's strings include more than the names, so the prefix comes off each one.
     names = _raw_names_in_head(os.path.expanduser(path))
     return None if names is None else {name.removeprefix("module.") for name in names}
@@ -204,8 +204,8 @@ def _raw_names_in_head(path: str) -> set | None:
         if kind == "torch" and head.startswith(TORCH_ZIP_MAGIC):
             with zipfile.ZipFile(path) as archive:
                 pickled = [n for n in archive.namelist() if n.endswith("/data.pkl")]
-                if not pickled:
-                    return None
+                if not pickled:  # a whole zip of something else (an .npz): no names
+                    return set()
                 with archive.open(pickled[0]) as stream:
                     return _pickled_strings(stream, 1)
         if kind == "torch":
