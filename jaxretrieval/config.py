@@ -228,6 +228,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not 0 < config.model.crop_fraction <= 1:
         fail(f"model.crop_fraction={config.model.crop_fraction}; use a share in (0, 1], 1 to "
              "resize the whole image")
+    if config.model.align_faces and config.model.crop_fraction < 1:
+        fail("model.align_faces cuts the face's own chip; leave model.crop_fraction at 1")
     if config.model.align_faces and config.channels != 3:
         fail(f"model.align_faces needs channels=3 (dlib's face chips are RGB); got "
              f"channels={config.channels}")

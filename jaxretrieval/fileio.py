@@ -32,6 +32,13 @@ def atomic_file(path: str, mode: str = "w"):
         raise
 
 
+def cache_home() -> str:
+    """The package's cache folder: $XDG_CACHE_HOME/jaxretrieval, else ~/.cache/jaxretrieval
+    (an empty XDG_CACHE_HOME counts as unset, as the XDG base directory spec says)."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                        "jaxretrieval")
+
+
 def write_file_atomically(path: str, text: str) -> None:
     """Writes `text` to a temporary file beside `path`, then renames it into place."""
     with atomic_file(path) as f:

@@ -25,6 +25,7 @@ import os
 
 import jax
 
+from jaxretrieval.fileio import cache_home
 from jaxretrieval.ops import conv
 
 logger = logging.getLogger(__name__)
@@ -94,9 +95,7 @@ def use_compilation_cache() -> None:
     second or more to compile are kept (JAX's own threshold is a second) unless
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise."""
     if jax.config.jax_compilation_cache_dir is None and CACHE_DIR_VARIABLE not in os.environ:
-        cache_home = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
-        jax.config.update("jax_compilation_cache_dir",
-                          os.path.join(cache_home, "jaxretrieval", "xla"))
+        jax.config.update("jax_compilation_cache_dir", os.path.join(cache_home(), "xla"))
     if MIN_COMPILE_TIME_VARIABLE not in os.environ:
         os.environ[MIN_COMPILE_TIME_VARIABLE] = str(MIN_COMPILE_TIME_SECONDS)
         jax.config.update("jax_persistent_cache_min_compile_time_secs",

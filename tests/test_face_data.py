@@ -166,6 +166,9 @@ def test_align_faces_needs_rgb():
 def face_run(tmp_path_factory, chip_cache):
     """A tiny run on aligned faces: trained a few steps, evaluated and indexed."""
     if not HAVE_FACES:
+        if os.environ.get("JAXRETRIEVAL_REQUIRE_FACES") == "1":
+            pytest.fail("JAXRETRIEVAL_REQUIRE_FACES=1: dlib, face-recognition-models or "
+                        "yalefaces is missing")
         pytest.skip("needs dlib, face-recognition-models and yalefaces")
     from jaxretrieval.training import train_and_evaluate
 

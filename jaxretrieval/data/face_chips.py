@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from jaxretrieval.data import faces
-from jaxretrieval.fileio import atomic_file, write_json_atomically
+from jaxretrieval.fileio import atomic_file, cache_home, write_json_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +31,7 @@ CACHE_VERSION = 1  # bump when the way chips are made changes without dlib's ver
 
 def cache_dir() -> str:
     """`$XDG_CACHE_HOME/jaxretrieval/face_chips`, by default `~/.cache/jaxretrieval/...`."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return os.path.join(base, "jaxretrieval", "face_chips")
+    return os.path.join(cache_home(), "face_chips")
 
 
 def source_fingerprint(source: str):
@@ -89,10 +88,14 @@ def make_chips(read_original, count: int, size: int, path: str):
     found = np.zeros(count, bool)
     for i in range(count):
         chips[i], found[i] = faces.align_face(read_original(i), size)
-    with atomic_file(path + ".npy", "wb") as f:
-        np.save(f, chips)
-    write_json_atomically(path + ".json", {
-        "count": count, "size": size, "not_found": np.flatnonzero(~found).tolist()})
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with atomic_file(path + ".npy", "wb") as f:
+            np.save(f, chips)
+        write_json_atomically(path + ".json", {
+            "count": count, "size": size, "not_found": np.flatnonzero(~found).tolist()})
+    except OSError as err:  # a cache is never worth failing a run for
+        logger.warning("face chips not cached (%s): the next run aligns again", err)
     missing = count - int(np.count_nonzero(found))
     if missing:
         logger.warning("%d of %d images: no face found; aligned as whole images", missing, count)

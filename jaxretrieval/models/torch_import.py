@@ -83,7 +83,9 @@ TIMM_VARIANTS = (
 )
 # The input convention of torchvision's and timm's ImageNet weights: RGB in [0, 1]
 # normalised by ImageNet's mean and std, 224x224 centre crops.
-IMAGENET_INPUT = {"image_size": 224, "model.input_norm": "imagenet", "model.crop_fraction": 0.875}
+# The input convention ImageNet ResNets are trained and evaluated with. The size is left to
+# the config (the network takes any; the recipes use 224).
+IMAGENET_INPUT = {"model.input_norm": "imagenet", "model.crop_fraction": 0.875}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxretrieval.errors import JaxRetrievalError
+from jaxretrieval.fileio import cache_home, write_file_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +77,12 @@ def _winograd() -> bool:
     return value == "1"
 
 
+INTERRUPTED_BUILD = "the compiler was stopped"
+
+
 def cache_dir() -> str:
     """Where the built library, its build log and any failed-build record live."""
-    base = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
-    return os.path.join(base, "jaxretrieval", "ops")
+    return os.path.join(cache_home(), "ops")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,13 +152,6 @@ def _first_error(output: str, returncode: int) -> str:
     return lines[0] if lines else f"the compiler exited with status {returncode}"
 
 
-def _write_atomically(path: str, text: str) -> None:
-    fd, partial = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(partial, path)
-
-
 def _build(compiler: str, onednn: OnednnInstall, library: str, log: str) -> str | None:
     """Compiles onednn_conv.cc into `library` (atomically: a half-written file never
     loads), the compiler's output into `log`; returns the first error line on failure."""
@@ -172,9 +168,12 @@ def _build(compiler: str, onednn: OnednnInstall, library: str, log: str) -> str 
         output, returncode = result.stdout + result.stderr, result.returncode
     except OSError as err:
         output, returncode = f"error: could not run {compiler}: {err}", -1
-    _write_atomically(log, " ".join(command) + "\n" + output)
+    write_file_atomically(log, " ".join(command) + "\n" + output)
     if returncode:
         os.unlink(partial)
+        if returncode < 0 and not output.startswith("error: could not run"):
+            # Killed (out of memory, a timeout): the next run builds again, not recorded.
+            return f"{INTERRUPTED_BUILD} by signal {-returncode}"
         return _first_error(output, returncode)
     os.replace(partial, library)
     return None
@@ -246,7 +245,8 @@ def _decide() -> ConvolutionPath:
             error = _build(compiler, onednn, library, log)
             if error is not None:
                 detail = f"XLA (the oneDNN build failed: {error}; details in {log})"
-                _write_atomically(failed, json.dumps({"detail": detail}))
+                if not error.startswith(INTERRUPTED_BUILD):
+                    write_file_atomically(failed, json.dumps({"detail": detail}))
                 return ConvolutionPath(False, detail)
         except OSError as err:  # an unwritable cache: nothing to record either
             return ConvolutionPath(False, f"XLA (could not build in {cache_dir()}: {err})")
