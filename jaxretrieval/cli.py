@@ -136,7 +136,7 @@ def run_train(argv, prog="jaxretrieval train") -> int:
     primary = _join_distributed(args)
     from jaxretrieval.pipeline import evaluate_and_index, metrics_table
     from jaxretrieval.training import train_and_evaluate
-    steps, chunks = _ProgressBar("step", enabled=primary), _ProgressBar("chunk", enabled=primary)
+    steps, chunks = ProgressBar("step", enabled=primary), ProgressBar("chunk", enabled=primary)
     with steps, chunks:
         if args.eval_only:
             metrics = evaluate_and_index(args.workdir, on_progress=chunks.update_chunks)
@@ -175,7 +175,7 @@ def run_embed(argv, prog="jaxretrieval embed") -> int:
     runtime.setup(resolve_config(None, args.workdir).embed_batch_size)
     primary = _join_distributed(args)
     from jaxretrieval.pipeline import embed_corpus
-    with _ProgressBar("chunk", enabled=primary) as bar:
+    with ProgressBar("chunk", enabled=primary) as bar:
         meta = embed_corpus(args.workdir, dataset=args.dataset, data_dir=args.data_dir,
                             output=args.output, chunk_size=args.chunk_size,
                             on_progress=bar.update_chunks)
@@ -361,7 +361,7 @@ def _rate(images_per_sec) -> str:
     return f"{images_per_sec:.0f}" if images_per_sec == images_per_sec else "-"  # NaN: compiling
 
 
-class _ProgressBar:
+class ProgressBar:
     """Renders progress events as a tqdm bar on a terminal, and as one plain line per event
     (`step 40/600 loss 1.2345 images/s 812 ETA 0:01:09`) when the output is a file or a
     pipe, where a `\\r` bar would be one endless line. Process 0 only: `enabled`."""

@@ -131,7 +131,7 @@ def test_a_second_writer_is_told_in_command_line_terms(capsys, tmp_path, monkeyp
 
 def test_progress_to_a_file_is_plain_lines_with_rate_and_eta(tmp_path):
     with open(tmp_path / "log.txt", "w") as stream:
-        bar = cli._ProgressBar("step", stream=stream)
+        bar = cli.ProgressBar("step", stream=stream)
         for step in (20, 40, 60):
             bar.update_steps({"step": step, "total_steps": 60, "loss": 1.5,
                               "images_per_sec": float("nan") if step == 20 else 800.0})
