@@ -39,7 +39,7 @@ def free_port():
 def start_server(workdir, port, max_batch):
     process = subprocess.Popen(
         [sys.executable, "-m", "serve", "--workdir", workdir, "--port", str(port),
-         "--max-batch", str(max_batch)], cwd=REPO, stdout=subprocess.DEVNULL,
+         "--max-batch", str(max_batch), "--no-access-log"], cwd=REPO, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:

@@ -18,7 +18,8 @@ CUB, 84.1 on Cars196, 78.2 on SOP; Proxy-Anchor (Kim et al., CVPR 2020, BN-Incep
 86.1 and 79.1. Musgrave et al. (ECCV 2020) measure these methods under one protocol and find
 the gaps between them much smaller; report MAP@R beside Recall@1.
 
-TFDS downloads and prepares the dataset on first use (needs internet). A local copy in the
+Prepare the dataset once with `tfds build caltech_birds2011` (needs internet), or pass
+--config.download=true to let the run download and prepare it. A local copy in the
 class-per-folder layout works too: `--config.dataset=folder:/data/CUB_200_2011/images`
 (its folders sort as 001.Black_footed_Albatross ... 200.Common_Yellowthroat, so 0-99 stay
 the training classes). Smoke run on any machine, from scratch:

@@ -16,6 +16,18 @@ from jaxretrieval.errors import JaxRetrievalError
 logger = logging.getLogger(__name__)
 
 
+class _QuietReadOnlyOpen(logging.Filter):
+    """Drops Orbax's warning that a directory opened read-only is read-only: it is asked for
+    on every load of a Retriever, an export or an evaluation, and says nothing wrong."""
+
+    def filter(self, record):
+        return record.msg != "Given directory is read only=%s"
+
+
+# Orbax logs through absl, which logs to the standard logger "absl".
+logging.getLogger("absl").addFilter(_QuietReadOnlyOpen())
+
+
 class CheckpointStore:
     """Saves every `every_steps` steps (asynchronously), keeps the last `keep`."""
 
@@ -24,7 +36,9 @@ class CheckpointStore:
         self.directory = os.path.abspath(directory)
         self.every_steps = every_steps
         if read_only:
+            # save_interval_steps=0: what Orbax sets (with a warning) for a read-only store.
             options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                                   save_interval_steps=0,
                                                    enable_async_checkpointing=False)
         else:
             options = ocp.CheckpointManagerOptions(
@@ -80,6 +94,15 @@ class CheckpointStore:
 
 def _to_host(tree):
     return jax.tree.map(np.asarray, tree)
+
+
+def latest_checkpoint_step(directory: str) -> int | None:
+    """The step of the latest checkpoint in `directory`; None when it has none (or does not
+    exist). Reads only: nothing is created."""
+    if not os.path.isdir(directory):
+        return None
+    with CheckpointStore(directory, read_only=True, asynchronous=False) as store:
+        return store.latest_step()
 
 
 def open_for_reading(workdir: str) -> CheckpointStore:

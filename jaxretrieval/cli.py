@@ -4,27 +4,55 @@ The one place that parses argv and renders progress; everything it runs lives in
 """
 
 import argparse
+import datetime
 import json
 import logging
 import os
 import sys
+import time
 
-from jaxretrieval.errors import JaxRetrievalError
+from jaxretrieval.errors import JaxRetrievalError, WriterBusyError
 
 DEFAULT_WORKDIR = os.path.join("runs", "default")
 
 
-def main(argv=None) -> int:
+# Each command's one-line description, for `jaxretrieval --help` and its own --help.
+COMMANDS = {
+    "train": "train, evaluate retrieval and build the index in a workdir (resumes)",
+    "embed": "embed a dataset or folder of any size with a workdir's model",
+    "index": "rebuild a workdir's index from its embeddings (no model needed)",
+    "search": "search a workdir's index with image files; prints JSON lines",
+    "serve": "serve search, match and item updates over HTTP, with a web page",
+    "config": "list every config key with its value and meaning",
+}
+
+
+def usage(prog: str = "jaxretrieval") -> str:
+    lines = [f"usage: {prog} {{{','.join(COMMANDS)}}} [--help] ...", "", "commands:"]
+    lines += [f"  {name:<8} {text}" for name, text in COMMANDS.items()]
+    lines += ["", f"`{prog} COMMAND --help` describes a command's options. `jaxretrieval "
+              "COMMAND` works from any directory; `python -m train|serve` only from the "
+              "repository's root."]
+    return "\n".join(lines)
+
+
+def main(argv=None, prog: str = "jaxretrieval") -> int:
     """Runs one command; `argv=None` means this process's own command line (the console
-    script), which may first re-execute itself for huge pages (`host_memory`)."""
+    script), which may first re-execute itself for huge pages (`host_memory`). `prog` is
+    how the user called it, for usage lines (`python -m` for `python -m train`)."""
     if argv is None:
         from jaxretrieval.host_memory import reexec_with_huge_pages
         reexec_with_huge_pages()
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": run_train, "embed": run_embed, "index": run_index,
-                "search": run_search, "serve": run_serve}
+                "search": run_search, "serve": run_serve, "config": run_config}
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage(prog))
+        return 0
     if not argv or argv[0] not in commands:
-        print(f"usage: jaxretrieval {{{','.join(commands)}}} [--help]", file=sys.stderr)
+        print(usage(prog), file=sys.stderr)
+        if argv:
+            print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
         return 2
     # Imported after the re-execution above: JAX is slow to import twice.
     from jaxretrieval import runtime
@@ -35,7 +63,10 @@ def main(argv=None) -> int:
     logging.getLogger("jaxretrieval").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.ERROR)  # TFDS's advice to install OpenCV
     try:
-        return commands[argv[0]](argv[1:])
+        return commands[argv[0]](argv[1:], prog=f"{prog} {argv[0]}")
+    except WriterBusyError as err:
+        print(f"error: {err.command_line_message()}", file=sys.stderr)
+        return 1
     except JaxRetrievalError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -79,16 +110,16 @@ def split_config_overrides(argv):
     return overrides, rest
 
 
-def run_train(argv) -> int:
+def run_train(argv, prog="jaxretrieval train") -> int:
     overrides, rest = split_config_overrides(argv)
     parser = argparse.ArgumentParser(
-        prog="python -m train",
+        prog=prog,
         description="Train, evaluate retrieval, and build the index in a workdir "
                     "(resumes from the workdir's latest checkpoint). Override any config "
-                    "value with --config.KEY=VALUE.")
+                    "value with --config.KEY=VALUE (`jaxretrieval config` lists the keys).")
     parser.add_argument("--config", help="a config file in configs/ (default: the workdir's "
                         "config.json, else the built-in offline default)")
-    parser.add_argument("--workdir", default=DEFAULT_WORKDIR)
+    _add_workdir_argument(parser)
     parser.add_argument("--eval_only", action="store_true",
                         help="evaluate and index the workdir's latest checkpoint, no training")
     _add_distributed_arguments(parser)
@@ -105,7 +136,7 @@ def run_train(argv) -> int:
     primary = _join_distributed(args)
     from jaxretrieval.pipeline import evaluate_and_index, metrics_table
     from jaxretrieval.training import train_and_evaluate
-    steps, chunks = _ProgressBar("step", enabled=primary), _ProgressBar("chunk", enabled=primary)
+    steps, chunks = ProgressBar("step", enabled=primary), ProgressBar("chunk", enabled=primary)
     with steps, chunks:
         if args.eval_only:
             metrics = evaluate_and_index(args.workdir, on_progress=chunks.update_chunks)
@@ -121,14 +152,14 @@ def run_train(argv) -> int:
     return 0
 
 
-def run_embed(argv) -> int:
+def run_embed(argv, prog="jaxretrieval embed") -> int:
     parser = argparse.ArgumentParser(
-        prog="jaxretrieval embed",
+        prog=prog,
         description="Embed a dataset or a folder of any size with the workdir's latest "
                     "checkpoint, on every device of every process, into an Orbax export in "
                     "chunks (an interrupted run resumes: finished chunks are kept). "
                     "`jaxretrieval index --workdir DIR` then builds the index from it.")
-    parser.add_argument("--workdir", default=DEFAULT_WORKDIR)
+    _add_workdir_argument(parser)
     parser.add_argument("--dataset", help="digits, tfds:NAME or folder:PATH (a folder of "
                         "images, or of class sub-folders); default: the run's own dataset")
     parser.add_argument("--data_dir", help="TFDS data directory (default: the run's)")
@@ -144,13 +175,42 @@ def run_embed(argv) -> int:
     runtime.setup(resolve_config(None, args.workdir).embed_batch_size)
     primary = _join_distributed(args)
     from jaxretrieval.pipeline import embed_corpus
-    with _ProgressBar("chunk", enabled=primary) as bar:
+    with ProgressBar("chunk", enabled=primary) as bar:
         meta = embed_corpus(args.workdir, dataset=args.dataset, data_dir=args.data_dir,
                             output=args.output, chunk_size=args.chunk_size,
                             on_progress=bar.update_chunks)
     if primary:
         print(json.dumps({key: meta[key] for key in ("dataset", "count", "embedding_dim",
                                                      "num_chunks", "checkpoint_step")}))
+    return 0
+
+
+def _add_workdir_argument(parser) -> None:
+    parser.add_argument("--workdir", default=DEFAULT_WORKDIR,
+                        help="the run directory: config.json, checkpoints, embeddings, index "
+                             "(default %(default)s)")
+
+
+def run_config(argv, prog="jaxretrieval config") -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Print every config key as `key = value  # meaning`: the defaults, or "
+                    "a config file's or a workdir's values. Set any of them with "
+                    "--config.KEY=VALUE on `jaxretrieval train`.")
+    parser.add_argument("--config", help="a config file (default: the built-in defaults)")
+    parser.add_argument("--workdir", help="list the values a workdir was trained with "
+                        "(its config.json)")
+    args = parser.parse_args(argv)
+    from jaxretrieval.config import base_config, load_config_file
+    from jaxretrieval.config_keys import describe_config
+    if args.config:
+        config = load_config_file(args.config)
+    elif args.workdir:
+        from jaxretrieval.workdir import Workdir
+        config = Workdir(args.workdir).read_config()
+    else:
+        config = base_config()
+    print(describe_config(config), end="")
     return 0
 
 
@@ -183,11 +243,11 @@ def _join_distributed(args) -> bool:
     return parallel.is_primary_process()
 
 
-def run_index(argv) -> int:
+def run_index(argv, prog="jaxretrieval index") -> int:
     parser = argparse.ArgumentParser(
-        prog="jaxretrieval index",
+        prog=prog,
         description="Rebuild DIR/index/ from DIR/embeddings/ (no model needed).")
-    parser.add_argument("--workdir", default=DEFAULT_WORKDIR)
+    _add_workdir_argument(parser)
     parser.add_argument("--shards", type=int, default=None,
                         help="split the index into this many ScaNN shards by key (1: one "
                              "flat index; default: as many as the index there has, else 1); "
@@ -199,14 +259,17 @@ def run_index(argv) -> int:
     return 0
 
 
-def run_search(argv) -> int:
+def run_search(argv, prog="jaxretrieval search") -> int:
     parser = argparse.ArgumentParser(
-        prog="jaxretrieval search",
+        prog=prog,
         description="Search the workdir's index with image files; prints JSON lines.")
     parser.add_argument("images", nargs="+", help="query image files")
-    parser.add_argument("--workdir", default=DEFAULT_WORKDIR)
-    parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--threshold", type=float, default=None)
+    _add_workdir_argument(parser)
+    parser.add_argument("--k", type=int, default=10,
+                        help="results per query (default %(default)s)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="drop results whose cosine similarity is below this (default: "
+                             "keep all k)")
     args = parser.parse_args(argv)
     from jaxretrieval.retriever import Retriever
     retriever = Retriever.load(args.workdir)
@@ -217,18 +280,19 @@ def run_search(argv) -> int:
     return 0
 
 
-def run_serve(argv) -> int:
+def run_serve(argv, prog="jaxretrieval serve") -> int:
     from jaxretrieval.service.app import ServiceSettings
 
     defaults = ServiceSettings()
     parser = argparse.ArgumentParser(
-        prog="python -m serve",
+        prog=prog,
         description="Serve search, match and live item updates over HTTP for a trained "
                     "workdir (API docs at /docs, a web page at /).")
-    parser.add_argument("--workdir", default=DEFAULT_WORKDIR)
+    _add_workdir_argument(parser)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000,
+                        help="TCP port to listen on (default %(default)s)")
     parser.add_argument("--api-key", default=os.environ.get("JAXRETRIEVAL_API_KEY"),
                         help="required in header X-API-Key to add or delete items "
                              "(default: $JAXRETRIEVAL_API_KEY; none: updates are open)")
@@ -239,7 +303,11 @@ def run_serve(argv) -> int:
                         help="how long a query waits for others to share its batch")
     parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
                         help="queries waiting to be embedded before the service answers 503")
+    parser.add_argument("--no-access-log", dest="access_log", action="store_false",
+                        help="do not log a line per request (method, path, status, ms) to "
+                             "stderr")
     args = parser.parse_args(argv)
+    check_port_free(args.host, args.port)
 
     import uvicorn
 
@@ -250,36 +318,90 @@ def run_serve(argv) -> int:
     settings = ServiceSettings(
         api_key=args.api_key or None, max_k=args.max_k, max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-        data_dir=retriever.embedder.config.data_dir)
+        data_dir=retriever.embedder.config.data_dir, access_log=args.access_log)
     retriever.warm_up(settings.max_batch)
     app = create_app(retriever, settings)
-    print(f"serving {os.path.abspath(args.workdir)} on http://{args.host}:{args.port} "
-          f"({retriever.count} items)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    where = f"{os.path.abspath(args.workdir)} on http://{args.host}:{args.port}"
+    print(f"serving {where} ({retriever.count} items)", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        retriever.close()
+    print(f"stopped serving {where}", flush=True)
     return 0
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuses a port another process listens on, before the slow start-up and before
+    uvicorn would fail on it with a raw errno."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise JaxRetrievalError(f"cannot bind --host {host!r} ({err}); pass an address of "
+                                "this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        # As uvicorn binds: reuse a port whose last connections are still closing.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise JaxRetrievalError(
+                    f"port {port} on {host} is in use (another server, perhaps an earlier "
+                    "`jaxretrieval serve`); stop it, or pass --port with a free one") from None
+            raise JaxRetrievalError(f"cannot listen on {host}:{port} ({err.strerror}); "
+                                    "pass another --host or --port") from None
 
 
 def _rate(images_per_sec) -> str:
     return f"{images_per_sec:.0f}" if images_per_sec == images_per_sec else "-"  # NaN: compiling
 
 
-class _ProgressBar:
-    """Renders progress events as a tqdm bar (on process 0 only: `enabled`)."""
+class ProgressBar:
+    """Renders progress events as a tqdm bar on a terminal, and as one plain line per event
+    (`step 40/600 loss 1.2345 images/s 812 ETA 0:01:09`) when the output is a file or a
+    pipe, where a `\\r` bar would be one endless line. Process 0 only: `enabled`."""
 
-    def __init__(self, unit: str, *, enabled: bool = True):
+    def __init__(self, unit: str, *, enabled: bool = True, stream=None):
         self._unit, self._enabled, self._bar = unit, enabled, None
+        self._stream = stream if stream is not None else sys.stderr
+        self._plain = not (hasattr(self._stream, "isatty") and self._stream.isatty())
+        self._first = None  # (time, done) of the first event of the current bar
 
     def update(self, done: int, total: int, **postfix) -> None:
         if not self._enabled:
             return
+        if self._plain:
+            self._write_line(done, total, postfix)
+            return
         from tqdm import tqdm
         if self._bar is None:
-            self._bar = tqdm(total=total, initial=done, unit=self._unit, dynamic_ncols=True)
+            self._bar = tqdm(total=total, initial=done, unit=self._unit, dynamic_ncols=True,
+                             file=self._stream)
         self._bar.n = done
         self._bar.set_postfix(**postfix)
         self._bar.refresh()
         if done >= total:  # the next bar starts on its own line
             self.close()
+
+    def _write_line(self, done, total, postfix) -> None:
+        now = time.monotonic()
+        if self._first is None:
+            self._first = (now, done)
+        start, start_done = self._first
+        # The first event includes compilation: the ETA is paced by the events after it.
+        eta = ("-" if done <= start_done else
+               str(datetime.timedelta(seconds=round((now - start) / (done - start_done)
+                                                    * (total - done)))))
+        fields = "".join(f" {'images/s' if key == 'img_s' else key} {value}"
+                         for key, value in postfix.items())
+        print(f"{self._unit} {done}/{total}{fields} ETA {eta}", file=self._stream, flush=True)
+        if done >= total:
+            self._first = None
 
     def update_steps(self, event: dict) -> None:
         """For the training's events."""

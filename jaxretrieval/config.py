@@ -4,6 +4,7 @@ A config is an `ml_collections.ConfigDict`. Config files in `configs/` define `g
 and start from `base_config()`, so every key a run can read is listed here, with its default.
 """
 
+import difflib
 import hashlib
 import importlib.util
 import json
@@ -14,7 +15,7 @@ import ml_collections
 from jaxretrieval.data.sources import parse_reference
 from jaxretrieval.data.splits import SPLITS
 from jaxretrieval.errors import JaxRetrievalError
-from jaxretrieval.losses import DEFAULT_LOSS_OPTIONS, check_loss_options
+from jaxretrieval.losses import DEFAULT_LOSS_OPTIONS, check_loss_options, get_loss
 from jaxretrieval.models import backbone_options, check_backbone, check_input_norm
 from jaxretrieval.models.pretrained import FORMATS
 
@@ -43,6 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset = "digits"  # KIND or KIND:ARGUMENT, a kind of jaxretrieval.data.sources.DATASETS
     c.label_key = "label"  # the label feature of a TFDS dataset
     c.data_dir = ""  # TFDS data directory; "" means TFDS's own default
+    # A tfds:NAME not yet prepared in data_dir: True downloads and prepares it (needs
+    # internet); False stops at once, saying how to prepare it.
+    c.download = False
     c.split = "held_out_images"  # a key of jaxretrieval.data.splits.SPLITS
     c.query_fraction = 0.2  # held_out_images: share of each class's images used as queries
     c.image_size = 32
@@ -175,14 +179,41 @@ def apply_override(config: ml_collections.ConfigDict, dotted_key: str, text: str
         if not isinstance(node, ml_collections.ConfigDict):
             break
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-        raise JaxRetrievalError(
-            f"unknown config key {dotted_key!r}; known keys: {', '.join(_flat_keys(config))}")
+        raise JaxRetrievalError(f"unknown config key {dotted_key!r}; "
+                                f"{_nearest_keys_hint(dotted_key, flat_keys(config))}")
     current = node[leaf]
     try:
         node[leaf] = _parse_like(current, text)
     except (ValueError, TypeError) as err:
         raise JaxRetrievalError(
-            f"--config.{dotted_key}={text!r}: expected a {type(current).__name__} ({err})") from None
+            f"--config.{dotted_key}={text!r}: expected {_type_phrase(current)} ({err})") from None
+
+
+def _nearest_keys_hint(key: str, known) -> str:
+    """"did you mean ...?" with the closest known keys, and where the full list is."""
+    known = list(known)
+    # Keys compare by their whole dotted name and by their last part, so a key given
+    # without its section (`widths` for `model.widths`) is still found.
+    by_leaf = {}
+    for name in known:
+        by_leaf.setdefault(name.rsplit(".", 1)[-1], []).append(name)
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    for leaf in difflib.get_close_matches(key.rsplit(".", 1)[-1], list(by_leaf), n=3,
+                                          cutoff=0.6):
+        close += [name for name in by_leaf[leaf] if name not in close]
+    listing = "`jaxretrieval config` lists every key with its default and meaning"
+    if not close:
+        return listing
+    return f"did you mean {' or '.join(repr(name) for name in close[:3])}? ({listing})"
+
+
+def _type_phrase(value) -> str:
+    name = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            tuple: "a comma-separated list", list: "a comma-separated list"}.get(type(value))
+    if name is None:
+        name = type(value).__name__
+        name = f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+    return name
 
 
 def _parse_like(current, text: str):
@@ -202,10 +233,11 @@ def _parse_like(current, text: str):
     return text
 
 
-def _flat_keys(config, prefix=""):
+def flat_keys(config, prefix=""):
+    """Every leaf key of `config`, dotted (`model.widths`), in the config's order."""
     for key, value in config.items():
         if isinstance(value, ml_collections.ConfigDict):
-            yield from _flat_keys(value, f"{prefix}{key}.")
+            yield from flat_keys(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}"
 
@@ -243,6 +275,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             config.projection_head, int) or config.projection_head < 0:
         fail(f"projection_head={config.projection_head!r}; use 0 (no head) or the head's "
              "hidden width, e.g. 256")
+    get_loss(config.loss)  # an unknown loss name is refused, naming the known ones
     check_loss_options(config.loss_options)
     if config.sampler not in SAMPLERS:
         fail(f"sampler={config.sampler!r}; use one of {', '.join(SAMPLERS)}")

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from jaxretrieval import parallel, runtime
-from jaxretrieval.checkpoint import CheckpointStore
+from jaxretrieval.checkpoint import CheckpointStore, latest_checkpoint_step
 from jaxretrieval.config import RUN_KEYS, config_to_json, model_config_hash, validate_config
 from jaxretrieval.data.augment import augment_batch, preprocess
 from jaxretrieval.data.sources import load_dataset
@@ -230,13 +230,15 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
     primary = parallel.is_primary_process()
     logger.info("training on %d %s device(s) in %d process(es)", len(devices),
                 devices[0].platform, jax.process_count())
-    get_loss(config.loss)  # an unknown loss is refused before the workdir is written to
 
     # ---------------------------------------------------------------- workdir
     # With several processes the workdir is one shared folder (NFS, Filestore, ...): every
-    # process checks the config, process 0 alone writes it and the train log.
+    # process checks the config, process 0 alone writes it and the train log. Nothing is
+    # written before the data loads and the model builds, so a run that fails early leaves
+    # the workdir as it was, and the corrected command is not refused.
     wd = Workdir(workdir)
-    _write_or_check_config(wd, config, write=primary)
+    latest = latest_checkpoint_step(wd.checkpoints)
+    check_workdir_config(wd, config, has_checkpoint=latest is not None)
 
     # ---------------------------------------------------------------- data
     # Several processes: each decodes only the images of its own shares of the batches.
@@ -258,17 +260,14 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
         return {"images": dataset.images(rows), "labels": dataset.labels[rows].astype(np.int32)}
 
     # ---------------------------------------------------------------- model and update step
+    # A run that resumes continues from its own checkpoint: the init_from file is not read.
+    training = build_training(config, devices, split.num_train_classes,
+                              load_init=latest is None)
+    host_state = training.initial_state
+    if primary:
+        write_file_atomically(wd.config_path, config_to_json(config))
     store = CheckpointStore(wd.checkpoints, every_steps=config.checkpoint_every_steps,
                             keep=config.checkpoints_to_keep)
-    latest = store.latest_step()
-    try:
-        # A run that resumes continues from its own checkpoint: the init_from file is not read.
-        training = build_training(config, devices, split.num_train_classes,
-                                  load_init=latest is None)
-    except BaseException:
-        store.close()
-        raise
-    host_state = training.initial_state
 
     # ---------------------------------------------------------------- checkpoint
     start_step = latest or 0
@@ -353,15 +352,16 @@ def _diverged(step, wd, last_saved, what="the loss"):
         "(it resumes from that checkpoint)")
 
 
-def _write_or_check_config(wd, config, *, write: bool = True) -> None:
-    """Writes DIR/config.json (when `write`); a workdir that holds another model is refused."""
-    if os.path.isfile(wd.config_path):
-        saved = wd.read_config()
-        differing = [key for key in RUN_KEYS
-                     if model_config_hash(saved, (key,)) != model_config_hash(config, (key,))]
-        if differing:
-            raise JaxRetrievalError(
-                f"workdir {wd.path!r} holds a run of another configuration ({', '.join(differing)} "
-                "differ from its config.json); use a new --workdir, or the same settings to resume")
-    if write:
-        write_file_atomically(wd.config_path, config_to_json(config))
+def check_workdir_config(wd, config, *, has_checkpoint: bool) -> None:
+    """Refuses to train `config` in a workdir whose checkpoints belong to another run (its
+    config.json differs in RUN_KEYS). A workdir with no checkpoint takes any config: its
+    config.json, if any, is from a run that stopped before its first checkpoint."""
+    if not has_checkpoint or not os.path.isfile(wd.config_path):
+        return
+    saved = wd.read_config()
+    differing = [key for key in RUN_KEYS
+                 if model_config_hash(saved, (key,)) != model_config_hash(config, (key,))]
+    if differing:
+        raise JaxRetrievalError(
+            f"workdir {wd.path!r} holds a run of another configuration ({', '.join(differing)} "
+            "differ from its config.json); use a new --workdir, or the same settings to resume")

@@ -117,3 +117,26 @@ def test_a_state_replicated_on_four_devices_restores_on_one(tmp_path):
     assert len(leaves) == len(want)
     for got, expected in zip(leaves, want):
         np.testing.assert_array_equal(got, expected)
+
+
+def test_opening_a_checkpoint_read_only_does_not_warn(tmp_path):
+    import logging
+
+    with CheckpointStore(str(tmp_path / "c"), asynchronous=False) as store:
+        store.save(1, {"a": np.zeros(3)})
+    records = []
+    handler = logging.Handler(level=logging.DEBUG)
+    handler.emit = records.append
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.addHandler(handler)
+    absl_logger.setLevel(logging.DEBUG)
+    try:
+        with CheckpointStore(str(tmp_path / "c"), read_only=True,
+                             asynchronous=False) as store:
+            assert store.latest_step() == 1
+    finally:
+        absl_logger.removeHandler(handler)
+        absl_logger.setLevel(level)
+    warnings = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert not warnings

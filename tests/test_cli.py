@@ -40,10 +40,106 @@ def test_eval_only_refuses_another_config(capsys, tmp_path, extra):
     assert not os.path.exists(tmp_path / "wd")
 
 
-@pytest.mark.parametrize("argv", [[], ["bogus"], ["--help"]])
+@pytest.mark.parametrize("argv", [[], ["bogus"]])
 def test_an_unknown_command_prints_the_usage_and_exits_2(capsys, argv):
     assert cli.main(argv) == 2
     assert capsys.readouterr().err.startswith("usage: jaxretrieval {train,embed,index,search,")
+
+
+def test_help_lists_the_commands_with_a_line_each_and_exits_0(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command, text in cli.COMMANDS.items():
+        assert f"  {command}" in out and text in out
+    assert "python -m train|serve` only from the repository's root" in out
+
+
+@pytest.mark.parametrize("prog, argv, expected", [
+    ("jaxretrieval", ["train", "--help"],
+     ["usage: jaxretrieval train", "(default runs/default)", "jaxretrieval config"]),
+    ("python -m", ["train", "--help"], ["usage: python -m train"]),
+    ("jaxretrieval", ["search", "--help"], ["usage: jaxretrieval search", "(default 10)",
+                                            "--threshold THRESHOLD"]),
+    ("python -m", ["serve", "--help"], ["usage: python -m serve", "(default 8000)"]),
+])
+def test_each_command_names_itself_and_its_defaults_in_help(capsys, prog, argv, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv, prog=prog)
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for text in expected:
+        assert text in out
+
+
+def test_config_lists_every_key_with_its_default_and_meaning(capsys, config_file):
+    from jaxretrieval.config import flat_keys
+
+    assert cli.main(["config"]) == 0
+    out = capsys.readouterr().out
+    listed = [line.split(" = ")[0] for line in out.splitlines()
+              if line and not line.startswith("#")]
+    assert listed and sorted(listed) == sorted(flat_keys(base_config()))
+    assert "\nnum_train_steps = 600\n" in out
+    assert "\ndata_dir = ''  # TFDS data directory" in out
+    assert "\nmodel.widths = (32, 64, 128)  # read by model.name seed_cnn\n" in out
+    assert "loss_options.triplet_margin = 0.2  # read by loss triplet" in out
+    assert cli.main(["config", "--config", config_file]) == 0
+    assert "\nseed = 7\n" in capsys.readouterr().out
+
+
+def test_an_unknown_key_suggests_the_nearest_and_how_to_list_them(capsys, tmp_path):
+    assert cli.main(["train", "--workdir", str(tmp_path / "wd"),
+                     "--config.num_train_step=3"]) == 1
+    err = capsys.readouterr().err
+    assert "did you mean 'num_train_steps'?" in err and "jaxretrieval config" in err
+    assert "embed_batch_size" not in err  # not the whole list
+    assert not os.path.exists(tmp_path / "wd")
+
+
+def test_a_port_in_use_is_one_error_line_before_serving(capsys, tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = cli.main(["serve", "--workdir", str(tmp_path / "none"), "--port", str(port)])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert captured.err.startswith(f"error: port {port} on 127.0.0.1 is in use")
+    assert "pass --port" in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert "serving" not in captured.out
+
+
+def test_a_second_writer_is_told_in_command_line_terms(capsys, tmp_path, monkeypatch):
+    from jaxretrieval.errors import WriterBusyError
+    from jaxretrieval.index.storage import WriterLock
+
+    held = WriterLock(str(tmp_path))
+    try:
+        with pytest.raises(WriterBusyError, match=r"index\.close\(\)"):
+            WriterLock(str(tmp_path))  # Python callers keep the Python wording
+        monkeypatch.setattr(cli, "run_index", lambda argv, prog: WriterLock(str(tmp_path)))
+        assert cli.main(["index"]) == 1
+    finally:
+        held.release()
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: another process has the index at {tmp_path} open")
+    assert "jaxretrieval serve" in err and "stop it, or wait" in err
+    assert "index.close()" not in err
+
+
+def test_progress_to_a_file_is_plain_lines_with_rate_and_eta(tmp_path):
+    with open(tmp_path / "log.txt", "w") as stream:
+        bar = cli.ProgressBar("step", stream=stream)
+        for step in (20, 40, 60):
+            bar.update_steps({"step": step, "total_steps": 60, "loss": 1.5,
+                              "images_per_sec": float("nan") if step == 20 else 800.0})
+    lines = (tmp_path / "log.txt").read_text().splitlines()
+    assert "\r" not in (tmp_path / "log.txt").read_text()
+    assert lines[0] == "step 20/60 loss 1.5000 images/s - ETA -"
+    assert lines[1].startswith("step 40/60 loss 1.5000 images/s 800 ETA 0:00:0")
+    assert lines[2] == "step 60/60 loss 1.5000 images/s 800 ETA 0:00:00"
 
 
 @pytest.mark.parametrize("override, message", [

@@ -62,8 +62,15 @@ def test_bad_overrides_name_the_key_and_the_fix():
     config = base_config()
     with pytest.raises(JaxRetrievalError, match="unknown config key 'num_steps'"):
         apply_override(config, "num_steps", "3")
-    with pytest.raises(JaxRetrievalError, match="expected a int"):
+    with pytest.raises(JaxRetrievalError, match="expected an integer"):
         apply_override(config, "num_train_steps", "many")
+    with pytest.raises(JaxRetrievalError, match="did you mean 'num_train_steps'"):
+        apply_override(config, "num_steps", "3")
+    # A key given without its section is found by its last part.
+    with pytest.raises(JaxRetrievalError, match="did you mean 'model.widths'"):
+        apply_override(config, "widths", "8,16")
+    with pytest.raises(JaxRetrievalError, match="expected a number"):
+        apply_override(config, "learning_rate", "fast")
     with pytest.raises(JaxRetrievalError, match="true or false"):
         apply_override(config, "model.batch_norm", "maybe")
 

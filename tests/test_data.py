@@ -146,3 +146,14 @@ def test_a_centre_crop_keeps_the_middle_of_the_shorter_side_resized():
         config = base_config()
         config.model.crop_fraction = 1.5
         validate_config(config)
+
+
+def test_a_tfds_dataset_not_prepared_fails_at_once_saying_how_to_prepare_it(tmp_path):
+    config = tiny_config(tmp_path / "tfds", dataset="tfds:mnist")
+    with pytest.raises(JaxRetrievalError) as err:
+        load_dataset(config)  # no download is tried, so no network is needed
+    message = str(err.value)
+    assert "'mnist' is not prepared in" in message
+    assert f"tfds build mnist --data_dir {tmp_path / 'tfds'}" in message
+    assert "--config.download=true" in message and "--config.data_dir" in message
+    assert not os.path.exists(tmp_path / "tfds" / "downloads")

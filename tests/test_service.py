@@ -3,6 +3,7 @@
 import ast
 import io
 import os
+import re
 import shutil
 import threading
 import time
@@ -242,3 +243,21 @@ def test_the_service_reaches_the_model_and_the_index_only_through_the_retriever(
             if isinstance(node, ast.Attribute):
                 assert node.attr not in ("index", "embedder"), (
                     f"{name}:{node.lineno} reaches .{node.attr}: go through Retriever methods")
+
+
+def test_the_access_log_has_a_line_per_request(caplog):
+    from fastapi import FastAPI
+
+    from jaxretrieval.service.app import ACCESS_LOGGER, LogRequests
+
+    app = FastAPI()
+    app.get("/ping")(lambda: {"ok": True})
+    app.add_middleware(LogRequests)
+    with caplog.at_level("INFO", logger=ACCESS_LOGGER), TestClient(app) as client:
+        assert client.get("/ping?x=1").status_code == 200
+        assert client.get("/missing").status_code == 404
+    lines = [r.getMessage() for r in caplog.records if r.name == ACCESS_LOGGER]
+    assert len(lines) == 2
+    assert re.fullmatch(r"GET /ping\?x=1 200 \d+\.\d ms", lines[0])
+    assert re.fullmatch(r"GET /missing 404 \d+\.\d ms", lines[1])
+

@@ -183,3 +183,22 @@ def test_a_pair_loss_on_class_balanced_batches_trains_on_four_devices(
     metrics = evaluate_and_index(str(tmp_path / "wd"))
     # Digits 5-9 were never trained on; a dozen triplet steps already rank them above chance.
     assert metrics["split"] == "unseen_classes" and metrics["recall@1"] > 0.5
+
+
+def test_a_run_that_fails_early_leaves_nothing_that_refuses_the_corrected_one(
+        tmp_path, data_dir):
+    workdir = str(tmp_path / "wd")
+    with pytest.raises(JaxRetrievalError, match="not found"):
+        train(tiny_config(data_dir, dataset=str("folder:" + str(tmp_path / "missing"))),
+              workdir)
+    with pytest.raises(JaxRetrievalError, match="unknown loss 'bogus'"):
+        train(tiny_config(data_dir, loss="bogus"), workdir)
+    assert not os.path.exists(Workdir(workdir).config_path)
+    # A config.json of a run that stopped before its first checkpoint does not bind the
+    # workdir either: the corrected command takes it over.
+    os.makedirs(workdir, exist_ok=True)
+    from jaxretrieval.config import config_to_json
+    with open(Workdir(workdir).config_path, "w") as f:
+        f.write(config_to_json(tiny_config(data_dir, embedding_dim=8)))
+    train(tiny_config(data_dir, num_train_steps=2), workdir)
+    assert Workdir(workdir).read_config().embedding_dim == 16

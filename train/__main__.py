@@ -10,4 +10,4 @@ from jaxretrieval.host_memory import reexec_with_huge_pages
 
 reexec_with_huge_pages()
 
-sys.exit(main(["train", *sys.argv[1:]]))
+sys.exit(main(["train", *sys.argv[1:]], prog="python -m"))

@@ -163,6 +163,14 @@ def _tfds_dataset(tfds_name, config, display_name=None) -> ImageDataset:
     except Exception as err:  # TFDS raises several types for an unknown name
         raise JaxRetrievalError(f"unknown TFDS dataset {tfds_name!r} ({err})") from None
     if not os.path.isfile(os.path.join(str(builder.data_dir), "dataset_info.json")):
+        if not config.download:
+            # Without a network TFDS would retry its downloads for minutes: stop at once.
+            root = str(builder.data_dir_root)
+            raise JaxRetrievalError(
+                f"TFDS dataset {tfds_name!r} is not prepared in {root}: prepare it with "
+                f"`tfds build {tfds_name} --data_dir {root}` (add --manual_dir DIR for files "
+                "you downloaded by hand), or pass --config.download=true to download and "
+                "prepare it now, or --config.data_dir=DIR where it is prepared")
         logger.info("downloading and preparing TFDS dataset %s (needs internet)", tfds_name)
         builder.download_and_prepare(file_format="array_record")
     features = builder.info.features

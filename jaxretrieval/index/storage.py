@@ -39,7 +39,7 @@ import tempfile
 
 import numpy as np
 
-from jaxretrieval.errors import JaxRetrievalError
+from jaxretrieval.errors import JaxRetrievalError, WriterBusyError
 from jaxretrieval.index.checks import CORE_MANIFEST_KEYS
 from jaxretrieval.index.scann_adapter import SCANN_ASSETS_FILE, load_searcher
 from jaxretrieval.index.state import State
@@ -173,10 +173,10 @@ class WriterLock:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._file.close()
-            raise JaxRetrievalError(
+            raise WriterBusyError(
                 f"the index at {directory} is open for writing elsewhere (an "
                 "Index loaded with writable=True, in this or another process); "
-                "close that one (index.close()) before writing here") from None
+                "close that one (index.close()) before writing here", directory) from None
 
     def release(self):
         self._file.close()  # closing the file releases the flock

@@ -6,6 +6,8 @@ endpoints are in `routes.py`, the metrics in `metrics.py`; this module puts them
 """
 
 import dataclasses
+import logging
+import time
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -31,6 +33,11 @@ class ServiceSettings:
     max_upload_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 40_000_000
     data_dir: str = ""  # TFDS data directory, for thumbnails of TFDS items
+    access_log: bool = False  # one line per request on the ACCESS_LOGGER logger, at INFO
+
+
+# Where the access log goes: `jaxretrieval serve` shows it on stderr.
+ACCESS_LOGGER = "jaxretrieval.service.access"
 
 
 def error_body(code: str, message: str) -> dict:
@@ -50,8 +57,36 @@ def create_app(retriever: Retriever, settings: ServiceSettings = ServiceSettings
     app.router.add_event_handler("shutdown", batcher.close)
     add_error_handlers(app)
     app.add_middleware(MeasureRequests, metrics=metrics)
+    if settings.access_log:
+        app.add_middleware(LogRequests)
     app.include_router(router)
     return app
+
+
+class LogRequests:
+    """ASGI middleware that logs `METHOD PATH STATUS MS` for every HTTP request."""
+
+    def __init__(self, app):
+        self.app, self.logger = app, logging.getLogger(ACCESS_LOGGER)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = [500]  # what a request that fails before answering is logged as
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            query = scope.get("query_string", b"").decode("latin-1")
+            path = scope["path"] + (f"?{query}" if query else "")
+            self.logger.info("%s %s %d %.1f ms", scope["method"], path, status[0],
+                             (time.perf_counter() - start) * 1000)
 
 
 def add_error_handlers(app: FastAPI) -> None:
