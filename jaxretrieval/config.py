@@ -29,7 +29,7 @@ MODEL_KEYS = ("image_size", "channels", "embedding_dim", "model")
 # With the model keys, the keys that make a checkpoint this run's: another dataset, split or
 # seed trains on other images (and often another number of classes).
 RUN_KEYS = MODEL_KEYS + ("dataset", "label_key", "split", "query_fraction", "seed", "loss",
-                         "projection_head", "init_from")
+                         "projection_head")
 
 
 # A recipe that cannot run without pretrained weights sets init_from to this prefix and

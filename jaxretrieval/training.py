@@ -7,6 +7,7 @@ checkpoint, loop. Progress goes to `logging`, to `DIR/metrics.jsonl`, and to an 
 `on_progress(dict)` callback that entry points render (a progress bar).
 """
 
+import copy
 import dataclasses
 import logging
 import os
@@ -21,7 +22,8 @@ import optax
 
 from jaxretrieval import parallel, runtime
 from jaxretrieval.checkpoint import CheckpointStore, latest_checkpoint_step
-from jaxretrieval.config import RUN_KEYS, config_to_json, model_config_hash, validate_config
+from jaxretrieval.config import (MODEL_KEYS, RUN_KEYS, config_to_json, model_config_hash,
+                                 validate_config)
 from jaxretrieval.data.augment import augment_batch, preprocess
 from jaxretrieval.data.sources import load_dataset
 from jaxretrieval.data.splits import batch_rows, class_balanced_batch_rows, split_dataset
@@ -218,7 +220,10 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
     starts from the file's values. With num_train_steps=0 the initial state is saved as the
     checkpoint of step 0, for evaluation and indexing as it is.
     """
-    config = configured_for_init(config)
+    validate_config(config)  # as given: a recipe that needs a pretrained file says so
+    wd = Workdir(workdir)
+    latest = latest_checkpoint_step(wd.checkpoints)
+    config = init_keys(config, wd, resuming=latest is not None)
     validate_config(config)
     runtime.setup(config.global_batch_size)
 
@@ -236,8 +241,6 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
     # process checks the config, process 0 alone writes it and the train log. Nothing is
     # written before the data loads and the model builds, so a run that fails early leaves
     # the workdir as it was, and the corrected command is not refused.
-    wd = Workdir(workdir)
-    latest = latest_checkpoint_step(wd.checkpoints)
     check_workdir_config(wd, config, has_checkpoint=latest is not None)
 
     # ---------------------------------------------------------------- data
@@ -350,6 +353,22 @@ def _diverged(step, wd, last_saved, what="the loss"):
         f"training diverged: {what} is not finite at step {step}; {kept}. Lower "
         "learning_rate or raise warmup_steps, then run again in a new workdir or this one "
         "(it resumes from that checkpoint)")
+
+
+def init_keys(config, wd, *, resuming: bool):
+    """`config` with the keys `config.init_from`'s file decides. A run that resumes takes
+    them from its own config.json instead (its checkpoint holds the weights), so the file
+    need not be there any more, nor at the same path."""
+    if not config.init_from:
+        return config
+    if not (resuming and os.path.isfile(wd.config_path)):
+        return configured_for_init(config)
+    saved = wd.read_config()
+    config = copy.deepcopy(config)
+    for key in MODEL_KEYS:
+        config[key] = saved[key]
+    logger.info("resuming from the workdir's checkpoint: init_from is not read again")
+    return config
 
 
 def check_workdir_config(wd, config, *, has_checkpoint: bool) -> None:

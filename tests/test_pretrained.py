@@ -21,7 +21,7 @@ from PIL import Image
 
 from conftest import YALEFACES, tiny_config
 from jaxretrieval import parallel
-from jaxretrieval.checkpoint import CheckpointStore
+from jaxretrieval.checkpoint import CheckpointStore, latest_checkpoint_step
 from jaxretrieval.config import (RUN_KEYS, config_from_json, config_to_json, model_config_hash,
                                  validate_config)
 from jaxretrieval.errors import JaxRetrievalError
@@ -389,6 +389,10 @@ def test_a_resumed_run_continues_from_its_checkpoint_not_the_file(tmp_path, data
         backbone = store.restore()["params"]["model"]["backbone"]
     for a, b in zip(jax.tree.leaves(backbone), jax.tree.leaves(first["params"]["backbone"])):
         np.testing.assert_array_equal(a, b)
+    os.remove(path)  # nor need it be there any more: the keys come from config.json
+    config.num_train_steps = 3
+    train(config, workdir)
+    assert latest_checkpoint_step(Workdir(workdir).checkpoints) == 3
 
 
 # ---------------------------------------------------------------- config
