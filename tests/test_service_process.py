@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import sys
 import time
 import urllib.error
@@ -43,13 +44,16 @@ class Server:
     def __init__(self, workdir, *extra):
         self.port = free_port()
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+        # stderr to a file, not a pipe nobody drains: the access log writes a line a request.
+        self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "serve", "--workdir", workdir, "--port", str(self.port),
-             *extra], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             *extra], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise AssertionError(self.process.stderr.read().decode()[-3000:])
+                self.log.seek(0)
+                raise AssertionError(self.log.read().decode()[-3000:])
             try:
                 if request(self.port, "GET", "/healthz", timeout=2)[0] == 200:
                     return
