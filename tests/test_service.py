@@ -248,11 +248,12 @@ def test_the_service_reaches_the_model_and_the_index_only_through_the_retriever(
 def test_the_access_log_has_a_line_per_request(caplog):
     from fastapi import FastAPI
 
-    from jaxretrieval.service.app import ACCESS_LOGGER, LogRequests
+    from jaxretrieval.service.app import ACCESS_LOGGER, log_request
+    from jaxretrieval.service.metrics import ObserveRequests
 
     app = FastAPI()
     app.get("/ping")(lambda: {"ok": True})
-    app.add_middleware(LogRequests)
+    app.add_middleware(ObserveRequests, observe=log_request)
     with caplog.at_level("INFO", logger=ACCESS_LOGGER), TestClient(app) as client:
         assert client.get("/ping?x=1").status_code == 200
         assert client.get("/missing").status_code == 404

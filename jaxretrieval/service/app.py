@@ -7,7 +7,6 @@ endpoints are in `routes.py`, the metrics in `metrics.py`; this module puts them
 
 import dataclasses
 import logging
-import time
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -17,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.retriever import Retriever
 from jaxretrieval.service.batching import MicroBatcher
-from jaxretrieval.service.metrics import MeasureRequests, ServiceMetrics
+from jaxretrieval.service.metrics import ObserveRequests, ServiceMetrics
 from jaxretrieval.service.routes import Service, ServiceError, router
 
 
@@ -56,37 +55,19 @@ def create_app(retriever: Retriever, settings: ServiceSettings = ServiceSettings
     app.state.service = Service(retriever, settings, batcher, metrics)
     app.router.add_event_handler("shutdown", batcher.close)
     add_error_handlers(app)
-    app.add_middleware(MeasureRequests, metrics=metrics)
+    app.add_middleware(ObserveRequests, observe=metrics.observe_request)
     if settings.access_log:
-        app.add_middleware(LogRequests)
+        app.add_middleware(ObserveRequests, observe=log_request)
     app.include_router(router)
     return app
 
 
-class LogRequests:
-    """ASGI middleware that logs `METHOD PATH STATUS MS` for every HTTP request."""
-
-    def __init__(self, app):
-        self.app, self.logger = app, logging.getLogger(ACCESS_LOGGER)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start = time.perf_counter()
-        status = [500]  # what a request that fails before answering is logged as
-
-        async def send_and_note(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_note)
-        finally:
-            query = scope.get("query_string", b"").decode("latin-1")
-            path = scope["path"] + (f"?{query}" if query else "")
-            self.logger.info("%s %s %d %.1f ms", scope["method"], path, status[0],
-                             (time.perf_counter() - start) * 1000)
+def log_request(scope, status: int, seconds: float) -> None:
+    """Logs `METHOD PATH STATUS MS` for one request (an ObserveRequests observer)."""
+    query = scope.get("query_string", b"").decode("latin-1")
+    path = scope["path"] + (f"?{query}" if query else "")
+    logging.getLogger(ACCESS_LOGGER).info("%s %s %d %.1f ms", scope["method"], path, status,
+                                          seconds * 1000)
 
 
 def add_error_handlers(app: FastAPI) -> None:

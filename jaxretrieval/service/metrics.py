@@ -32,7 +32,9 @@ class ServiceMetrics:
         items = Gauge("jaxretrieval_index_items", "Items in the index", registry=self.registry)
         items.set_function(lambda: retriever.count)
 
-    def observe(self, method: str, endpoint: str, status: int, seconds: float) -> None:
+    def observe_request(self, scope, status: int, seconds: float) -> None:
+        """Counts and times one request (an ObserveRequests observer), by its route."""
+        method, endpoint = scope["method"], getattr(scope.get("route"), "path", "unmatched")
         self.requests.labels(method, endpoint, str(status)).inc()
         if status >= 400:
             self.errors.labels(method, endpoint, str(status)).inc()
@@ -43,21 +45,22 @@ class ServiceMetrics:
         return generate_latest(self.registry)
 
 
-class MeasureRequests:
-    """ASGI middleware that counts and times every HTTP request into ServiceMetrics.
+class ObserveRequests:
+    """ASGI middleware that calls `observe(scope, status, seconds)` once every HTTP request
+    has ended (status 500 for one that failed before answering).
 
     Plain ASGI rather than Starlette's BaseHTTPMiddleware, whose per-request cost is about
     that of a small search.
     """
 
-    def __init__(self, app, metrics: ServiceMetrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, observe):
+        self.app, self.observe = app, observe
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.perf_counter()
-        status = [500]  # what a request that fails before answering counts as
+        status = [500]
 
         async def send_and_note(message):
             if message["type"] == "http.response.start":
@@ -67,6 +70,4 @@ class MeasureRequests:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            endpoint = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.observe(scope["method"], endpoint, status[0],
-                                 time.perf_counter() - start)
+            self.observe(scope, status[0], time.perf_counter() - start)
