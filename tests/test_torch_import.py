@@ -426,3 +426,36 @@ def test_timm_variants_are_recognised_and_refused(tmp_path):
     assert torch_import.sniff_timm(path) and not torch_import.sniff_torchvision(path)
     with pytest.raises(JaxRetrievalError, match="deep stem"):
         torch_import.load(path, base_config())
+
+
+def test_a_run_from_an_imported_file_trains_resumes_and_exports(tmp_path, tiny, data_dir):
+    from conftest import tiny_config
+    from jaxretrieval.checkpoint import CheckpointStore
+    from jaxretrieval.retriever import Retriever
+    from jaxretrieval.training import train, train_and_evaluate
+    from jaxretrieval.workdir import Workdir
+
+    model, pth = tiny
+    config = tiny_config(data_dir, init_from=pth, num_train_steps=2, checkpoint_every_steps=2,
+                         backbone_lr_multiplier=0.0, freeze_batch_norm=True)
+    workdir = str(tmp_path / "wd")
+    train(config, workdir)
+    config.num_train_steps = 4  # resumes from step 2, not from the file
+    metrics = train_and_evaluate(config, workdir)
+    saved = Workdir(workdir).read_config()
+    assert (saved.model.name, saved.model.input_norm, saved.channels) == ("resnet18",
+                                                                          "imagenet", 3)
+    with CheckpointStore(Workdir(workdir).checkpoints, read_only=True) as store:
+        assert store.latest_step() == 4
+        state = store.restore()
+    # Multiplier 0 and frozen statistics: after 4 steps the backbone is still the file's.
+    expected = torch_import.load(pth, saved)
+    for got, want in zip(jax.tree.leaves(state["params"]["model"]["backbone"]),
+                         jax.tree.leaves(expected["params"]["backbone"])):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-7)
+    for got, want in zip(jax.tree.leaves(state["batch_stats"]["backbone"]),
+                         jax.tree.leaves(expected["batch_stats"]["backbone"])):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-7)
+    assert metrics["checkpoint_step"] == 4
+    keys, _ = Retriever.load(workdir).search([np.zeros((8, 8), np.uint8)], k=3)
+    assert len(keys[0]) == 3
