@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest import REPO, YALEFACES
+from conftest import REPO, YALEFACES, tiny_config
 from jaxretrieval.config import base_config, load_config_file, validate_config
 from jaxretrieval.data import face_chips, faces
 from jaxretrieval.data.images import read_image_file
@@ -73,22 +73,11 @@ def make_face_folder(root) -> str:
 
 
 def face_config(folder, **changes):
-    """A tiny seed CNN on 32x32 aligned RGB chips."""
-    config = base_config()
-    config.dataset = f"folder:{folder}"
-    config.image_size = 32
-    config.channels = 3
-    config.model.align_faces = True
-    config.model.widths = (8, 16)
-    config.embedding_dim = 16
-    config.global_batch_size = 8
-    config.num_train_steps = 3
-    config.warmup_steps = 1
-    config.log_every_steps = 1
-    config.checkpoint_every_steps = 3
-    config.embed_batch_size = 16
-    config.augment.enabled = False
-    config.update(changes)
+    """A tiny seed CNN (conftest's) on 32x32 aligned RGB chips."""
+    config = tiny_config("", dataset=f"folder:{folder}", image_size=32, channels=3,
+                         model__align_faces=True, global_batch_size=8, num_train_steps=3,
+                         warmup_steps=1, log_every_steps=1, checkpoint_every_steps=3,
+                         embed_batch_size=16, augment__enabled=False, **changes)
     validate_config(config)
     return config
 
