@@ -14,7 +14,7 @@ from jaxretrieval.data.images import InputSpec, decode_image_bytes, to_model_inp
 from jaxretrieval.data.sources import read_source
 from jaxretrieval.embed import Embedder
 from jaxretrieval.errors import JaxRetrievalError
-from jaxretrieval.index import Index, ShardedIndex, open_index
+from jaxretrieval.index import Index, ShardedIndex, open_index, stored_key
 from jaxretrieval.workdir import Workdir
 
 THUMBNAIL_SIDE = 160
@@ -100,6 +100,15 @@ class Retriever:
     def __contains__(self, key) -> bool:
         return isinstance(key, str) and key in self.index
 
+    def resolve(self, key: str) -> str | None:
+        """The gallery key that `key` names, or None: `key` itself, or the stored key of a
+        form `jaxretrieval.index.shown_key` showed (lone surrogates written as `\\udXXX`), for
+        an item stored before the key rules."""
+        if key in self:
+            return key
+        stored = stored_key(key) if isinstance(key, str) else None
+        return stored if stored is not None and stored in self else None
+
     @property
     def match_threshold(self) -> float | None:
         """The calibrated threshold: at the target precision (default 0.99) if one reached
@@ -184,17 +193,19 @@ class Retriever:
     def delete(self, keys) -> None:
         """Removes the items under `keys`, durably as `upsert_embeddings` does.
 
+        A key may also be given as `jaxretrieval.index.shown_key` shows it (see `resolve`).
         Raises UnknownItemError, deleting nothing, if any key is not in the gallery.
         """
         if isinstance(keys, str):
             raise JaxRetrievalError("keys must be a list of strings, not one string")
         keys = list(keys)
-        unknown = [key for key in keys if key not in self]
+        resolved = [self.resolve(key) for key in keys]
+        unknown = [key for key, found in zip(keys, resolved) if found is None]
         if unknown:
             raise UnknownItemError(
                 f"no item with id {unknown[0]!r}" if len(unknown) == 1 else
                 f"no items with ids {', '.join(map(repr, unknown))} (nothing was deleted)")
-        self.index.delete(keys)
+        self.index.delete(resolved)
 
     # ------------------------------------------------------------------ thumbnails
 

@@ -2,7 +2,9 @@
 
 Each check returns the value in the form the index stores (a contiguous float32 array, a
 list of plain str, a JSON-normalised dict) or raises a JaxRetrievalError that says what
-to change.
+to change. Numbers must be numbers: booleans, strings ("1.5") and other objects are refused
+rather than converted, and so are values beyond float32's range. The rules for keys are
+in `keys`.
 """
 
 import json
@@ -12,6 +14,7 @@ import operator
 import numpy as np
 
 from jaxretrieval.errors import JaxRetrievalError
+from jaxretrieval.index.keys import check_keys
 
 NORM_TOLERANCE = 1e-2
 
@@ -22,22 +25,84 @@ CORE_MANIFEST_KEYS = frozenset({
 })
 
 
+def refuse_non_numbers(values, what):
+    """Raises unless `values` (an array, or nested lists of them and of scalars) holds only
+    real numbers: no booleans, strings, None or other objects."""
+    pending = [values]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, np.ndarray):
+            if value.dtype.kind in "iuf":
+                continue
+            if value.dtype.kind != "O":
+                raise JaxRetrievalError(
+                    f"{what} must hold numbers, but an array of dtype {value.dtype} was given")
+            pending.extend(value.ravel().tolist())
+        elif isinstance(value, (list, tuple)):
+            pending.extend(value)
+        elif isinstance(value, (bool, np.bool_)) or not isinstance(
+                value, (int, float, np.integer, np.floating)):
+            raise JaxRetrievalError(
+                f"{what} must hold numbers (JSON numbers), but hold {type(value).__name__} "
+                f"{_short_repr(value)}")
+
+
+def _short_repr(value):
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def as_float_matrix(values, what):
     """`values` as a float32 array (of any shape), or an error naming `what`."""
+    refuse_non_numbers(values, what)
     try:
-        return np.asarray(values, dtype=np.float32)
+        with np.errstate(over="ignore"):  # too large becomes inf, refused as not finite
+            return np.asarray(values, dtype=np.float32)
+    except OverflowError:
+        raise JaxRetrievalError(
+            f"{what} hold an integer too large for a float; values must lie within "
+            "float32's range (about +-3.4e38)") from None
     except (TypeError, ValueError) as error:
         raise JaxRetrievalError(
             f"{what} must be numeric float arrays; converting failed: {error}"
         ) from None
 
 
+def normalised_vector(values, dim, what="embedding"):
+    """A list of `dim` numbers as a unit float32 vector (the service's embeddings).
+
+    Scaled by its largest magnitude before the norm is taken, so that values near float32's
+    limit (1e38) do not overflow the norm, nor tiny ones underflow it.
+    """
+    if not isinstance(values, (list, tuple, np.ndarray)):
+        raise JaxRetrievalError(f"{what} must be a list of {dim} numbers")
+    if len(values) != dim:
+        raise JaxRetrievalError(f"{what} must be {dim} numbers, got {len(values)}")
+    nested = next((value for value in values if isinstance(value, (list, tuple, dict))), None)
+    if nested is not None:
+        raise JaxRetrievalError(
+            f"{what} must be a flat list of {dim} numbers, but holds a {type(nested).__name__}")
+    vector = as_float_matrix(values, what)
+    if vector.shape != (dim,):
+        raise JaxRetrievalError(
+            f"{what} must be {dim} numbers, got shape {list(vector.shape)}")
+    if not np.isfinite(vector).all():
+        raise JaxRetrievalError(
+            f"{what} must hold finite numbers within float32's range (about +-3.4e38)")
+    largest = float(np.max(np.abs(vector)))
+    if largest == 0:
+        raise JaxRetrievalError(f"{what} must not be all zeros")
+    scaled = vector.astype(np.float64) / largest
+    return (scaled / np.linalg.norm(scaled)).astype(np.float32)
+
+
 def check_finite(array, what):
     if not np.isfinite(array).all():
         bad_row = int(np.argwhere(~np.isfinite(array))[0][0])
         raise JaxRetrievalError(
-            f"{what} contain NaN or infinite values (first at row {bad_row}); "
-            "check the model outputs before indexing or searching")
+            f"{what} contain NaN or infinite values, or values beyond float32's range "
+            f"(first at row {bad_row}); check the model outputs before indexing or "
+            "searching")
 
 
 def checked_embeddings(embeddings, *, index_dim=None):
@@ -145,7 +210,7 @@ def checked_rows(embeddings, keys, sources, dim=None):
     """(embeddings, keys, sources) to build or upsert, checked: one unique key (and
     source) per row of unit vectors (of `dim` dimensions, when given)."""
     embeddings = checked_embeddings(embeddings, index_dim=dim)
-    keys = checked_strings(keys, len(embeddings), "keys")
+    keys = check_keys(checked_strings(keys, len(embeddings), "keys"))
     row_by_key(keys)
     if sources is not None:
         sources = checked_strings(sources, len(keys), "sources")

@@ -139,9 +139,15 @@ def read_json(path):
 
 
 def write_json(path, value):
-    with open(path, "w", encoding="utf-8") as file:
-        json.dump(value, file, indent=2, ensure_ascii=False)
-        file.write("\n")
+    text = json.dumps(value, indent=2, ensure_ascii=False)
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A key or source with a lone surrogate (from before the key rules): \u escapes
+        # keep it, and every JSON reader reads them back.
+        data = json.dumps(value, indent=2, ensure_ascii=True).encode("ascii")
+    with open(path, "wb") as file:
+        file.write(data + b"\n")
 
 
 def fsync_path(path):

@@ -12,6 +12,7 @@ import hmac
 import io
 import os
 from typing import TYPE_CHECKING, Annotated
+from urllib.parse import unquote
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
@@ -19,6 +20,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, Response
 
 from jaxretrieval.errors import JaxRetrievalError
+from jaxretrieval.index import check_keys, normalised_vector, shown_key
 from jaxretrieval.retriever import Retriever, UnknownItemError
 from jaxretrieval.service.batching import MicroBatcher, QueueFull
 from jaxretrieval.service.metrics import ServiceMetrics
@@ -92,19 +94,23 @@ async def embed(service: Service, images: list) -> np.ndarray:
 def parse_embedding(service: Service, values) -> np.ndarray:
     """A JSON list of numbers as a unit float32 vector of the gallery's dimension."""
     try:
-        vector = np.asarray(values, np.float32)
-    except (TypeError, ValueError):
-        raise ServiceError(400, "bad_embedding", "embedding must be a list of numbers")
-    dim = service.retriever.embedding_dim
-    if vector.ndim != 1 or vector.shape[0] != dim:
-        raise ServiceError(400, "bad_embedding",
-                           f"embedding must be {dim} numbers, got shape {list(vector.shape)}")
-    if not np.all(np.isfinite(vector)):
-        raise ServiceError(400, "bad_embedding", "embedding must hold finite numbers")
-    norm = float(np.linalg.norm(vector))
-    if norm == 0:
-        raise ServiceError(400, "bad_embedding", "embedding must not be all zeros")
-    return vector / norm
+        return normalised_vector(values, service.retriever.embedding_dim)
+    except JaxRetrievalError as err:
+        raise ServiceError(400, "bad_embedding", str(err)) from None
+
+
+def path_id(request: Request, item_id: str, suffix: str = "") -> str:
+    """The item id in `/items/{id}{suffix}`, percent-decoded exactly once from the path as
+    sent, so `%2F` is a `/` inside the id and `%25` a `%` (some servers and test clients
+    decode the path twice)."""
+    raw = request.scope.get("raw_path")
+    if not raw:
+        return item_id
+    raw = raw.decode("latin-1")
+    start = raw.find("/items/")
+    if start < 0 or not raw.endswith(suffix):
+        return item_id
+    return unquote(raw[start + len("/items/"):len(raw) - len(suffix)])
 
 
 async def json_body(request: Request) -> dict:
@@ -191,7 +197,8 @@ async def search(request: Request, service: ServiceDep, k: int = 10,
     run = lambda: retriever.search_embeddings(vector[None], k, threshold=threshold)
     keys, scores = (run() if retriever.count <= INLINE_SEARCH_MAX_ITEMS
                     else await run_in_threadpool(run))
-    return {"results": [{"id": key, "score": score} for key, score in zip(keys[0], scores[0])]}
+    return {"results": [{"id": shown_key(key), "score": score}
+                        for key, score in zip(keys[0], scores[0])]}
 
 
 @router.post("/match", summary="Similarity of two images and whether they match",
@@ -228,8 +235,10 @@ async def upsert_items(request: Request, service: ServiceDep):
                                "send {\"items\": [{\"id\": ..., \"embedding\": [...]}]}")
         ids = [item["id"] for item in items]
         vectors = np.stack([parse_embedding(service, item["embedding"]) for item in items])
-    if not all(isinstance(i, str) and i for i in ids):
-        raise ServiceError(400, "bad_id", "every id must be a non-empty string")
+    try:
+        check_keys(ids, "ids")
+    except JaxRetrievalError as err:
+        raise ServiceError(400, "bad_id", str(err)) from None
     retriever = service.retriever
     await run_in_threadpool(retriever.upsert_embeddings, ids, np.asarray(vectors, np.float32))
     return {"upserted": len(ids), "items": retriever.count}
@@ -240,6 +249,7 @@ async def upsert_items(request: Request, service: ServiceDep):
 async def delete_item(item_id: str, request: Request, service: ServiceDep):
     require_key(service, request)
     retriever = service.retriever
+    item_id = path_id(request, item_id)
     try:
         await run_in_threadpool(retriever.delete, [item_id])
     except UnknownItemError as err:
@@ -248,7 +258,8 @@ async def delete_item(item_id: str, request: Request, service: ServiceDep):
 
 
 @router.get("/items/{item_id:path}/thumbnail", summary="A small PNG of an item's image")
-async def thumbnail(item_id: str, service: ServiceDep):
+async def thumbnail(item_id: str, request: Request, service: ServiceDep):
+    item_id = path_id(request, item_id, "/thumbnail")
     try:
         image = await run_in_threadpool(service.retriever.thumbnail, item_id,
                                         data_dir=service.settings.data_dir)
