@@ -24,12 +24,14 @@ COMMANDS = {
     "search": "search a workdir's index with image files; prints JSON lines",
     "serve": "serve search, match and item updates over HTTP, with a web page",
     "config": "list every config key with its value and meaning",
+    "recover-index": "keep an index's updates logged before damage to its log; reports losses",
 }
 
 
 def usage(prog: str = "jaxretrieval") -> str:
     lines = [f"usage: {prog} {{{','.join(COMMANDS)}}} [--help] ...", "", "commands:"]
-    lines += [f"  {name:<8} {text}" for name, text in COMMANDS.items()]
+    width = max(map(len, COMMANDS))
+    lines += [f"  {name:<{width}} {text}" for name, text in COMMANDS.items()]
     lines += ["", f"`{prog} COMMAND --help` describes a command's options. `jaxretrieval "
               "COMMAND` works from any directory; `python -m train|serve` only from the "
               "repository's root."]
@@ -45,7 +47,8 @@ def main(argv=None, prog: str = "jaxretrieval") -> int:
         reexec_with_huge_pages()
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": run_train, "embed": run_embed, "index": run_index,
-                "search": run_search, "serve": run_serve, "config": run_config}
+                "search": run_search, "serve": run_serve, "config": run_config,
+                "recover-index": run_recover_index}
     if argv and argv[0] in ("-h", "--help"):
         print(usage(prog))
         return 0
@@ -256,6 +259,28 @@ def run_index(argv, prog="jaxretrieval index") -> int:
     from jaxretrieval.pipeline import rebuild_index
     index = rebuild_index(args.workdir, num_shards=args.shards)
     print(json.dumps(index.manifest, indent=2, sort_keys=True))
+    return 0
+
+
+def run_recover_index(argv, prog="jaxretrieval recover-index") -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Recover DIR/index/ after damage to its write-ahead log: keep every update "
+                    "logged before the damage, move the damaged log aside into "
+                    "DIR/index/damaged-logs/ (it is never deleted), write a consistent "
+                    "snapshot, and print what was lost (JSON). Stop the service first.")
+    _add_workdir_argument(parser)
+    args = parser.parse_args(argv)
+    from jaxretrieval.index import recover
+    from jaxretrieval.workdir import Workdir
+    report = recover(Workdir(args.workdir).index)
+    print(json.dumps(report, indent=2))
+    if not report["recovered"]:
+        print("no damaged log found: nothing was changed", file=sys.stderr)
+    else:
+        for log in report["logs"]:
+            print(f"{log['log']}: kept {log['kept_records']} records, lost lines "
+                  f"{log['lost_lines']} (a copy is in {log['kept_aside']})", file=sys.stderr)
     return 0
 
 

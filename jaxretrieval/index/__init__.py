@@ -4,16 +4,18 @@
 Index shards by key. Both satisfy `SearchIndex`. `open_index` opens a directory of
 either layout and `save_index` saves either kind over either layout.
 
-Modules: keys (what a key may be), checks (input checks), scann_adapter (ScaNN settings, build, load),
-state (in-memory contents), storage (directories on disk), wal (the write-ahead log),
-tuning (Index.tune and recall@k), protocol (SearchIndex), flat (Index) and
-sharded (ShardedIndex, open_index, save_index).
+Modules: keys (what a key may be), checks (input checks), scann_adapter (ScaNN
+settings, build, load), state (in-memory contents), storage (directories on disk),
+wal (the write-ahead log), tuning (Index.tune and recall@k), protocol (SearchIndex),
+flat (Index), sharded (ShardedIndex, open_index, save_index) and recovery (recover,
+for a damaged log).
 """
 
 from jaxretrieval.index.checks import normalised_vector
 from jaxretrieval.index.flat import Index
 from jaxretrieval.index.keys import MAX_KEY_BYTES, check_key, check_keys, shown_key, stored_key
 from jaxretrieval.index.protocol import SearchIndex
+from jaxretrieval.index.recovery import recover
 from jaxretrieval.index.scann_adapter import EXACT_SEARCH_MAX_COUNT, scann_settings
 from jaxretrieval.index.sharded import (MAX_NUM_SHARDS, ShardedIndex, checked_num_shards,
                                         num_shards_on_disk, open_index, save_index, shard_of)
@@ -25,6 +27,6 @@ __all__ = [
     "EXACT_SEARCH_MAX_COUNT", "FORMAT_VERSION", "MAX_KEY_BYTES", "MAX_NUM_SHARDS", "Index",
     "SearchIndex", "ShardedIndex", "UnreadableIndexError", "check_key", "check_keys",
     "checked_num_shards", "exact_kth_scores", "normalised_vector", "num_shards_on_disk",
-    "open_index", "rebuild_hint", "recall_per_query", "save_index", "scann_settings",
+    "open_index", "rebuild_hint", "recall_per_query", "recover", "save_index", "scann_settings",
     "shard_of", "shown_key", "snapshot_directory", "stored_key",
 ]

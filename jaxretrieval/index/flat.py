@@ -443,7 +443,8 @@ class Index:
                 storage.finish_switch(directory, version, previous)
             else:
                 log_path, intact_size = log
-                wal.cut_to_intact(log_path, intact_size)
+                wal.cut_to_intact(log_path, intact_size,
+                                  os.path.join(directory, storage.DAMAGED_LOGS_DIR))
                 index._open_log(version)
                 storage.fsync_path(os.path.dirname(log_path))  # in case it was created
         except BaseException:

@@ -174,6 +174,15 @@ def _read_layout(directory):
     return layout
 
 
+def shard_directories(directory):
+    """The shard folders that shards.json at `directory` lists (checked), or None when the
+    directory is not sharded."""
+    layout = _read_layout(directory)
+    if layout is None:
+        return None
+    return [os.path.join(directory, name) for name in layout["shards"]]
+
+
 def num_shards_on_disk(directory):
     """How many shards the index saved at `directory` has: 1 when flat or absent."""
     try:

@@ -13,6 +13,9 @@ On-disk layout of a flat index directory (format 2):
         scann/                ScaNN's serialized searcher (absent when count is 0)
         wal.jsonl             write-ahead log of changes made since the snapshot
                               (format: jaxretrieval.index.wal)
+    damaged-logs/             copies of damaged log lines, kept aside, never deleted:
+                              a damaged last line cut off by a writer, and the logs
+                              that `jaxretrieval.index.recover` recovered from
 
 Saving writes a new snapshot folder (under a temporary name, renamed once
 complete and fsynced) and then replaces CURRENT atomically; a folder cannot
@@ -43,7 +46,8 @@ from jaxretrieval.errors import JaxRetrievalError, WriterBusyError
 from jaxretrieval.index.checks import CORE_MANIFEST_KEYS
 from jaxretrieval.index.scann_adapter import SCANN_ASSETS_FILE, load_searcher
 from jaxretrieval.index.state import State
-from jaxretrieval.index.wal import LOG_FILE, read_log, replayed
+from jaxretrieval.index.wal import (LOG_FILE, RECOVER_COMMAND, DamagedLogError, read_log,
+                                    replayed)
 from jaxretrieval.fileio import recover_interrupted_swap, write_file_atomically
 
 logger = logging.getLogger(__name__)
@@ -70,6 +74,8 @@ VERSION_PATTERN = re.compile(r"[0-9]{1,20}")
 # folder of its shard generations.
 SHARDS_FILE = "shards.json"
 SHARDS_DIR = "shards"
+# Where damaged log lines are kept aside, in either layout's top directory.
+DAMAGED_LOGS_DIR = "damaged-logs"
 
 
 def rebuild_hint(num_shards=1, *, verb="rebuild it", stale_model=False):
@@ -106,6 +112,14 @@ class UnreadableIndexError(JaxRetrievalError):
 def corrupt(directory, problem, num_shards=1):
     return UnreadableIndexError(f"the index at {directory} is corrupt ({problem}): ",
                                 num_shards)
+
+
+def damaged_log(directory, problem, num_shards=1):
+    return UnreadableIndexError(
+        f"the index at {directory} is corrupt ({problem}): keep every update logged before "
+        f"the damage with `{RECOVER_COMMAND}` (DIR is the training workdir; in Python "
+        "jaxretrieval.index.recover(INDEX_DIRECTORY)), which moves the damaged log aside "
+        "and reports what is lost, or ", num_shards)
 
 
 def incomplete(directory, missing, num_shards=1):
@@ -485,6 +499,8 @@ def read_index(directory):
         try:
             records, intact_size, _ = read_log(log_path)
             state, manifest = replayed(state, manifest, records)
+        except DamagedLogError as error:
+            raise damaged_log(directory, f"{SNAPSHOTS_DIR}/{version}/{error}") from None
         except ValueError as error:
             raise corrupt(directory, f"{SNAPSHOTS_DIR}/{version}/{error}") from None
         if state.compaction_due():

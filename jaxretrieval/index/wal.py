@@ -5,13 +5,19 @@ one JSON object: {"op": "upsert", "keys": [...], "embeddings": base64 of
 little-endian float32 [n, dim], "sources": [...] or null},
 {"op": "delete", "keys": [...]} or {"op": "manifest", "updates": {...}}.
 A writable index appends and fsyncs a line before a change is applied and
-returned. Loading replays the log; a damaged last line is a write cut short
-by a crash, never acknowledged, and is ignored; a damaged earlier line is
-corruption.
+returned. Loading replays the log. A last line without its newline is a write
+cut short by a crash, never acknowledged, and is ignored. A damaged last line
+that has its newline was written whole, so it may be an acknowledged change
+whose bytes went bad: it is ignored too, so that the index still opens, but
+with a warning, and a writer that cuts it off keeps a copy (`cut_to_intact`).
+A damaged earlier line is corruption (DamagedLogError): loading stops, and
+`jaxretrieval recover-index` (`jaxretrieval.index.recover`) keeps what came
+before it.
 """
 
 import base64
 import json
+import logging
 import os
 import re
 import zlib
@@ -20,7 +26,18 @@ import numpy as np
 
 from jaxretrieval.index.checks import CORE_MANIFEST_KEYS
 
+logger = logging.getLogger(__name__)
+
 LOG_FILE = "wal.jsonl"
+RECOVER_COMMAND = "jaxretrieval recover-index --workdir DIR"
+
+
+class DamagedLogError(ValueError):
+    """A log line that cannot be read or replayed, before the log's last line."""
+
+    def __init__(self, message, line):
+        super().__init__(message)
+        self.line = line
 
 
 def encode_record(record):
@@ -43,25 +60,49 @@ def decode_line(line):
     return record if isinstance(record, dict) else None
 
 
-def read_log(path):
-    """(records, bytes of intact lines, file size) of a snapshot's log."""
+def read_lines(path):
+    """(whole lines, the bytes after the last newline) of a log; a missing log is empty."""
     try:
         with open(path, "rb") as file:
             data = file.read()
     except FileNotFoundError:
-        return [], 0, 0
+        return [], b""
     *lines, tail = data.split(b"\n")
+    return lines, tail
+
+
+def read_log(path):
+    """(records, bytes of intact lines, file size) of a snapshot's log."""
+    lines, tail = read_lines(path)
     records, intact_size = [], 0
     for number, line in enumerate(lines, 1):
         record = decode_line(line)
         if record is None:
             if number == len(lines) and not tail:
-                break  # the last line, cut short by a crash: never acknowledged
-            raise ValueError(f"{LOG_FILE} line {number} is damaged")
+                logger.error(
+                    "%s line %d, the last, is damaged although it was written whole: the "
+                    "update it logged, which may have been acknowledged, is lost. The index "
+                    "opens without it; opening it for writing moves the line aside. Check "
+                    "the disk, and repeat that update if it is missing.", path, number)
+                break
+            raise DamagedLogError(f"{LOG_FILE} line {number} is damaged", number)
         records.append(record)
         intact_size += len(line) + 1
     # A non-empty tail lacks its newline, so it was cut short too.
-    return records, intact_size, len(data)
+    return records, intact_size, sum(len(line) + 1 for line in lines) + len(tail)
+
+
+def intact_prefix(path):
+    """(records before the first damaged line, number of that line or None, whole lines,
+    whether a line cut short follows them), for recovery."""
+    lines, tail = read_lines(path)
+    records = []
+    for number, line in enumerate(lines, 1):
+        record = decode_line(line)
+        if record is None:
+            return records, number, len(lines), bool(tail)
+        records.append(record)
+    return records, None, len(lines), bool(tail)
 
 
 def encode_vectors(vectors):
@@ -121,7 +162,8 @@ def replayed(state, manifest, records):
             else:
                 raise ValueError(f"unknown op {op!r}")
         except (KeyError, TypeError, ValueError, IndexError) as error:
-            raise ValueError(f"{LOG_FILE} record {number}: {error}") from None
+            # Records are the log's lines in order, so record n is line n.
+            raise DamagedLogError(f"{LOG_FILE} line {number}: {error}", number) from None
     if changes:
         state = state.with_changes(changes)
     return state, manifest
@@ -163,9 +205,42 @@ class Log:
         self._file.close()
 
 
-def cut_to_intact(path, intact_size):
-    """Drops a last line a crash cut short, so the next record is not appended to it."""
-    if os.path.getsize(path) > intact_size:
-        with open(path, "r+b") as file:
-            file.truncate(intact_size)
-            os.fsync(file.fileno())
+def cut_to_intact(path, intact_size, aside_directory):
+    """Drops a damaged last line, so the next record is not appended to it.
+
+    A line cut short by a crash was never acknowledged and just goes; a whole line gone bad
+    is first copied into `aside_directory`, so that no acknowledged bytes are thrown away.
+    """
+    if os.path.getsize(path) <= intact_size:
+        return
+    with open(path, "r+b") as file:
+        file.seek(intact_size)
+        cut = file.read()
+        if cut.endswith(b"\n"):
+            copy = keep_aside(path, cut, aside_directory)
+            logger.error("moved the damaged last line of %s to %s", path, copy)
+        file.truncate(intact_size)
+        os.fsync(file.fileno())
+
+
+def keep_aside(path, data, aside_directory):
+    """Writes `data`, from the log at `path`, durably to a new file in `aside_directory`."""
+    os.makedirs(aside_directory, exist_ok=True)
+    number = len(os.listdir(aside_directory)) + 1
+    while True:
+        copy = os.path.join(aside_directory, f"{number:04d}-{LOG_FILE}")
+        try:
+            fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            break
+        except FileExistsError:
+            number += 1
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    fd = os.open(aside_directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return copy
