@@ -4,8 +4,10 @@ Orbax by every process of a run, resumable; the index is built from it.
 Layout:
 
     export.json      count, embedding_dim, chunk_size, num_chunks, the model's identity
-                     (checkpoint_step, model_config_hash), dataset, data_dir, and
-                     match_thresholds once evaluation has calibrated them
+                     (checkpoint_step, model_config_hash), dataset, data_dir,
+                     source_roots (where the sources lie: absolute folders or tfds:NAME;
+                     absent from older exports), and match_thresholds once evaluation
+                     has calibrated them
     keys.json        str [count], the dataset's keys, in dataset order
     sources.json     str [count], where each image can be read again
     labels.json      int [count]
@@ -85,7 +87,8 @@ def write_embedding_export(directory: str, embedder, dataset, *, metadata: dict 
     meta = dict(metadata or {}, format=FORMAT_VERSION, count=count,
                 embedding_dim=embedder.embedding_dim, chunk_size=chunk_size,
                 num_chunks=-(-count // chunk_size), checkpoint_step=embedder.checkpoint_step,
-                model_config_hash=embedder.model_config_hash, complete=False)
+                model_config_hash=embedder.model_config_hash,
+                source_roots=list(dataset.source_roots), complete=False)
     partial = partial_directory(directory)
     if parallel.is_primary_process():
         _start_or_resume(partial, meta, dataset)

@@ -145,6 +145,7 @@ def rebuild_index(workdir: str, num_shards: int | None = None, export=None):
                      model_config_hash=meta["model_config_hash"],
                      extra_manifest={"dataset": meta.get("dataset"),
                                      "data_dir": meta.get("data_dir", ""),
+                                     "source_roots": meta.get("source_roots"),
                                      "match_thresholds": meta.get("match_thresholds")})
     if num_shards > 1:
         index = ShardedIndex.build(export.embeddings, export.keys, num_shards=num_shards,

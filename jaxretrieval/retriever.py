@@ -6,12 +6,14 @@ one such caller; it holds no other handle on the model or the index.
 """
 
 import dataclasses
+import logging
+import os
 
 import numpy as np
 from PIL import Image
 
-from jaxretrieval.data.images import InputSpec, decode_image_bytes, to_model_input
-from jaxretrieval.data.sources import read_source
+from jaxretrieval.data.images import InputSpec, decode_image_bytes, eight_bit, to_model_input
+from jaxretrieval.data.sources import read_source, roots_of_reference, within_roots
 from jaxretrieval.embed import Embedder
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.index import Index, ShardedIndex, open_index, stored_key
@@ -21,10 +23,20 @@ THUMBNAIL_SIDE = 160
 # Thumbnails smaller than this on their longer side (8x8 digits) are scaled up by a whole
 # factor, with nearest-neighbour pixels, so that they are visible and stay sharp.
 THUMBNAIL_MIN_SIDE = 64
+# One answer for every item without a thumbnail, whatever the reason, so that a thumbnail
+# request never tells whether a path exists on the host.
+NO_THUMBNAIL = "no thumbnail for this item"
+
+logger = logging.getLogger(__name__)
 
 
 class UnknownItemError(JaxRetrievalError):
     """A key names no item in the gallery."""
+
+
+class NoThumbnailError(JaxRetrievalError):
+    """An item whose image cannot be shown: no source, a source outside the dataset's roots,
+    or a file that is missing or unreadable. Its message is NO_THUMBNAIL, always."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,16 +62,21 @@ class Retriever:
     not in the gallery).
     """
 
-    def __init__(self, embedder: Embedder, index: Index | ShardedIndex):
+    def __init__(self, embedder: Embedder, index: Index | ShardedIndex, *,
+                 thumbnail_roots=()):
+        """`thumbnail_roots`: folders besides the dataset's (see `thumbnail`) whose images
+        items' sources may name."""
         if embedder.embedding_dim != index.embedding_dim:
             raise JaxRetrievalError(
                 f"the model embeds to {embedder.embedding_dim} dimensions, the index holds "
                 f"{index.embedding_dim}: rebuild the index with `python -m train --eval_only`")
         self.embedder = embedder
         self.index = index
+        self._thumbnail_roots = tuple(os.path.abspath(os.fspath(root))
+                                      for root in thumbnail_roots)
 
     @classmethod
-    def load(cls, workdir: str, *, writable: bool = False) -> "Retriever":
+    def load(cls, workdir: str, *, writable: bool = False, thumbnail_roots=()) -> "Retriever":
         """The latest checkpoint and `DIR/index/` (flat or sharded); refuses an index built
         by another model.
 
@@ -73,7 +90,7 @@ class Retriever:
             "model_config_hash": embedder.model_config_hash,
             "checkpoint_step": embedder.checkpoint_step,
         })
-        return cls(embedder, index)
+        return cls(embedder, index, thumbnail_roots=thumbnail_roots)
 
     def close(self) -> None:
         """Closes the index: a writable one stops taking changes and frees the workdir for
@@ -214,21 +231,44 @@ class Retriever:
         """The image behind an item's source, shrunk to fit `side` x `side` pixels (tiny
         images are enlarged to at least THUMBNAIL_MIN_SIDE instead), in mode L or RGB.
 
-        `data_dir` is the TFDS data directory of dataset sources (default: the one the
-        model was trained from). Raises UnknownItemError for a key not in the gallery and
-        JaxRetrievalError for an item without a source or whose image cannot be read.
+        Sources are read only from where the gallery's dataset lies, as recorded when it was
+        embedded (the index manifest's `source_roots`; for older indexes, an absolute
+        `folder:` path or the TFDS name of its `dataset`), and from the `thumbnail_roots`
+        this Retriever was given; symbolic links and `..` are resolved first. `data_dir` is
+        the TFDS data directory of dataset sources (default: the one the model was trained
+        from). Raises UnknownItemError for a key not in the gallery, and NoThumbnailError
+        (one message for every reason, logged here in detail) for an item without a
+        readable source inside those roots.
         """
-        if key not in self:
+        stored = self.resolve(key)
+        if stored is None:
             raise UnknownItemError(f"no item with id {key!r}")
-        source = self.index.source_of(key)
+        source = self.index.source_of(stored)
         if not source:
-            raise JaxRetrievalError(f"item {key!r} has no stored image")
-        image = read_source(source, self.embedder.config.data_dir if data_dir is None
-                            else data_dir)
-        image = image.convert("RGB") if image.mode not in ("L", "RGB") else image
+            raise NoThumbnailError(NO_THUMBNAIL)
+        if not within_roots(source, self.source_roots):
+            logger.info("no thumbnail for %r: its source lies outside %s", stored,
+                        self.source_roots)
+            raise NoThumbnailError(NO_THUMBNAIL)
+        try:
+            image = eight_bit(read_source(
+                source, self.embedder.config.data_dir if data_dir is None else data_dir))
+        except Exception as err:  # whatever fails to read it, there is no image to show
+            logger.info("no thumbnail for %r: %s", stored, err)
+            raise NoThumbnailError(NO_THUMBNAIL) from None
         image.thumbnail((side, side))
         if max(image.size) < THUMBNAIL_MIN_SIDE:
             scale = THUMBNAIL_MIN_SIDE // max(image.size)
             image = image.resize((image.width * scale, image.height * scale),
                                  Image.Resampling.NEAREST)
         return image
+
+    @property
+    def source_roots(self) -> tuple:
+        """Where thumbnails may be read from (see `thumbnail`)."""
+        manifest = self.index.manifest
+        roots = manifest.get("source_roots")
+        if not isinstance(roots, list):
+            dataset = manifest.get("dataset")
+            roots = roots_of_reference(dataset if isinstance(dataset, str) else "")
+        return tuple(root for root in roots if isinstance(root, str)) + self._thumbnail_roots

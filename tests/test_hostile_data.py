@@ -1,7 +1,9 @@
-"""Hostile data on the way in: item ids, embedding values, and ids already stored that break
-the rules. The service runs over a real index and a stand-in model (the JSON endpoints never
-embed an image), so these tests need no training."""
+"""Hostile data on the way in: item ids, embedding values, ids already stored that break the
+rules, odd images, and item sources pointing anywhere on the host. The service runs over a
+real index and a stand-in model (the JSON endpoints and thumbnails never embed an image), so
+these tests need no training."""
 
+import io
 import json
 import types
 from urllib.parse import quote
@@ -9,6 +11,7 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from conftest import tiny_config
 import jaxretrieval.index
@@ -188,3 +191,102 @@ def test_the_python_api_refuses_booleans_and_strings_as_embeddings():
     with pytest.raises(JaxRetrievalError, match="hold bool"):
         index.search([[True] + [0.0] * (DIM - 1)], 1)
     assert "new" not in index
+
+
+# ---------------------------------------------------------------------- images
+
+def png_or_tiff(image, fmt, **options):
+    out = io.BytesIO()
+    image.save(out, format=fmt, **options)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_sixteen_bit_greyscale_is_scaled_to_eight_bits(fmt):
+    from jaxretrieval.data.images import InputSpec, decode_image_bytes, to_model_input
+
+    gradient = np.tile(np.arange(256, dtype=np.uint16) * 257, (256, 1))  # 0 .. 65535
+    data = png_or_tiff(Image.fromarray(gradient), fmt)
+    decoded = decode_image_bytes(data, max_pixels=10**6)
+    assert decoded.mode.startswith("I;16")
+    pixels = to_model_input(decoded, InputSpec(256, 1))[..., 0]
+    np.testing.assert_array_equal(pixels[0], np.arange(256))  # proportional, not black/white
+    np.testing.assert_array_equal(pixels, np.tile(pixels[0], (256, 1)))
+    grey_image = Image.fromarray((gradient // 2).astype(np.int32))  # mode I, within 16 bits
+    np.testing.assert_array_equal(to_model_input(grey_image, InputSpec(256, 1))[0, :, 0],
+                                  np.round(gradient[0] // 2 / 257).astype(np.uint8))
+
+
+def test_colour_modes_convert_or_give_one_clear_error():
+    from jaxretrieval.data.images import InputSpec, decode_image_bytes, to_model_input
+
+    lab = png_or_tiff(Image.new("LAB", (16, 16), (50, 10, 10)), "TIFF")
+    cmyk = png_or_tiff(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "TIFF")
+    for channels in (1, 3):
+        spec = InputSpec(16, channels)
+        for data in (lab, cmyk):
+            pixels = to_model_input(decode_image_bytes(data, max_pixels=10**6), spec)
+            assert pixels.shape == (16, 16, channels) and pixels.max() > 0
+        with pytest.raises(JaxRetrievalError, match="colour mode La cannot be converted"):
+            to_model_input(Image.new("La", (16, 16)), spec)
+    assert to_model_input(decode_image_bytes(cmyk, max_pixels=10**6),
+                          InputSpec(16, 3))[0, 0].tolist() == [255, 0, 0]
+
+
+def test_exif_orientation_is_applied_to_files_uploads_and_thumbnails(tmp_path):
+    from jaxretrieval.data.images import (InputSpec, decode_image_bytes, load_images,
+                                          read_image_file)
+
+    upright = np.random.default_rng(0).integers(0, 256, size=(6, 10, 3), dtype=np.uint8)
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # 10 x 6
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    data = png_or_tiff(stored, "PNG", exif=exif)
+    (tmp_path / "rotated.png").write_bytes(data)
+    np.testing.assert_array_equal(np.asarray(decode_image_bytes(data, max_pixels=10**6)),
+                                  upright)
+    np.testing.assert_array_equal(np.asarray(read_image_file(str(tmp_path / "rotated.png"))),
+                                  upright)
+    Image.fromarray(upright).save(tmp_path / "upright.png")
+    spec = InputSpec(12, 3)
+    np.testing.assert_array_equal(load_images([str(tmp_path / "rotated.png")], spec),
+                                  load_images([str(tmp_path / "upright.png")], spec))
+
+
+# ---------------------------------------------------------------------- thumbnails
+
+def test_thumbnails_come_only_from_the_dataset_roots_with_one_answer(tmp_path):
+    root, outside = tmp_path / "dataset", tmp_path / "elsewhere"
+    (root / "cats").mkdir(parents=True)
+    outside.mkdir()
+    Image.new("RGB", (40, 20), "red").save(root / "cats" / "tom.png")
+    Image.new("RGB", (40, 20), "blue").save(outside / "secret.png")
+    (outside / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (root / "cats" / "link.png").symlink_to(outside / "secret.png")
+    sources = {"inside": root / "cats" / "tom.png",
+               "passwd-like": outside / "passwd",
+               "outside-image": outside / "secret.png",
+               "missing-outside": outside / "nothing.png",
+               "missing-inside": root / "cats" / "nothing.png",
+               "dot-dot": f"{root}/cats/../../elsewhere/secret.png",
+               "symlink-out": root / "cats" / "link.png",
+               "relative": "elsewhere/secret.png",
+               "other-tfds": "tfds:mnist/train/0"}
+    keys = list(sources)
+    rows = np.stack([axis(row) for row in range(len(keys))])
+    for manifest in ({"source_roots": [str(root)]},  # as recorded now
+                     {"dataset": f"folder:{root}"}):  # as older indexes recorded it
+        index = Index.build(rows, keys, sources=[str(sources[key]) for key in keys],
+                            checkpoint_step=1, model_config_hash="abc",
+                            extra_manifest=manifest)
+        with client_over(stand_in_retriever(index)) as client:
+            good = client.get("/items/inside/thumbnail")
+            assert good.status_code == 200 and good.content[:4] == b"\x89PNG"
+            bodies = set()
+            for key in keys[1:]:
+                response = client.get(f"/items/{url_id(key)}/thumbnail")
+                assert response.status_code == 404, (key, response.text)
+                bodies.add(response.text)
+            assert len(bodies) == 1 and "no thumbnail for this item" in bodies.pop()
+    trusting = Retriever(stand_in_retriever(index).embedder, index, thumbnail_roots=[outside])
+    assert trusting.thumbnail("outside-image").size == (40, 20)

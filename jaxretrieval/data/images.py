@@ -1,25 +1,80 @@
-"""Turning any image a user has (a file, an array) into the model's uint8 input."""
+"""Turning any image a user has (a file, an array) into the model's uint8 input.
+
+Every image decoded from a file or an upload is first turned upright by its EXIF
+orientation tag (`upright`), as a photo viewer shows it, and then made 8-bit L or RGB
+(`eight_bit`): 16- and 32-bit greyscale and float images are scaled down rather than clipped,
+and a colour mode Pillow cannot convert is one clear error.
+"""
 
 import dataclasses
+import logging
 import os
+import struct
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from jaxretrieval.errors import JaxRetrievalError
 
+logger = logging.getLogger(__name__)
+
+# The greyscale modes of more than 8 bits, which Pillow's own conversion to L clips at 255.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+WIDE_MODES = (*SIXTEEN_BIT_MODES, "I", "F")
+
 
 def read_image_file(path: str) -> Image.Image:
-    """Opens and fully decodes an image file; a missing or corrupt file names its path."""
+    """Opens and fully decodes an image file, turned upright by its EXIF orientation; a
+    missing or corrupt file names its path."""
     if not os.path.isfile(path):
         raise JaxRetrievalError(f"image file {path!r} not found")
     try:
         with Image.open(path) as image:
             image.load()  # decode now, so truncated files fail here and not later
-            return image.copy()
+            return upright(image.copy())
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise JaxRetrievalError(
             f"cannot read image {path!r} ({err}); replace or remove the file") from None
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """`image` rotated and flipped as its EXIF orientation tag says (in place)."""
+    try:
+        ImageOps.exif_transpose(image, in_place=True)
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError, struct.error) as err:
+        # A damaged EXIF block is no reason to refuse the pixels.
+        logger.info("ignoring the unreadable EXIF orientation of an image (%s)", err)
+    return image
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """`image` in mode L or RGB.
+
+    16-bit greyscale (I;16) is scaled from 0..65535 to 0..255; 32-bit integers (I) the same
+    when they lie in 0..65535, else from their own minimum..maximum; floats (F) from 0..1
+    when they lie there, else from their own minimum..maximum. Any other mode is converted
+    to RGB, or refused with a JaxRetrievalError if Pillow cannot convert it.
+    """
+    if image.mode in ("L", "RGB"):
+        return image
+    if image.mode in WIDE_MODES:
+        values = np.asarray(image).astype(np.float64)
+        values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and low >= 0
+                                               and high <= 65535):
+            scaled = values / 257.0
+        elif image.mode == "F" and low >= 0 and high <= 1:
+            scaled = values * 255.0
+        else:
+            scaled = (values - low) * (255.0 / (high - low)) if high > low else values * 0
+        return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), "L")
+    try:
+        return image.convert("RGB")
+    except ValueError:
+        raise JaxRetrievalError(
+            f"the image's colour mode {image.mode} cannot be converted to RGB; save it as an "
+            "RGB or greyscale PNG or JPEG") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,14 +100,15 @@ class InputSpec:
 def to_model_input(image, spec: InputSpec) -> np.ndarray:
     """Returns uint8 [image_size, image_size, channels] from a PIL image or an HxW(xC) array.
 
-    Grayscale and colour are converted to `spec.channels`; the image is resized (bilinear)
-    as `spec` says, as the training data was.
+    Grayscale and colour are converted to `spec.channels` (through `eight_bit`); the image is
+    resized (bilinear) as `spec` says, as the training data was.
     """
     if isinstance(image, np.ndarray):
         image = _array_to_pil(image)
     elif not isinstance(image, Image.Image):
         raise JaxRetrievalError(
             f"expected an image array or a PIL image, got {type(image).__name__}")
+    image = eight_bit(image)
     size = spec.image_size
     if spec.align_faces:
         from jaxretrieval.data.faces import align_face
@@ -109,7 +165,8 @@ def load_images(images, spec: InputSpec) -> np.ndarray:
 
 
 def decode_image_bytes(data: bytes, *, max_pixels: int) -> Image.Image:
-    """Decodes an uploaded image; refuses non-images, truncated files and decompression bombs.
+    """Decodes an uploaded image, turned upright by its EXIF orientation; refuses non-images,
+    truncated files and decompression bombs.
 
     The pixel count is checked from the header, before any pixel is decoded, so a small file
     that claims a huge image costs nothing.
@@ -131,4 +188,4 @@ def decode_image_bytes(data: bytes, *, max_pixels: int) -> Image.Image:
         image.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise JaxRetrievalError(f"the image is truncated or corrupt ({err}); send it whole")
-    return image
+    return upright(image)

@@ -6,7 +6,9 @@ this file alone.
 
 Every item has a label index, a string key (a folder image: its path relative to the root;
 a TFDS or digits example: `split/index`) and a source reference from which its image can be
-read again (`read_source`): an absolute file path, or `tfds:NAME/split/index`.
+read again (`read_source`): an absolute file path, or `tfds:NAME/split/index`. A dataset's
+`source_roots` say where its sources may lie (the folder, or `tfds:NAME`); thumbnails are
+read only from there (`within_roots`).
 """
 
 import dataclasses
@@ -48,6 +50,8 @@ class ImageDataset:
     read_one: Callable[[int], np.ndarray]  # index -> uint8 [size, size, channels]
     # With config.model.align_faces: the images aligned as whole images, no face found in them.
     faces_not_found: int | None = None
+    # Where its sources lie: absolute folders and `tfds:NAME` entries (see `within_roots`).
+    source_roots: tuple = ()
     _cache: np.ndarray = None  # filled as images are first read; see cache_in_memory
     _cached: np.ndarray = None  # bool [n]: which rows of _cache are decoded
 
@@ -203,7 +207,8 @@ def _tfds_dataset(tfds_name, config, display_name=None) -> ImageDataset:
         return to_model_input(split_sources[split_name][index]["image"], spec)
 
     return ImageDataset(display_name or f"tfds:{tfds_name}", labels, keys, sources, names,
-                        config.image_size, config.channels, read_one)
+                        config.image_size, config.channels, read_one,
+                        source_roots=(f"{TFDS_REF_PREFIX}{tfds_name}",))
 
 
 def _tfds_labels(tfds_name, split_name, data_dir, label_key) -> np.ndarray:
@@ -279,7 +284,7 @@ def _image_files_dataset(root, class_names, files_per_class, config) -> ImageDat
 
     return ImageDataset(f"folder:{root}", np.asarray(labels, np.int64), keys, sources,
                         [name or os.path.basename(root) for name in class_names],
-                        config.image_size, config.channels, read_one)
+                        config.image_size, config.channels, read_one, source_roots=(root,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,3 +330,37 @@ def read_source(reference: str, data_dir=None) -> Image.Image:
         array = np.asarray(source[int(index)]["image"])
         return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
     return read_image_file(reference)
+
+
+def roots_of_reference(reference: str) -> list:
+    """The source roots of the dataset `reference` names, for an index recorded before
+    `source_roots` were: a folder given as an absolute path, a TFDS name, or digits."""
+    kind, _, argument = (reference or "").partition(":")
+    if kind == "folder" and os.path.isabs(os.path.expanduser(argument)):
+        return [os.path.abspath(os.path.expanduser(argument))]
+    if kind == "tfds" and argument:
+        return [f"{TFDS_REF_PREFIX}{argument}"]
+    if kind == "digits":
+        return [f"{TFDS_REF_PREFIX}{DIGITS_TFDS_NAME}"]
+    return []
+
+
+def within_roots(reference: str, roots) -> bool:
+    """Whether the source `reference` lies under one of `roots`: a `tfds:NAME/split/index`
+    of a `tfds:NAME` root, or an absolute file path inside a root folder once symbolic
+    links and `..` are resolved."""
+    if reference.startswith(TFDS_REF_PREFIX):
+        name, _, rest = reference[len(TFDS_REF_PREFIX):].partition("/")
+        split_name, _, index = rest.rpartition("/")
+        return (f"{TFDS_REF_PREFIX}{name}" in roots and bool(split_name)
+                and index.isdigit() and index.isascii())
+    if not os.path.isabs(reference) or "\0" in reference:
+        return False
+    path = os.path.realpath(reference)
+    for root in roots:
+        if root.startswith(TFDS_REF_PREFIX) or not os.path.isabs(root):
+            continue
+        root = os.path.realpath(root)
+        if os.path.commonpath([root, path]) == root and path != root:
+            return True
+    return False
