@@ -11,7 +11,7 @@ from conftest import run_python
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.pipeline import rebuild_index
 from jaxretrieval.index import Index, snapshot_directory
-from jaxretrieval.retriever import Retriever, UnknownItemError
+from jaxretrieval.retriever import NoThumbnailError, Retriever, UnknownItemError
 from jaxretrieval.workdir import Workdir
 
 
@@ -182,7 +182,7 @@ def test_live_updates_are_searchable_refused_whole_and_survive_a_reload(trained_
     assert "new/vector" in retriever and retriever.count == 1798
     retriever.close()
 
-    reopened = Retriever.load(workdir)
+    reopened = Retriever.load(workdir, thumbnail_roots=[tmp_path])
     assert not reopened.writable and reopened.count == 1798
     assert "new/image" in reopened and "new/vector" in reopened
     assert "train/3" not in reopened and "new/wrong" not in reopened
@@ -190,10 +190,10 @@ def test_live_updates_are_searchable_refused_whole_and_survive_a_reload(trained_
     assert np.asarray(reopened.thumbnail("new/image")).shape == (64, 64)  # its file source
 
 
-def test_thumbnails_show_an_items_source_and_name_what_is_missing(trained_workdir, tmp_path):
+def test_thumbnails_show_an_items_source_and_nothing_else(trained_workdir, tmp_path):
     from PIL import Image
 
-    retriever = Retriever.load(trained_workdir[0])
+    retriever = Retriever.load(trained_workdir[0], thumbnail_roots=[tmp_path])
     thumbnail = retriever.thumbnail("train/5")  # a TFDS source, read from the run's data_dir
     assert thumbnail.mode == "L" and thumbnail.size == (64, 64)  # 8x8, enlarged 8 times
     assert retriever.thumbnail("train/5", side=32).size == (64, 64)  # never below 64
@@ -206,9 +206,13 @@ def test_thumbnails_show_an_items_source_and_name_what_is_missing(trained_workdi
     with pytest.raises(UnknownItemError, match="no item with id 'nope'"):
         retriever.thumbnail("nope")
     retriever.upsert_embeddings(["new/bare"], unit_vector(16, 1)[None])
-    with pytest.raises(JaxRetrievalError, match="'new/bare' has no stored image") as raised:
+    with pytest.raises(NoThumbnailError, match="^no thumbnail for this item$"):
         retriever.thumbnail("new/bare")
-    assert not isinstance(raised.value, UnknownItemError)
     os.remove(big)
-    with pytest.raises(JaxRetrievalError, match="not found"):
+    with pytest.raises(NoThumbnailError, match="^no thumbnail for this item$"):
         retriever.thumbnail("new/big")
+    # Without the extra root, the file lies outside the digits dataset's: the same answer.
+    Image.new("RGB", (400, 200), "red").save(big)
+    assert retriever.source_roots[0].startswith("tfds:")
+    with pytest.raises(NoThumbnailError, match="^no thumbnail for this item$"):
+        Retriever(retriever.embedder, retriever.index).thumbnail("new/big")

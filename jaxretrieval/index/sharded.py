@@ -21,6 +21,8 @@ On-disk layout of a sharded index directory:
     LOCK                              held (flock) by the one writer, as for an Index
     shards/<generation>/shard-00000-of-00004/   one complete Index directory per shard
     ...
+    damaged-logs/                     copies of damaged shard logs that
+                                      `jaxretrieval.index.recover` recovered from
 
 `open_index` opens either layout: with shards.json (storage.is_sharded) the directory is
 sharded, without it it is a plain Index directory (CURRENT, snapshots/).
