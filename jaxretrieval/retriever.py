@@ -12,7 +12,8 @@ import os
 import numpy as np
 from PIL import Image
 
-from jaxretrieval.data.images import InputSpec, decode_image_bytes, eight_bit, to_model_input
+from jaxretrieval.data.images import (InputSpec, decode_image_bytes, eight_bit, in_mode,
+                                      to_model_input)
 from jaxretrieval.data.sources import read_source, roots_of_reference, within_roots
 from jaxretrieval.embed import Embedder
 from jaxretrieval.errors import JaxRetrievalError
@@ -167,8 +168,9 @@ class Retriever:
         return self.search_embeddings(self.embed(images), k, threshold=threshold)
 
     def search_embeddings(self, vectors, k: int = 10, *, threshold: float | None = None):
-        """As `search`, for query embeddings [n, d] computed already."""
-        return self.index.search(np.asarray(vectors, np.float32), k, threshold=threshold)
+        """As `search`, for query embeddings [n, d] computed already (numbers only: the
+        index refuses booleans and strings)."""
+        return self.index.search(vectors, k, threshold=threshold)
 
     def match(self, image_a, image_b, *, threshold: float | None = None) -> Match:
         """Are two images of the same class? Cosine similarity against `threshold`
@@ -253,6 +255,7 @@ class Retriever:
         try:
             image = eight_bit(read_source(
                 source, self.embedder.config.data_dir if data_dir is None else data_dir))
+            image = image if image.mode in ("L", "RGB") else in_mode(image, "RGB")
         except Exception as err:  # whatever fails to read it, there is no image to show
             logger.info("no thumbnail for %r: %s", stored, err)
             raise NoThumbnailError(NO_THUMBNAIL) from None

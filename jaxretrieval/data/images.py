@@ -2,8 +2,8 @@
 
 Every image decoded from a file or an upload is first turned upright by its EXIF
 orientation tag (`upright`), as a photo viewer shows it, and then made 8-bit L or RGB
-(`eight_bit`): 16- and 32-bit greyscale and float images are scaled down rather than clipped,
-and a colour mode Pillow cannot convert is one clear error.
+(`eight_bit`, `in_mode`): 16- and 32-bit greyscale and float images are scaled down rather
+than clipped, and a colour mode Pillow cannot convert is one clear error.
 """
 
 import dataclasses
@@ -48,33 +48,41 @@ def upright(image: Image.Image) -> Image.Image:
 
 
 def eight_bit(image: Image.Image) -> Image.Image:
-    """`image` in mode L or RGB.
-
-    16-bit greyscale (I;16) is scaled from 0..65535 to 0..255; 32-bit integers (I) the same
-    when they lie in 0..65535, else from their own minimum..maximum; floats (F) from 0..1
-    when they lie there, else from their own minimum..maximum. Any other mode is converted
-    to RGB, or refused with a JaxRetrievalError if Pillow cannot convert it.
-    """
-    if image.mode in ("L", "RGB"):
+    """`image` with 8 bits per channel: 16-bit greyscale (I;16) scaled from 0..65535 to
+    0..255 as mode L; 32-bit integers (I) the same when they lie in 0..65535, else from
+    their own minimum..maximum; floats (F) from 0..1 when they lie there, else from their
+    own minimum..maximum. Pillow's own conversion clips these at 255 instead, which leaves
+    a black and white image. Other modes are returned as they are."""
+    if image.mode not in WIDE_MODES:
         return image
-    if image.mode in WIDE_MODES:
-        values = np.asarray(image).astype(np.float64)
-        values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
-        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-        if image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and low >= 0
-                                               and high <= 65535):
-            scaled = values / 257.0
-        elif image.mode == "F" and low >= 0 and high <= 1:
-            scaled = values * 255.0
-        else:
-            scaled = (values - low) * (255.0 / (high - low)) if high > low else values * 0
-        return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), "L")
+    values = np.asarray(image).astype(np.float64)
+    values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and low >= 0 and high <= 65535):
+        scaled = values / 257.0
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        scaled = values * 255.0
+    else:
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else values * 0
+    return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), "L")
+
+
+def in_mode(image: Image.Image, mode: str) -> Image.Image:
+    """`image` (8 bits per channel, see `eight_bit`) converted to `mode` (L or RGB), through
+    RGB where Pillow has no direct conversion (LAB to L); a JaxRetrievalError for a colour
+    mode Pillow cannot convert at all."""
+    if image.mode == mode:
+        return image
     try:
-        return image.convert("RGB")
+        return image.convert(mode)
+    except ValueError:
+        pass
+    try:
+        return image.convert("RGB").convert(mode)
     except ValueError:
         raise JaxRetrievalError(
-            f"the image's colour mode {image.mode} cannot be converted to RGB; save it as an "
-            "RGB or greyscale PNG or JPEG") from None
+            f"the image's colour mode {image.mode} cannot be converted to {mode}; save it as "
+            "an RGB or greyscale PNG or JPEG") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +108,7 @@ class InputSpec:
 def to_model_input(image, spec: InputSpec) -> np.ndarray:
     """Returns uint8 [image_size, image_size, channels] from a PIL image or an HxW(xC) array.
 
-    Grayscale and colour are converted to `spec.channels` (through `eight_bit`); the image is
+    Grayscale and colour are converted to `spec.channels` (`eight_bit`, `in_mode`); the image is
     resized (bilinear) as `spec` says, as the training data was.
     """
     if isinstance(image, np.ndarray):
@@ -113,8 +121,8 @@ def to_model_input(image, spec: InputSpec) -> np.ndarray:
     if spec.align_faces:
         from jaxretrieval.data.faces import align_face
 
-        image = Image.fromarray(align_face(image, size)[0])
-    image = image.convert("L" if spec.channels == 1 else "RGB")
+        image = Image.fromarray(align_face(in_mode(image, "RGB"), size)[0])
+    image = in_mode(image, "L" if spec.channels == 1 else "RGB")
     if spec.crop_fraction < 1:
         image = _centre_crop(image, size, spec.crop_fraction)
     if image.size != (size, size):

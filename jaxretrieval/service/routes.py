@@ -99,6 +99,14 @@ def parse_embedding(service: Service, values) -> np.ndarray:
         raise ServiceError(400, "bad_embedding", str(err)) from None
 
 
+def check_ids(ids: list) -> list:
+    """`ids`, checked by the index's own rule for keys."""
+    try:
+        return check_keys(ids, "ids")
+    except JaxRetrievalError as err:
+        raise ServiceError(400, "bad_id", str(err)) from None
+
+
 def path_id(request: Request, item_id: str, suffix: str = "") -> str:
     """The item id in `/items/{id}{suffix}`, percent-decoded exactly once from the path as
     sent, so `%2F` is a `/` inside the id and `%25` a `%` (some servers and test clients
@@ -226,6 +234,7 @@ async def upsert_items(request: Request, service: ServiceDep):
         if not ids or len(ids) != len(uploads):
             raise ServiceError(400, "missing_field",
                                "send `id` and `image` fields in pairs, at least one pair")
+        check_ids(ids)  # before the images are embedded
         vectors = await embed(service, [await read_upload(service, u) for u in uploads])
     else:
         items = (await json_body(request)).get("items")
@@ -233,12 +242,8 @@ async def upsert_items(request: Request, service: ServiceDep):
                 isinstance(i, dict) and "id" in i and "embedding" in i for i in items):
             raise ServiceError(400, "missing_field",
                                "send {\"items\": [{\"id\": ..., \"embedding\": [...]}]}")
-        ids = [item["id"] for item in items]
+        ids = check_ids([item["id"] for item in items])
         vectors = np.stack([parse_embedding(service, item["embedding"]) for item in items])
-    try:
-        check_keys(ids, "ids")
-    except JaxRetrievalError as err:
-        raise ServiceError(400, "bad_id", str(err)) from None
     retriever = service.retriever
     await run_in_threadpool(retriever.upsert_embeddings, ids, np.asarray(vectors, np.float32))
     return {"upserted": len(ids), "items": retriever.count}
