@@ -290,3 +290,27 @@ def test_thumbnails_come_only_from_the_dataset_roots_with_one_answer(tmp_path):
             assert len(bodies) == 1 and "no thumbnail for this item" in bodies.pop()
     trusting = Retriever(stand_in_retriever(index).embedder, index, thumbnail_roots=[outside])
     assert trusting.thumbnail("outside-image").size == (40, 20)
+
+
+def test_folder_datasets_record_their_root_turn_images_upright_and_check_keys(tmp_path):
+    from jaxretrieval.data.sources import load_dataset
+
+    upright = np.random.default_rng(1).integers(0, 256, size=(6, 10, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "photos" / "rotated").mkdir(parents=True)
+    (tmp_path / "photos" / "upright").mkdir()
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(
+        tmp_path / "photos" / "rotated" / "a.png", exif=exif)
+    Image.fromarray(upright).save(tmp_path / "photos" / "upright" / "a.png")
+    config = tiny_config(str(tmp_path), dataset=f"folder:{tmp_path / 'photos'}", channels=3,
+                         cache_max_bytes=0)
+    dataset = load_dataset(config)
+    assert dataset.source_roots == (str(tmp_path / "photos"),)
+    assert dataset.keys == ["rotated/a.png", "upright/a.png"]
+    images = dataset.images([0, 1])
+    np.testing.assert_array_equal(images[0], images[1])
+    (tmp_path / "photos" / "upright" / "bad\nname.png").write_bytes(
+        (tmp_path / "photos" / "upright" / "a.png").read_bytes())
+    with pytest.raises(JaxRetrievalError, match="control character.*rename that file"):
+        load_dataset(config)

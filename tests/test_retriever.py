@@ -213,6 +213,7 @@ def test_thumbnails_show_an_items_source_and_nothing_else(trained_workdir, tmp_p
         retriever.thumbnail("new/big")
     # Without the extra root, the file lies outside the digits dataset's: the same answer.
     Image.new("RGB", (400, 200), "red").save(big)
-    assert retriever.source_roots[0].startswith("tfds:")
+    assert retriever.index.manifest["source_roots"] == ["tfds:sklearn_digits"]  # recorded
+    assert retriever.source_roots == ("tfds:sklearn_digits", str(tmp_path))
     with pytest.raises(NoThumbnailError, match="^no thumbnail for this item$"):
         Retriever(retriever.embedder, retriever.index).thumbnail("new/big")

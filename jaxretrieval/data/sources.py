@@ -21,6 +21,7 @@ from PIL import Image
 
 from jaxretrieval.data.images import InputSpec, read_image_file, to_model_input
 from jaxretrieval.errors import JaxRetrievalError
+from jaxretrieval.index.keys import check_keys
 
 logger = logging.getLogger(__name__)
 
@@ -277,6 +278,12 @@ def _image_files_dataset(root, class_names, files_per_class, config) -> ImageDat
             sources.append(os.path.join(root, class_name, file_name))
             labels.append(label)
 
+    try:
+        check_keys(keys)
+    except JaxRetrievalError as err:
+        # Refused here, before any image is embedded, rather than when the index is built.
+        raise JaxRetrievalError(f"{err}. A folder image's key is its path relative to "
+                                f"{root!r}: rename that file or folder") from None
     spec = decoded_input_spec(config)
 
     def read_one(i):
