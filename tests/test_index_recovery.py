@@ -153,3 +153,18 @@ def test_the_command_line_recovers_a_workdirs_index(logged_index, tmp_path, caps
     report = json.loads(out)
     assert report["logs"][0]["lost_lines"] == [3, 4] and "lost lines [3, 4]" in err
     assert Index.load(workdir / "index").count == 22
+
+
+def test_a_shards_damaged_last_line_is_kept_at_the_top(tmp_path):
+    directory = tmp_path / "sharded"
+    ShardedIndex.build(unit_rows(20, 0), [f"item-{row}" for row in range(20)],
+                       checkpoint_step=1, model_config_hash="abc",
+                       num_shards=2).save(directory)
+    with open_index(directory, writable=True) as index:
+        index.upsert(["new-0"], unit_rows(1, 10))
+    shard = jaxretrieval.index.sharded.shard_directories(str(directory))[shard_of("new-0", 2)]
+    flip_a_bit(log_of(shard), 1)
+    open_index(directory, writable=True).close()
+    assert "new-0" not in open_index(directory)
+    assert len(os.listdir(directory / "damaged-logs")) == 1
+    assert not os.path.exists(os.path.join(shard, "damaged-logs"))

@@ -412,7 +412,7 @@ class Index:
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def load(cls, directory, *, expected=None, writable=False):
+    def load(cls, directory, *, expected=None, writable=False, damaged_logs=None):
         """Loads the index saved at `directory`, replaying its log of changes.
 
         `expected` maps manifest keys (e.g. embedding_dim, model_config_hash,
@@ -421,7 +421,9 @@ class Index:
 
         With `writable=True` this process becomes the directory's one
         writer until `close()`: `upsert`, `delete` and `update_manifest`
-        are logged durably before they return, and `snapshot()` works.
+        are logged durably before they return, and `snapshot()` works. A
+        damaged last log line is then copied into `damaged_logs` (default
+        DIRECTORY/damaged-logs) before it is cut off.
         """
         directory = storage.flat_index_directory(directory)
         if not writable:
@@ -443,8 +445,8 @@ class Index:
                 storage.finish_switch(directory, version, previous)
             else:
                 log_path, intact_size = log
-                wal.cut_to_intact(log_path, intact_size,
-                                  os.path.join(directory, storage.DAMAGED_LOGS_DIR))
+                wal.cut_to_intact(log_path, intact_size, damaged_logs or os.path.join(
+                    directory, storage.DAMAGED_LOGS_DIR))
                 index._open_log(version)
                 storage.fsync_path(os.path.dirname(log_path))  # in case it was created
         except BaseException:

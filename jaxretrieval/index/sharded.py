@@ -21,8 +21,8 @@ On-disk layout of a sharded index directory:
     LOCK                              held (flock) by the one writer, as for an Index
     shards/<generation>/shard-00000-of-00004/   one complete Index directory per shard
     ...
-    damaged-logs/                     copies of damaged shard logs that
-                                      `jaxretrieval.index.recover` recovered from
+    damaged-logs/                     copies of damaged log lines, never deleted (as
+                                      for an Index; jaxretrieval.index.storage)
 
 `open_index` opens either layout: with shards.json (storage.is_sharded) the directory is
 sharded, without it it is a plain Index directory (CURRENT, snapshots/).
@@ -204,7 +204,9 @@ def _load_shard(directory, name, num_shards, writable):
     if not os.path.isdir(path):
         raise storage.incomplete(directory, f"shard folder {name}", num_shards)
     try:
-        return Index.load(path, writable=writable)
+        # Kept aside at the top, where no later save removes them with the shard's folder.
+        return Index.load(path, writable=writable, damaged_logs=os.path.join(
+            directory, storage.DAMAGED_LOGS_DIR))
     except UnreadableIndexError as error:
         # A shard is rebuilt with the sharded whole, not as a flat index.
         raise error.for_shards(num_shards) from None
