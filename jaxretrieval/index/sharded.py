@@ -17,7 +17,7 @@ On-disk layout of a sharded index directory:
                                       generation, shards (the folder names, relative),
                                       embedding_dim, model_config_hash, checkpoint_step,
                                       scann_version, distance and the extra entries
-                                      (match_thresholds, dataset, data_dir, ...)
+                                      (match_thresholds, dataset, data_dir, source_roots, ...)
     LOCK                              held (flock) by the one writer, as for an Index
     shards/<generation>/shard-00000-of-00004/   one complete Index directory per shard
     ...

@@ -497,7 +497,7 @@ def read_index(directory):
             return state, manifest, None, None
         log_path = os.path.join(snapshot_folder(directory, version), LOG_FILE)
         try:
-            records, intact_size, _ = read_log(log_path)
+            records, intact_size = read_log(log_path)
             state, manifest = replayed(state, manifest, records)
         except DamagedLogError as error:
             raise damaged_log(directory, f"{SNAPSHOTS_DIR}/{version}/{error}") from None

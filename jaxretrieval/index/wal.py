@@ -72,7 +72,7 @@ def read_lines(path):
 
 
 def read_log(path):
-    """(records, bytes of intact lines, file size) of a snapshot's log."""
+    """(records, bytes of intact lines) of a snapshot's log."""
     lines, tail = read_lines(path)
     records, intact_size = [], 0
     for number, line in enumerate(lines, 1):
@@ -88,8 +88,8 @@ def read_log(path):
             raise DamagedLogError(f"{LOG_FILE} line {number} is damaged", number)
         records.append(record)
         intact_size += len(line) + 1
-    # A non-empty tail lacks its newline, so it was cut short too.
-    return records, intact_size, sum(len(line) + 1 for line in lines) + len(tail)
+    # A non-empty tail lacks its newline, so it was cut short too: not counted as intact.
+    return records, intact_size
 
 
 def intact_prefix(path):
