@@ -93,6 +93,17 @@ def test_ids_breaking_the_rules_are_refused_by_python_and_http(bad):
     assert index.count == 20 and "fine" not in index
 
 
+def test_multipart_ids_are_checked_before_any_image_is_embedded():
+    index = build_index()
+    with client_over(stand_in_retriever(index)) as client:  # its model embeds nothing
+        for bad in ("a\x00b", "x" * 1025):
+            response = client.post("/items", data={"id": bad},
+                                   files={"image": ("a.png", b"not read", "image/png")})
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]["code"] == "bad_id"
+    assert index.count == 20
+
+
 def test_awkward_valid_ids_are_searchable_and_deletable_over_http():
     index = build_index()
     retriever = stand_in_retriever(index)

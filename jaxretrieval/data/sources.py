@@ -357,10 +357,9 @@ def within_roots(reference: str, roots) -> bool:
     of a `tfds:NAME` root, or an absolute file path inside a root folder once symbolic
     links and `..` are resolved."""
     if reference.startswith(TFDS_REF_PREFIX):
-        name, _, rest = reference[len(TFDS_REF_PREFIX):].partition("/")
-        split_name, _, index = rest.rpartition("/")
-        return (f"{TFDS_REF_PREFIX}{name}" in roots and bool(split_name)
-                and index.isdigit() and index.isascii())
+        parts = reference[len(TFDS_REF_PREFIX):].rsplit("/", 2)  # as read_source splits it
+        return (len(parts) == 3 and f"{TFDS_REF_PREFIX}{parts[0]}" in roots
+                and bool(parts[1]) and parts[2].isdigit() and parts[2].isascii())
     if not os.path.isabs(reference) or "\0" in reference:
         return False
     path = os.path.realpath(reference)
