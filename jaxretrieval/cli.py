@@ -1,4 +1,5 @@
-"""The command line: `jaxretrieval train|embed|index|search|serve ...` (and `python -m train`).
+"""The command line: `jaxretrieval train|embed|index|search|serve|export-model ...` (and
+`python -m train`).
 
 The one place that parses argv and renders progress; everything it runs lives in the library.
 """
@@ -23,6 +24,7 @@ COMMANDS = {
     "index": "rebuild a workdir's index from its embeddings (no model needed)",
     "search": "search a workdir's index with image files; prints JSON lines",
     "serve": "serve search, match and item updates over HTTP, with a web page",
+    "export-model": "export the model (StableHLO or TF SavedModel) to run without this package",
     "config": "list every config key with its value and meaning",
     "recover-index": "keep an index's updates logged before damage to its log; reports losses",
 }
@@ -47,8 +49,8 @@ def main(argv=None, prog: str = "jaxretrieval") -> int:
         reexec_with_huge_pages()
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": run_train, "embed": run_embed, "index": run_index,
-                "search": run_search, "serve": run_serve, "config": run_config,
-                "recover-index": run_recover_index}
+                "search": run_search, "serve": run_serve, "export-model": run_export_model,
+                "config": run_config, "recover-index": run_recover_index}
     if argv and argv[0] in ("-h", "--help"):
         print(usage(prog))
         return 0
@@ -302,6 +304,30 @@ def run_search(argv, prog="jaxretrieval search") -> int:
     for path, row_keys, row_scores in zip(args.images, keys, scores):
         print(json.dumps({"query": path, "results": [
             {"id": key, "score": round(score, 6)} for key, score in zip(row_keys, row_scores)]}))
+    return 0
+
+
+def run_export_model(argv, prog="jaxretrieval export-model") -> int:
+    from jaxretrieval.model_export import DEFAULT_PLATFORMS, FORMATS
+
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Export the workdir's latest model, from uint8 images to L2-normalised "
+                    "embeddings with its weights inside, as a program that runs without "
+                    "this package (docs/model_export.md).")
+    _add_workdir_argument(parser)
+    parser.add_argument("--format", required=True, metavar="|".join(FORMATS),
+                        help="stablehlo: jax.export's serialized module; savedmodel: a "
+                             "TensorFlow SavedModel for TF Serving")
+    parser.add_argument("--output", required=True,
+                        help="the directory to create (it must not exist)")
+    parser.add_argument("--platforms", default=",".join(DEFAULT_PLATFORMS),
+                        help="comma-separated platforms to lower for (default %(default)s)")
+    args = parser.parse_args(argv)
+    from jaxretrieval.model_export import export_model
+    metadata = export_model(args.workdir, args.format, args.output,
+                            platforms=args.platforms.split(","))
+    print(json.dumps(metadata, indent=2))
     return 0
 
 

@@ -34,39 +34,22 @@ class Embedder:
         self.model_config_hash = model_config_hash(config)
         self.embedding_dim = config.embedding_dim
         self.devices = devices or parallel.local_devices()
-        model = build_model(config)
         mesh = parallel.device_mesh(self.devices)
         self._batch_sharding = parallel.batch_sharding(self.devices)
         self._variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
         # Each device embeds its own slice of the batch (shard_map, not XLA's partitioner:
         # the CPU convolution is a custom call XLA would otherwise run whole on every device).
         batch_spec = PartitionSpec(parallel.DEVICE_AXIS)
-        flip_test = bool(config.model.flip_test)
-
-        def embed_fn(variables, images):
-            x = preprocess(images)
-            if not flip_test:
-                return model.apply(variables, x)
-            # The image and its mirror in one batch: one apply, one program.
-            both = model.apply(variables, jnp.concatenate([x, x[:, :, ::-1]], axis=0))
-            return l2_normalize(both[:len(x)] + both[len(x):])
-
         self._embed_fn = jax.jit(jax.shard_map(
-            embed_fn, mesh=mesh, in_specs=(PartitionSpec(), batch_spec), out_specs=batch_spec))
+            embedding_function(config), mesh=mesh, in_specs=(PartitionSpec(), batch_spec),
+            out_specs=batch_spec))
         self._buckets = _bucket_sizes(config.embed_batch_size, len(self.devices))
 
     @classmethod
     def from_workdir(cls, workdir: str, step: int | None = None, devices=None) -> "Embedder":
         """Loads `DIR/config.json` and the checkpoint at `step` (default: the latest)."""
-        config = Workdir(workdir).read_config()
-        store = open_for_reading(workdir)
-        try:
-            step = store.latest_step() if step is None else step
-            state = store.restore(step)
-        finally:
-            store.close()
-        variables = {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}
-        return cls(config, variables, checkpoint_step=int(step), devices=devices)
+        config, variables, step = restore_model(workdir, step)
+        return cls(config, variables, checkpoint_step=step, devices=devices)
 
     def embed_uint8(self, images: np.ndarray) -> np.ndarray:
         """uint8 [n, size, size, channels] -> float32 [n, embedding_dim]."""
@@ -99,6 +82,42 @@ class Embedder:
     def embed(self, images) -> np.ndarray:
         """Any batch of HxWxC uint8 arrays or image file paths -> float32 [n, d], unit norm."""
         return self.embed_uint8(load_images(images, InputSpec.of(self.config)))
+
+
+def embedding_function(config):
+    """The model's whole computation from pixels to embeddings, for one batch on one device:
+    `(variables, uint8 [n, size, size, channels]) -> float32 [n, embedding_dim]`, unit norm.
+
+    Pure and shape-polymorphic in n: the Embedder maps it over its devices, and
+    `model_export` traces it into a program that runs without this package.
+    """
+    model = build_model(config)
+    flip_test = bool(config.model.flip_test)
+
+    def embed_fn(variables, images):
+        x = preprocess(images)
+        if not flip_test:
+            return model.apply(variables, x)
+        # The image and its mirror in one batch: one apply, one program.
+        both = model.apply(variables, jnp.concatenate([x, x[:, :, ::-1]], axis=0))
+        return l2_normalize(both[:len(x)] + both[len(x):])
+
+    return embed_fn
+
+
+def restore_model(workdir: str, step: int | None = None):
+    """(config, variables, step): `DIR/config.json` and the model's variables (host arrays)
+    from the checkpoint at `step` (default: the latest). Raises JaxRetrievalError for a
+    directory that is not a workdir or holds no checkpoint."""
+    config = Workdir(workdir).read_config()
+    store = open_for_reading(workdir)
+    try:
+        step = store.latest_step() if step is None else step
+        state = store.restore(step)
+    finally:
+        store.close()
+    variables = {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}
+    return config, variables, int(step)
 
 
 def _bucket_sizes(max_batch: int, num_devices: int) -> list:

@@ -18,9 +18,12 @@ to XLA at once instead of compiling again; a new source, oneDNN or compiler trie
 `convolution_path()` decides once per process and logs one line, `convolutions: oneDNN
 <version> (<where from>)` or `convolutions: XLA (<why>)`.
 `JAXRETRIEVAL_CPU_CONV=xla` turns oneDNN off; `=onednn` makes its absence an error
-instead of a fallback.
+instead of a fallback. `with xla_convolutions():` turns it off for what is traced inside the
+block alone (a program exported to run where this package is not installed).
 """
 
+import contextlib
+import contextvars
 import ctypes
 import dataclasses
 import functools
@@ -283,6 +286,26 @@ def onednn_available() -> bool:
     return convolution_path().onednn
 
 
+# Set inside `xla_convolutions()`: tracing there uses XLA's convolution whatever the mode.
+_XLA_ONLY = contextvars.ContextVar("jaxretrieval_xla_convolutions", default=False)
+
+
+@contextlib.contextmanager
+def xla_convolutions():
+    """Within the block, convolutions are traced as XLA's own (`jax.lax`), never as this
+    package's custom calls, whatever `JAXRETRIEVAL_CPU_CONV` says and without building
+    oneDNN: for programs serialized to run elsewhere (`jaxretrieval.model_export`).
+
+    It acts when a function is traced: one jit-compiled and cached before the block keeps
+    its program, so trace a new function inside it.
+    """
+    token = _XLA_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _XLA_ONLY.reset(token)
+
+
 def _explicit_padding(padding, kernel_hw):
     if isinstance(padding, str):
         if padding == "VALID":
@@ -361,9 +384,11 @@ onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)
 
 
 def _onednn_applies(lhs, rhs, explicit_padding) -> bool:
-    """float32 operands on CPU, with oneDNN built and not switched off."""
-    return (explicit_padding is not None and lhs.dtype == rhs.dtype == jnp.float32
-            and jax.default_backend() == "cpu" and onednn_available())
+    """float32 operands on CPU, with oneDNN built and not switched off (by the mode, or
+    for the block, by `xla_convolutions`)."""
+    return (not _XLA_ONLY.get() and explicit_padding is not None
+            and lhs.dtype == rhs.dtype == jnp.float32 and jax.default_backend() == "cpu"
+            and onednn_available())
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
