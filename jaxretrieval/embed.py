@@ -100,7 +100,8 @@ def embedding_function(config):
             return model.apply(variables, x)
         # The image and its mirror in one batch: one apply, one program.
         both = model.apply(variables, jnp.concatenate([x, x[:, :, ::-1]], axis=0))
-        return l2_normalize(both[:len(x)] + both[len(x):])
+        n = x.shape[0]  # not len(x): a symbolic batch size has no len in an export
+        return l2_normalize(both[:n] + both[n:])
 
     return embed_fn
 

@@ -23,7 +23,6 @@ block alone (a program exported to run where this package is not installed).
 """
 
 import contextlib
-import contextvars
 import ctypes
 import dataclasses
 import functools
@@ -286,24 +285,19 @@ def onednn_available() -> bool:
     return convolution_path().onednn
 
 
-# Set inside `xla_convolutions()`: tracing there uses XLA's convolution whatever the mode.
-_XLA_ONLY = contextvars.ContextVar("jaxretrieval_xla_convolutions", default=False)
+# True inside `xla_convolutions()`. A JAX user context: part of jit's cache key, so a
+# function traced outside the block is traced again inside it, and the other way round.
+_XLA_ONLY = jax.make_user_context(default_value=False)
 
 
 @contextlib.contextmanager
 def xla_convolutions():
-    """Within the block, convolutions are traced as XLA's own (`jax.lax`), never as this
-    package's custom calls, whatever `JAXRETRIEVAL_CPU_CONV` says and without building
-    oneDNN: for programs serialized to run elsewhere (`jaxretrieval.model_export`).
-
-    It acts when a function is traced: one jit-compiled and cached before the block keeps
-    its program, so trace a new function inside it.
-    """
-    token = _XLA_ONLY.set(True)
-    try:
+    """Within the block (in this thread), convolutions are traced as XLA's own
+    (`jax.lax`), never as this package's custom calls, whatever `JAXRETRIEVAL_CPU_CONV`
+    says and without building oneDNN: for programs serialized to run elsewhere
+    (`jaxretrieval.model_export`)."""
+    with _XLA_ONLY(True):
         yield
-    finally:
-        _XLA_ONLY.reset(token)
 
 
 def _explicit_padding(padding, kernel_hw):
@@ -386,7 +380,7 @@ onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)
 def _onednn_applies(lhs, rhs, explicit_padding) -> bool:
     """float32 operands on CPU, with oneDNN built and not switched off (by the mode, or
     for the block, by `xla_convolutions`)."""
-    return (not _XLA_ONLY.get() and explicit_padding is not None
+    return (not _XLA_ONLY.value and explicit_padding is not None
             and lhs.dtype == rhs.dtype == jnp.float32 and jax.default_backend() == "cpu"
             and onednn_available())
 
