@@ -325,8 +325,7 @@ def run_export_model(argv, prog="jaxretrieval export-model") -> int:
                         help="comma-separated platforms to lower for (default %(default)s)")
     args = parser.parse_args(argv)
     from jaxretrieval.model_export import export_model
-    metadata = export_model(args.workdir, args.format, args.output,
-                            platforms=args.platforms.split(","))
+    metadata = export_model(args.workdir, args.format, args.output, platforms=args.platforms)
     print(json.dumps(metadata, indent=2))
     return 0
 

@@ -55,10 +55,11 @@ OUTPUT_NAME = "embeddings"
 BATCH_DIM = "batch"
 
 
-def export_model(workdir: str, format: str, output: str, *, step: int | None = None,
+def export_model(workdir: str, format: str, output: str, *,
                  platforms=DEFAULT_PLATFORMS) -> dict:
-    """Exports the model of `workdir` (its checkpoint at `step`, default the latest) in
-    `format` (one of FORMATS) to the new directory `output`; returns what `model.json`
+    """Exports the model of `workdir` (its latest checkpoint, the one `Retriever.load`
+    loads) in `format` (one of FORMATS), lowered for `platforms` (a sequence, or a
+    comma-separated string), to the new directory `output`; returns what `model.json`
     holds.
 
     Raises JaxRetrievalError, writing nothing at `output`, for an unknown format or
@@ -71,7 +72,7 @@ def export_model(workdir: str, format: str, output: str, *, step: int | None = N
     platforms = _check_platforms(platforms)
     output = os.path.abspath(output)
     _check_output(output)
-    config, variables, step = restore_model(workdir, step)
+    config, variables, step = restore_model(workdir)
     if config.model.align_faces:
         logger.warning("this model embeds aligned face chips: the exported program takes "
                        "%dx%d chips aligned as dlib does (docs/model_export.md), not photos",
@@ -89,6 +90,7 @@ def export_model(workdir: str, format: str, output: str, *, step: int | None = N
             writer(partial, embedding_function(config), variables,
                    _input_shape(config), platforms)
         write_json_atomically(os.path.join(partial, METADATA_FILE), metadata)
+        _seal(partial)
         _check_output(output)  # nothing appeared there while the model was traced
         os.rename(partial, output)
     except BaseException:
@@ -133,7 +135,7 @@ def model_metadata(config, *, format: str, platforms, checkpoint_step: int,
 
 
 def _check_platforms(platforms) -> tuple:
-    platforms = tuple(platforms)
+    platforms = tuple(platforms.split(",") if isinstance(platforms, str) else platforms)
     unknown = [p for p in platforms if p not in KNOWN_PLATFORMS]
     if not platforms or unknown or len(set(platforms)) != len(platforms):
         raise JaxRetrievalError(
@@ -152,6 +154,21 @@ def _check_output(output: str) -> None:
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         raise JaxRetrievalError(f"cannot create {output!r}: {parent!r} is not a folder you "
                                 "can write to; choose another output path")
+
+
+def _seal(directory: str) -> None:
+    """Every file on disk before the folder is renamed into place, and the modes a plain
+    mkdir and open would give: the temporary folder and files are private to this user,
+    but an export is made to be read by others (a serving container's user)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for root, _, files in os.walk(directory):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            path = os.path.join(root, name)
+            os.chmod(path, 0o666 & ~umask)
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
 
 
 def _input_shape(config) -> tuple:

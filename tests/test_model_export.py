@@ -245,5 +245,12 @@ def test_the_command_exports_and_refuses_a_bad_format_in_one_line(trained_workdi
     printed = json.loads(capsys.readouterr().out)
     assert printed["platforms"] == ["cpu"] and printed["format"] == "stablehlo"
     assert sorted(os.listdir(out)) == [model_export.METADATA_FILE, model_export.STABLEHLO_FILE]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    # Readable by others as far as the umask allows: the temporary folder it was written in
+    # is private to this user.
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask
+    for name in os.listdir(out):
+        assert os.stat(os.path.join(out, name)).st_mode & 0o777 == 0o666 & ~umask
     assert cli.main(argv + ["--format", "stablehlo"]) == 1
     assert "exists; an export never replaces anything" in capsys.readouterr().err
