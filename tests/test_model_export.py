@@ -55,8 +55,10 @@ RUN_SAVED_MODEL = BLOCK_IMPORTS + (
 def exports(trained_workdir, tmp_path_factory):
     """The trained workdir's model exported in both formats: {format: directory}."""
     root = tmp_path_factory.mktemp("exports")
-    return {fmt: (export_model(trained_workdir[0], fmt, str(root / fmt)), str(root / fmt))[1]
-            for fmt in model_export.FORMATS}
+    directories = {fmt: str(root / fmt) for fmt in model_export.FORMATS}
+    for fmt, directory in directories.items():
+        export_model(trained_workdir[0], fmt, directory)
+    return directories
 
 
 def images_for(shape, seed=0):
