@@ -37,7 +37,8 @@ class Embedder:
         model = build_model(config)
         mesh = parallel.device_mesh(self.devices)
         self._batch_sharding = parallel.batch_sharding(self.devices)
-        self._variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
+        self._replicated = NamedSharding(mesh, PartitionSpec())
+        self._variables = jax.device_put(variables, self._replicated)
         # Each device embeds its own slice of the batch (shard_map, not XLA's partitioner:
         # the CPU convolution is a custom call XLA would otherwise run whole on every device).
         batch_spec = PartitionSpec(parallel.DEVICE_AXIS)
@@ -67,6 +68,12 @@ class Embedder:
             store.close()
         variables = {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}
         return cls(config, variables, checkpoint_step=int(step), devices=devices)
+
+    def set_variables(self, variables, *, checkpoint_step: int) -> None:
+        """Embeds with other values of the same model from now on (a later step of the run
+        being trained), with the programs already compiled."""
+        self._variables = jax.device_put(variables, self._replicated)
+        self.checkpoint_step = checkpoint_step
 
     def embed_uint8(self, images: np.ndarray) -> np.ndarray:
         """uint8 [n, size, size, channels] -> float32 [n, embedding_dim]."""
