@@ -36,7 +36,8 @@ RESULT_QUERIES, RESULT_HITS = 8, 8
 
 def evaluate_and_index(workdir: str, *, on_progress=None) -> dict:
     """Embeds the whole dataset with the latest checkpoint, writes `DIR/embeddings/`,
-    `DIR/metrics.json` and `DIR/index/`; returns the metrics.
+    `DIR/metrics.json`, the reports (`report_evaluation`) and `DIR/index/`; returns the
+    metrics.
 
     In a multi-process run every process calls this: all of them embed, process 0 alone
     evaluates and writes the index, and the others return what it wrote.

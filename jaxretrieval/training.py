@@ -330,6 +330,8 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
                 interval_start, interval_steps = time.perf_counter(), 0
 
             if evaluator is not None and done % config.eval_every_steps == 0 and not is_last:
+                _fetch_step_metrics(pending, wd, last_saved)  # a diverged run says so first
+                pending = []
                 host_state = parallel.unreplicate(state)
                 writer.write_evaluation(done, evaluator(model_variables(host_state), step=done))
                 interval_start, interval_steps = time.perf_counter(), 0  # images/s: training
