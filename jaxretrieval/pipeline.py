@@ -162,6 +162,8 @@ class TrainingEvaluator:
             embeddings = self._embedder.embed_uint8(self._dataset.images(self._rows))
             metrics = evaluate_split(embeddings, self._dataset.labels, self._split,
                                      rows=self._rows)
+            logger.info("step %d: recall@1 %.4f, MAP@R %.4f", step, metrics["recall@1"],
+                        metrics["map@r"])
         parallel.barrier(f"evaluated step {step}")
         return metrics
 

@@ -12,7 +12,7 @@ from jaxretrieval.fileio import write_file_atomically
 
 class Workdir:
     """Paths inside a run directory: config, checkpoints, embeddings, index, metrics, the
-train log, TensorBoard's events and the plots."""
+    train log, TensorBoard's events and the plots."""
 
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
