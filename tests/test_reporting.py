@@ -240,3 +240,27 @@ def test_tensorboard_without_tensorboardx_is_one_error_saying_what_to_install(mo
     monkeypatch.setitem(sys.modules, "tensorboardX", None)  # `import tensorboardX` fails
     with pytest.raises(JaxRetrievalError, match="pip install tensorboardX"):
         MetricWriter("unused", tensorboard=True)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_resumed_run_shows_each_step_once_in_both_logs(tmp_path, data_dir):
+    config = tiny_config(data_dir, log_every_steps=1, tensorboard=True)
+    workdir = str(tmp_path / "wd")
+
+    def kill_at_step_6(event):
+        if event["step"] == 6:  # logged, past the step-4 checkpoint: resumes from step 4
+            raise _Killed()
+
+    with pytest.raises(_Killed):
+        train(config, workdir, on_progress=kill_at_step_6)
+    train(config, workdir)
+    log = read_log(workdir)
+    assert [r["step"] for r in log] == list(range(1, 9))
+    losses = tensorboard_scalars(Workdir(workdir).tensorboard)["train/loss"]
+    # TensorBoard hides the first attempt's steps 5 and 6, as metrics.jsonl dropped them.
+    assert [step for step, _, _ in losses] == list(range(1, 9))
+    np.testing.assert_allclose([v for _, v, _ in losses], [r["loss"] for r in log], rtol=1e-6)
+    assert [t for _, _, t in losses] == pytest.approx([r["time"] for r in log], abs=1e-6)
