@@ -11,15 +11,12 @@ Two kinds of record, told apart by `kind` (docs/workdir.md lists them):
 wall time. In a run of several processes only process 0 writes (`enabled`).
 """
 
-import logging
 import os
 import time
 import uuid
 
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.workdir import Workdir
-
-logger = logging.getLogger(__name__)
 
 TRAIN, EVAL = "train", "eval"
 TRAIN_SCALARS = ("loss", "learning_rate", "images_per_sec")
