@@ -9,6 +9,7 @@ import datetime
 import json
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -373,6 +374,10 @@ def run_serve(argv, prog="jaxretrieval serve") -> int:
     app = create_app(retriever, settings)
     where = f"{os.path.abspath(args.workdir)} on http://{args.host}:{args.port}"
     print(f"serving {where} ({retriever.count} items)", flush=True)
+    # uvicorn shuts down on SIGINT and SIGTERM, then raises the signal again; with Ctrl-C's
+    # handler for SIGTERM too, that ends uvicorn.run instead of the process, so a process
+    # manager's stop also closes the retriever and prints the line below.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:

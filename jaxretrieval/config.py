@@ -143,6 +143,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Devices, logging, checkpoints.
     c.parallel = "pmap"  # pmap | shard_map
     c.log_every_steps = 20
+    # Retrieval evaluation of the split while training, as the final one evaluates it: a
+    # record in metrics.jsonl (and TensorBoard) each, drawn in loss.png (docs/workdir.md).
+    c.eval_every_steps = 0  # every this many steps; 0: only the final evaluation
+    c.tensorboard = False  # True: also write TensorBoard event files to DIR/tensorboard/
     c.checkpoint_every_steps = 200
     c.checkpoints_to_keep = 3
     c.embed_batch_size = 256
@@ -292,6 +296,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                  "embed_batch_size"):
         if config[name] < 1:
             fail(f"{name}={config[name]}; use a positive integer")
+    if isinstance(config.eval_every_steps, bool) or not isinstance(
+            config.eval_every_steps, int) or config.eval_every_steps < 0:
+        fail(f"eval_every_steps={config.eval_every_steps!r}; use 0 (evaluate only at the end) "
+             "or a positive number of steps")
+    if config.tensorboard and importlib.util.find_spec("tensorboardX") is None:
+        fail("tensorboard=True writes its event files with tensorboardX, which is not "
+             "installed: `pip install tensorboardX`, or set --config.tensorboard=false")
     if config.num_train_steps < 0:
         fail(f"num_train_steps={config.num_train_steps}; use 0 (evaluate the initial model, "
              "e.g. a pretrained one) or a positive number of steps")

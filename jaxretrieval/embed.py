@@ -36,7 +36,8 @@ class Embedder:
         self.devices = devices or parallel.local_devices()
         mesh = parallel.device_mesh(self.devices)
         self._batch_sharding = parallel.batch_sharding(self.devices)
-        self._variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
+        self._replicated = NamedSharding(mesh, PartitionSpec())
+        self._variables = jax.device_put(variables, self._replicated)
         # Each device embeds its own slice of the batch (shard_map, not XLA's partitioner:
         # the CPU convolution is a custom call XLA would otherwise run whole on every device).
         batch_spec = PartitionSpec(parallel.DEVICE_AXIS)
@@ -50,6 +51,12 @@ class Embedder:
         """Loads `DIR/config.json` and the checkpoint at `step` (default: the latest)."""
         config, variables, step = restore_model(workdir, step)
         return cls(config, variables, checkpoint_step=step, devices=devices)
+
+    def set_variables(self, variables, *, checkpoint_step: int) -> None:
+        """Embeds with other values of the same model from now on (a later step of the run
+        being trained), with the programs already compiled."""
+        self._variables = jax.device_put(variables, self._replicated)
+        self.checkpoint_step = checkpoint_step
 
     def embed_uint8(self, images: np.ndarray) -> np.ndarray:
         """uint8 [n, size, size, channels] -> float32 [n, embedding_dim]."""

@@ -14,6 +14,8 @@ Embeddings are expected to be L2-normalised already, so a dot product is the
 cosine similarity.
 """
 
+import dataclasses
+
 import numpy as np
 
 from jaxretrieval.errors import JaxRetrievalError
@@ -48,13 +50,22 @@ def ranked_relevance(query_embeddings, query_labels, gallery_embeddings, gallery
         num_relevant is int64 [num_queries], the number of gallery items with
         the query's label, not counting the query's own row.
     """
-    return _ranked_relevance(query_embeddings, query_labels, gallery_embeddings,
-                             gallery_labels, query_gallery_rows, max_rank, chunk_size,
-                             min_default_depth=DEFAULT_MIN_RANK_DEPTH)
+    relevance, num_relevant, _ = _ranked_relevance(
+        query_embeddings, query_labels, gallery_embeddings, gallery_labels, query_gallery_rows,
+        max_rank, chunk_size, min_default_depth=DEFAULT_MIN_RANK_DEPTH)
+    return relevance, num_relevant
+
+
+@dataclasses.dataclass(frozen=True)
+class Neighbours:
+    """Each query's nearest gallery items, best first, its own gallery row left out."""
+    rows: np.ndarray  # int64 [num_queries, n]: positions in the gallery
+    scores: np.ndarray  # float32 [num_queries, n]: their dot products with the query
 
 
 def _ranked_relevance(query_embeddings, query_labels, gallery_embeddings, gallery_labels,
-                      query_gallery_rows, max_rank, chunk_size, min_default_depth):
+                      query_gallery_rows, max_rank, chunk_size, min_default_depth,
+                      num_neighbours=0):
     queries = _as_embeddings(query_embeddings, "query_embeddings")
     gallery = _as_embeddings(gallery_embeddings, "gallery_embeddings")
     if queries.shape[1] != gallery.shape[1]:
@@ -97,6 +108,9 @@ def _ranked_relevance(query_embeddings, query_labels, gallery_embeddings, galler
     max_rank = min(int(max_rank), rankable)
 
     relevance = np.zeros((num_queries, max_rank), dtype=bool)
+    num_neighbours = min(num_neighbours, max_rank)
+    neighbours = Neighbours(rows=np.zeros((num_queries, num_neighbours), np.int64),
+                            scores=np.zeros((num_queries, num_neighbours), np.float32))
     for start in range(0, num_queries, chunk_size):
         stop = min(start + chunk_size, num_queries)
         scores = queries[start:stop] @ gallery.T
@@ -106,7 +120,11 @@ def _ranked_relevance(query_embeddings, query_labels, gallery_embeddings, galler
         scores[np.nonzero(chunk_has_self)[0], chunk_self[chunk_has_self]] = -np.inf
         top_rows = _top_rows_stable(scores, max_rank)
         relevance[start:stop] = gallery_codes[top_rows] == query_codes[start:stop, None]
-    return relevance, num_relevant
+        if num_neighbours:
+            nearest = top_rows[:, :num_neighbours]
+            neighbours.rows[start:stop] = nearest
+            neighbours.scores[start:stop] = np.take_along_axis(scores, nearest, axis=1)
+    return relevance, num_relevant, neighbours
 
 
 def recall_at_k(relevance, k, *, num_relevant=None):
@@ -165,15 +183,29 @@ def retrieval_metrics(query_embeddings, query_labels, gallery_embeddings, galler
     When the gallery has fewer than k rankable items, recall@k is the hit rate
     over the whole gallery.
     """
+    metrics, _ = retrieval_metrics_and_neighbours(
+        query_embeddings, query_labels, gallery_embeddings, gallery_labels,
+        query_gallery_rows=query_gallery_rows, ks=ks, num_neighbours=0)
+    return metrics
+
+
+def retrieval_metrics_and_neighbours(query_embeddings, query_labels, gallery_embeddings,
+                                     gallery_labels, *, query_gallery_rows=None, ks=(1, 5, 10),
+                                     num_neighbours=10):
+    """`retrieval_metrics`, and the `num_neighbours` nearest gallery items of every query
+    (a `Neighbours`) from the same ranking; fewer when the gallery has fewer to rank."""
     ks = tuple(ks)
     for k in ks:
         if not (isinstance(k, (int, np.integer)) and k >= 1):
             raise JaxRetrievalError(f"Each k in ks must be a positive int, got {k!r}.")
+    if not (isinstance(num_neighbours, (int, np.integer)) and num_neighbours >= 0):
+        raise JaxRetrievalError(
+            f"num_neighbours must be an int >= 0, got {num_neighbours!r}.")
     # Deep enough for every k and every R; capped at the gallery size inside.
-    relevance, num_relevant = _ranked_relevance(
+    relevance, num_relevant, neighbours = _ranked_relevance(
         query_embeddings, query_labels, gallery_embeddings, gallery_labels,
         query_gallery_rows, None, DEFAULT_QUERY_CHUNK_SIZE,
-        min_default_depth=max(ks, default=1))
+        min_default_depth=max(ks, default=1), num_neighbours=int(num_neighbours))
     num_counted = int((num_relevant > 0).sum())
     if num_counted == 0:
         raise JaxRetrievalError(
@@ -187,7 +219,7 @@ def retrieval_metrics(query_embeddings, query_labels, gallery_embeddings, galler
     metrics["map@r"] = map_at_r(relevance, num_relevant)
     metrics["r_precision"] = r_precision(relevance, num_relevant)
     metrics["num_queries"] = num_counted
-    return metrics
+    return metrics, neighbours
 
 
 def pixel_embeddings(images):

@@ -3,8 +3,10 @@ loop `train(config, workdir)`, and `train_and_evaluate(config, workdir)`, which 
 `python -m train` runs.
 
 The loop reads top to bottom in sections: devices, workdir, data, model and update step,
-checkpoint, loop. Progress goes to `logging`, to `DIR/metrics.jsonl`, and to an optional
-`on_progress(dict)` callback that entry points render (a progress bar).
+checkpoint, loop. Progress goes to `logging`, to `DIR/metrics.jsonl` and TensorBoard
+(`reporting.MetricWriter`), and to an optional `on_progress(dict)` callback that entry
+points render (a progress bar). With `eval_every_steps`, the loop also evaluates retrieval
+as it goes (`pipeline.TrainingEvaluator`).
 """
 
 import copy
@@ -32,7 +34,8 @@ from jaxretrieval.losses import gather_batch, get_loss, with_projection_head
 from jaxretrieval.models import build_model
 from jaxretrieval.models.pretrained import configured_for_init, initial_variables
 from jaxretrieval.fileio import write_file_atomically
-from jaxretrieval.pipeline import evaluate_and_index
+from jaxretrieval.pipeline import TrainingEvaluator, evaluate_and_index
+from jaxretrieval.reporting import MetricWriter
 from jaxretrieval.workdir import Workdir
 
 logger = logging.getLogger(__name__)
@@ -203,7 +206,8 @@ def build_training(config, devices, num_classes: int, *, load_init: bool = True)
 def train_and_evaluate(config, workdir: str, *, on_progress: Callable | None = None,
                        on_export_progress: Callable | None = None) -> dict:
     """Trains (resuming from the workdir's latest checkpoint), then embeds every item,
-    evaluates, exports and indexes (`pipeline.evaluate_and_index`).
+    evaluates, exports, reports (metrics.jsonl, TensorBoard, loss.png, results.png) and
+    indexes (`pipeline.evaluate_and_index`).
 
     `on_progress` receives the training's progress events, `on_export_progress` the
     embedding export's. Returns the metrics written to `DIR/metrics.json`.
@@ -219,6 +223,9 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
     workdir's config.json records the model the file holds; a run with no checkpoint yet
     starts from the file's values. With num_train_steps=0 the initial state is saved as the
     checkpoint of step 0, for evaluation and indexing as it is.
+
+    With `config.eval_every_steps`, the split is evaluated at every multiple of it before
+    the last step (the last step's is the final evaluation's, `evaluate_and_index`).
     """
     validate_config(config)  # as given: a recipe that needs a pretrained file says so
     wd = Workdir(workdir)
@@ -282,6 +289,9 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
         wd.truncate_train_log(after_step=start_step)
 
     state = parallel.replicate(host_state, devices)
+    writer = MetricWriter(workdir, tensorboard=config.tensorboard, enabled=primary,
+                          resume_step=start_step)
+    evaluator = TrainingEvaluator(config, dataset, split) if config.eval_every_steps else None
 
     # ---------------------------------------------------------------- loop
     pending = []  # (step, metrics on device) not yet checked on the host
@@ -312,14 +322,19 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
                 elapsed = time.perf_counter() - interval_start
                 images_per_sec = (interval_steps * config.global_batch_size / elapsed
                                   if interval_steps else float("nan"))
-                record = {"step": done, "loss": host_metrics["loss"],
-                          "learning_rate": float(training.schedule(done - 1)),
-                          "images_per_sec": images_per_sec}
-                if primary:
-                    wd.append_train_log(record)
+                record = writer.write_training(
+                    done, loss=host_metrics["loss"], images_per_sec=images_per_sec,
+                    learning_rate=float(training.schedule(done - 1)))
                 if on_progress is not None and primary:
                     on_progress(dict(record, total_steps=total_steps))
                 interval_start, interval_steps = time.perf_counter(), 0
+
+            if evaluator is not None and done % config.eval_every_steps == 0 and not is_last:
+                _fetch_step_metrics(pending, wd, last_saved)  # a diverged run says so first
+                pending = []
+                host_state = parallel.unreplicate(state)
+                writer.write_evaluation(done, evaluator(model_variables(host_state), step=done))
+                interval_start, interval_steps = time.perf_counter(), 0  # images/s: training
 
             if store.should_save(done) or is_last:
                 _fetch_step_metrics(pending, wd, last_saved)
@@ -333,6 +348,12 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
     finally:
         store.wait()  # a checkpoint that was started is always finished
         store.close()
+        writer.close()
+
+
+def model_variables(state: TrainState) -> dict:
+    """The model's variables of a train state, as `model.apply` and the Embedder take them."""
+    return {"params": state.params["model"], "batch_stats": state.batch_stats}
 
 
 def _fetch_step_metrics(pending, wd, last_saved) -> dict:

@@ -11,7 +11,8 @@ from jaxretrieval.fileio import write_file_atomically
 
 
 class Workdir:
-    """Paths inside a run directory: config, checkpoints, embeddings, index, metrics."""
+    """Paths inside a run directory: config, checkpoints, embeddings, index, metrics, the
+    train log, TensorBoard's events and the plots."""
 
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
@@ -40,6 +41,18 @@ class Workdir:
     def train_log_path(self):
         return os.path.join(self.path, "metrics.jsonl")
 
+    @property
+    def tensorboard(self):
+        return os.path.join(self.path, "tensorboard")
+
+    @property
+    def loss_plot_path(self):
+        return os.path.join(self.path, "loss.png")
+
+    @property
+    def results_plot_path(self):
+        return os.path.join(self.path, "results.png")
+
     def read_config(self):
         """The run's config from DIR/config.json."""
         if not os.path.isfile(self.config_path):
@@ -51,11 +64,28 @@ class Workdir:
 
     def append_train_log(self, record: dict) -> None:
         """One line of metrics.jsonl (non-finite numbers become null, so it stays JSON)."""
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                 for k, v in record.items()}
         os.makedirs(self.path, exist_ok=True)
         with open(self.train_log_path, "a") as f:
-            f.write(json.dumps(clean) + "\n")
+            f.write(_log_line(record))
+
+    def read_train_log(self) -> list:
+        """The records of metrics.jsonl, in order; [] without one. A line cut short by a
+        kill is left out."""
+        if not os.path.isfile(self.train_log_path):
+            return []
+        with open(self.train_log_path) as f:
+            lines = [line for line in f if line.strip()]
+        records = []
+        for line in lines:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        return records
+
+    def write_train_log(self, records) -> None:
+        """Replaces metrics.jsonl by `records`, atomically."""
+        write_file_atomically(self.train_log_path, "".join(_log_line(r) for r in records))
 
     def truncate_train_log(self, after_step: int) -> None:
         """Drops lines past `after_step`: a resumed run logs those steps again."""
@@ -66,6 +96,12 @@ class Workdir:
         kept = [line for line in lines if _logged_step(line) <= after_step]
         if len(kept) != len(lines):
             write_file_atomically(self.train_log_path, "".join(kept))
+
+
+def _log_line(record: dict) -> str:
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+             for k, v in record.items()}
+    return json.dumps(clean) + "\n"
 
 
 def _logged_step(line: str) -> float:

@@ -90,7 +90,8 @@ def assert_trees_close(a, b, atol):
 
 def test_two_processes_of_two_devices_train_like_one_process_of_four(tmp_path, data_dir):
     single = prepared_workdir(tmp_path / "one", data_dir)
-    double = prepared_workdir(tmp_path / "two", data_dir)
+    # Evaluating while training and TensorBoard do not change what is trained.
+    double = prepared_workdir(tmp_path / "two", data_dir, eval_every_steps=4, tensorboard=True)
     run_processes(["train", "--workdir", single], 1, 4, tmp_path)
     logs = run_processes(["train", "--workdir", double], 2, 2, tmp_path)
 
@@ -104,9 +105,14 @@ def test_two_processes_of_two_devices_train_like_one_process_of_four(tmp_path, d
     run_processes(["train", "--workdir", mapped], 2, 2, tmp_path)
     assert_trees_close(state_one["params"], final_state(mapped)[1]["params"], atol=1e-5)
 
-    # Process 0 alone wrote the train log (one line per logged step) and printed results.
+    # Process 0 alone wrote the train log (one line per logged step and evaluation: at step
+    # 4 while training, at 8 the final one), TensorBoard's events, and printed results.
     with open(Workdir(double).train_log_path) as f:
-        assert [json.loads(line)["step"] for line in f] == [2, 4, 6, 8]
+        assert [(r["kind"], r["step"]) for r in map(json.loads, f)] == [
+            ("train", 2), ("train", 4), ("eval", 4), ("train", 6), ("train", 8), ("eval", 8)]
+    event_files = os.listdir(Workdir(double).tensorboard)
+    assert len(event_files) == 2  # the training's and the final evaluation's
+    assert len({name.split(".")[-2] for name in event_files}) == 1  # of one process id
     assert "retrieval on digits" in logs[0] and "retrieval on digits" not in logs[1]
     # Both processes embedded; the export and the metrics match the single-process run.
     one = load_embedding_export(Workdir(single).embeddings)

@@ -43,8 +43,9 @@ def test_four_device_run_trains_evaluates_and_indexes(trained_workdir):
     assert metrics["recall@1"] > 0.5
     with open(wd.train_log_path) as f:
         log = [json.loads(line) for line in f]
-    assert [r["step"] for r in log] == [2, 4, 6, 8]
+    assert [r["step"] for r in log if r["kind"] == "train"] == [2, 4, 6, 8]
     assert {"step", "loss", "learning_rate", "images_per_sec"} <= set(log[0])
+    assert (log[-1]["kind"], log[-1]["step"]) == ("eval", 8)  # the final evaluation's record
     manifest = json.load(open(os.path.join(snapshot_directory(wd.index), "manifest.json")))
     assert manifest["count"] == 1797 and manifest["checkpoint_step"] == 8
     assert manifest["embedding_dim"] == 16
