@@ -189,12 +189,21 @@ class Retriever:
         if isinstance(keys, str):
             raise JaxRetrievalError("keys must be a list of strings, not one string")
         keys = list(keys)
+        self._refuse_unknown(keys)
+        try:
+            self.index.delete(keys)
+        except JaxRetrievalError:
+            # Another thread may delete a key between the check above and the index's own,
+            # under its lock: that is still an unknown key, not some other error.
+            self._refuse_unknown(keys)
+            raise
+
+    def _refuse_unknown(self, keys) -> None:
         unknown = [key for key in keys if key not in self]
         if unknown:
             raise UnknownItemError(
                 f"no item with id {unknown[0]!r}" if len(unknown) == 1 else
                 f"no items with ids {', '.join(map(repr, unknown))} (nothing was deleted)")
-        self.index.delete(keys)
 
     # ------------------------------------------------------------------ thumbnails
 
