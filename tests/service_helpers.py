@@ -52,8 +52,9 @@ class Response:
         return f"Response({self.status}, {self.body[:300]!r})"
 
 
-def parse_response(data: bytes) -> Response | None:
-    """The first response in `data`, or None if it is not complete yet."""
+def parse_response(data: bytes, *, head_only: bool = False) -> Response | None:
+    """The first response in `data`, or None if it is not complete yet. `head_only`: the
+    answer to a HEAD request, whose Content-Length describes a body that is not sent."""
     head, sep, rest = data.partition(b"\r\n\r\n")
     if not sep:
         return None
@@ -63,6 +64,8 @@ def parse_response(data: bytes) -> Response | None:
     for line in lines[1:]:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
+    if head_only:
+        return Response(status, headers, b"")
     if "content-length" in headers:
         length = int(headers["content-length"])
         return Response(status, headers, rest[:length]) if len(rest) >= length else None
@@ -81,9 +84,11 @@ def parse_response(data: bytes) -> Response | None:
     return None
 
 
-def exchange(port: int, raw: bytes, *, timeout: float = 10.0, shut_write: bool = False):
+def exchange(port: int, raw: bytes, *, timeout: float = 10.0, shut_write: bool = False,
+             head_only: bool = False):
     """Sends `raw` on a new connection and reads until the first response is whole or the
-    server closes. Returns (Response or None, whether the server closed the connection)."""
+    server closes. Returns (Response or None, whether the server closed the connection).
+    `shut_write`: close the sending side after `raw`; `head_only`: see parse_response."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         try:
             sock.sendall(raw)
@@ -102,10 +107,10 @@ def exchange(port: int, raw: bytes, *, timeout: float = 10.0, shut_write: bool =
                 closed = True
                 break
             data += chunk
-            if parse_response(data) is not None and "close" not in parse_response(
-                    data).headers.get("connection", ""):
+            response = parse_response(data, head_only=head_only)
+            if response is not None and "close" not in response.headers.get("connection", ""):
                 break
-        return parse_response(data), closed
+        return parse_response(data, head_only=head_only), closed
 
 
 def request_bytes(method: str, path: str, body: bytes = b"", *, host: str = "127.0.0.1",

@@ -19,6 +19,8 @@ import asyncio
 import ipaddress
 import time
 
+from starlette.requests import ClientDisconnect
+
 from jaxretrieval.service.errors import ServiceError, error_json
 
 DRAIN_BYTES = 4 << 20
@@ -129,7 +131,8 @@ class RequestGuard:
                 await _drain(receive, deadline)
             return await _answer(send, refusal)
 
-        state = {"received": 0, "complete": not has_body, "refusal": None, "started": False}
+        state = {"received": 0, "complete": not has_body, "refusal": None, "started": False,
+                 "gone": False}
 
         async def guarded_receive():
             if state["refusal"] is not None:
@@ -143,7 +146,9 @@ class RequestGuard:
                     408, "timeout", f"the body did not arrive within {self.body_timeout_s:g} "
                     "seconds; send it whole, promptly")
                 raise BodyRefused() from None
-            if message["type"] == "http.request":
+            if message["type"] == "http.disconnect":
+                state["gone"] = True
+            elif message["type"] == "http.request":
                 state["received"] += len(message.get("body", b""))
                 if not message.get("more_body", False):
                     state["complete"] = True
@@ -168,6 +173,11 @@ class RequestGuard:
             await self.app(scope, guarded_receive, guarded_send)
         except BodyRefused:
             if state["refusal"] is None:
+                raise
+        except ClientDisconnect:
+            # The client left (or the protocol refused the rest of its request and
+            # answered): there is no one to answer.
+            if not state["gone"]:
                 raise
         refusal = state["refusal"]
         if refusal is not None:
