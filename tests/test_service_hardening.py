@@ -112,6 +112,17 @@ def test_a_json_body_over_its_cap_is_refused(server):
                  413, "too_large")
 
 
+def test_a_client_expecting_100_continue_hears_413_at_once(server):
+    raw = (b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+           b"Content-Length: 50000000\r\nExpect: 100-continue\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(raw)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 413 ") and b'"too_large"' in data
+
+
 def test_a_chunked_body_is_counted_as_it_arrives(server):
     """No Content-Length: the cap holds on the bytes themselves, and the refusal reaches a
     client that sent its whole (over-cap) body."""

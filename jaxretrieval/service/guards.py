@@ -127,7 +127,9 @@ class RequestGuard:
                else self.max_json_bytes)
         refusal = self.refusal_of_head(scope, headers, has_body, cap)
         if refusal is not None:
-            if has_body:
+            # A client waiting for "100 Continue" has sent no body: answer it at once (the
+            # first receive would tell it to send).
+            if has_body and headers.get("expect", "").lower() != "100-continue":
                 await _drain(receive, deadline)
             return await _answer(send, refusal)
 
