@@ -173,10 +173,7 @@ def test_a_stalled_head_is_answered_408_and_closed(server):
     assert_error(response, 408, "timeout")
     assert closed
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        data = b""
-        while chunk := sock.recv(65536):  # a silent connection is closed too, not held open
-            data += chunk
-    assert data.startswith(b"HTTP/1.1 408 ")
+        assert sock.recv(65536) == b""  # a silent connection is closed too, not held open
 
 
 def test_a_stalled_body_is_answered_408_and_closed(server):

@@ -5,7 +5,8 @@ answers a malformed request with a plain-text 400. `GuardedProtocol` adds both l
 answers every such refusal in the service's error shape:
 
 - the head (request line and headers) must arrive within `header_timeout_s` of the
-  connection opening or the request's first byte (408);
+  connection opening or the request's first byte (408; a connection on which nothing
+  came is closed without an answer);
 - the request line's target is at most MAX_TARGET_BYTES (414), the whole head at most
   MAX_HEAD_BYTES (431);
 - a request the parser cannot read is a 400 `bad_http`.
@@ -125,9 +126,16 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self._in_head and not self.transport.is_closing():
-            self._write_refusal(408, "timeout", f"the request's head did not arrive within "
-                         f"{self.header_timeout_s:g} seconds")
+        if not self._in_head or self.transport.is_closing():
+            return
+        if self._head_bytes == 0:
+            # Nothing of a request came: an idle connection (browsers open some ahead of
+            # need) is closed quietly, as at the end of keep-alive, so that a client cannot
+            # take a 408 as the answer to a request it sends at that moment.
+            self.transport.close()
+            return
+        self._write_refusal(408, "timeout", f"the request's head did not arrive within "
+                            f"{self.header_timeout_s:g} seconds")
 
 
 def protocol_class(header_timeout_s: float) -> type:
