@@ -118,7 +118,7 @@ class Fuzzer:
         if kind < 0.9:
             body, boundary = self.multipart_body(rng)
             return body, rng.choice([f"multipart/form-data; boundary={boundary}"] * 6
-                                    + [f"multipart/form-data; boundary=other",
+                                    + ["multipart/form-data; boundary=other",
                                        "multipart/form-data", "application/json"])
         if kind < 0.98:
             return rng.randbytes(rng.choice([1, 10, 1000, 50_000])), rng.choice(CONTENT_TYPES)

@@ -12,7 +12,9 @@
 
 A refused request is answered in the service's error shape with `connection: close`, after
 reading (and dropping) at most DRAIN_BYTES more of its body for at most DRAIN_SECONDS, so
-that a client still sending has finished and reads the answer instead of a reset.
+that a client still sending has finished and reads the answer instead of a reset. An
+endpoint's answer given before the body was read waits for the same bounded drain, and
+closes the connection if the body is not over by then.
 """
 
 import asyncio
@@ -164,9 +166,12 @@ class RequestGuard:
                 return  # the refusal is answered below, whatever the endpoint made of it
             if message["type"] == "http.response.start":
                 state["started"] = True
+                # An answer before the body is read (a 401, a 404): read the rest first, or
+                # closing with it unread resets the connection, and the client may lose the
+                # answer. But only so much: past that, close without reading on.
+                if not state["complete"] and not state["gone"]:
+                    state["complete"] = await _drain(receive, time.monotonic() + DRAIN_SECONDS)
                 if not state["complete"]:
-                    # Reading the rest of an unread body to keep the connection would let a
-                    # client make the server read without limit.
                     message = {**message, "headers": [*message.get("headers", []),
                                                       (b"connection", b"close")]}
             await send(message)
@@ -194,9 +199,10 @@ class RequestGuard:
             name = host_name(headers.get("host", ""))
             if name not in self.hosts:
                 shown = repr(headers["host"]) if "host" in headers else "no Host header"
+                names = ", ".join(sorted(self.hosts))
                 return ServiceError(421, "bad_host", f"this server does not answer for "
-                                    f"{shown}; use one of its names ({', '.join(sorted(self.hosts))})"
-                                    " or start it with --allowed-hosts")
+                                    f"{shown}; use one of its names ({names}) or start it "
+                                    "with --allowed-hosts")
         if scope["method"] in BODY_METHODS:
             refusal = content_type_refusal(headers.get("content-type", ""))
             if refusal is not None:
@@ -221,24 +227,26 @@ def _too_large(cap: int, content_type: str) -> ServiceError:
                         "request")
 
 
-async def _drain(receive, deadline: float) -> None:
-    """Reads and drops the rest of a body: at most DRAIN_BYTES, until `deadline`."""
+async def _drain(receive, deadline: float) -> bool:
+    """Reads and drops the rest of a body: at most DRAIN_BYTES, until `deadline`. Returns
+    whether the body ended."""
     dropped = 0
     deadline = min(deadline, time.monotonic() + DRAIN_SECONDS)
     while dropped <= DRAIN_BYTES:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            return
+            return False
         try:
             async with asyncio.timeout(remaining):
                 message = await receive()
         except TimeoutError:
-            return
+            return False
         if message["type"] != "http.request":
-            return
+            return False
         dropped += len(message.get("body", b""))
         if not message.get("more_body", False):
-            return
+            return True
+    return False
 
 
 async def _answer(send, refusal: ServiceError) -> None:
