@@ -332,7 +332,8 @@ def run_export_model(argv, prog="jaxretrieval export-model") -> int:
 
 
 def run_serve(argv, prog="jaxretrieval serve") -> int:
-    from jaxretrieval.service.app import ServiceSettings
+    from jaxretrieval.service.app import ServiceSettings, check_api_key
+    from jaxretrieval.service.guards import allowed_host_names
 
     defaults = ServiceSettings()
     parser = argparse.ArgumentParser(
@@ -346,7 +347,12 @@ def run_serve(argv, prog="jaxretrieval serve") -> int:
                         help="TCP port to listen on (default %(default)s)")
     parser.add_argument("--api-key", default=os.environ.get("JAXRETRIEVAL_API_KEY"),
                         help="required in header X-API-Key to add or delete items "
-                             "(default: $JAXRETRIEVAL_API_KEY; none: updates are open)")
+                             "(default: $JAXRETRIEVAL_API_KEY, which keeps the key out of "
+                             "`ps`; none: updates are open)")
+    parser.add_argument("--allowed-hosts", default="",
+                        help="comma-separated names clients may send in the Host header, "
+                             "beyond the bound address (bound to 127.0.0.1: localhost, "
+                             "127.0.0.1, [::1]); '*' allows any (unsafe: DNS rebinding)")
     parser.add_argument("--max-k", type=int, default=defaults.max_k)
     parser.add_argument("--max-batch", type=int, default=defaults.max_batch,
                         help="images per compiled embedding call")
@@ -354,32 +360,57 @@ def run_serve(argv, prog="jaxretrieval serve") -> int:
                         help="how long a query waits for others to share its batch")
     parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
                         help="queries waiting to be embedded before the service answers 503")
+    parser.add_argument("--max-json-bytes", type=int, default=defaults.max_json_bytes,
+                        help="largest JSON body accepted (default %(default)s)")
+    parser.add_argument("--header-timeout", type=float, default=defaults.header_timeout_s,
+                        help="seconds a request's line and headers may take to arrive")
+    parser.add_argument("--body-timeout", type=float, default=defaults.body_timeout_s,
+                        help="seconds a request's body may take to arrive")
+    parser.add_argument("--decode-threads", type=int, default=0,
+                        help="threads decoding uploaded images (default: half the cores)")
     parser.add_argument("--no-access-log", dest="access_log", action="store_false",
                         help="do not log a line per request (method, path, status, ms) to "
                              "stderr")
     args = parser.parse_args(argv)
+    check_api_key(args.api_key or None)
+    allowed_hosts = tuple(name.strip() for name in args.allowed_hosts.split(",") if name.strip())
     check_port_free(args.host, args.port)
 
     import uvicorn
 
     from jaxretrieval.retriever import Retriever
     from jaxretrieval.service.app import create_app
+    from jaxretrieval.service.server import server_config
 
     retriever = Retriever.load(args.workdir, writable=True)
     settings = ServiceSettings(
         api_key=args.api_key or None, max_k=args.max_k, max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-        data_dir=retriever.embedder.config.data_dir, access_log=args.access_log)
+        data_dir=retriever.embedder.config.data_dir, access_log=args.access_log,
+        host=args.host, allowed_hosts=allowed_hosts, max_json_bytes=args.max_json_bytes,
+        header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+        decode_threads=args.decode_threads)
     retriever.warm_up(settings.max_batch)
     app = create_app(retriever, settings)
     where = f"{os.path.abspath(args.workdir)} on http://{args.host}:{args.port}"
     print(f"serving {where} ({retriever.count} items)", flush=True)
+    hosts = allowed_host_names(args.host, allowed_hosts)
+    if hosts is None:
+        print("answering any Host header (--allowed-hosts '*'): a web page can reach this "
+              "server through DNS rebinding", flush=True)
+    elif hosts <= {"localhost", "127.0.0.1", "[::1]"} and args.host not in (
+            "127.0.0.1", "localhost", "::1"):
+        print(f"answering only Host {', '.join(sorted(hosts))}: pass --allowed-hosts with the "
+              "names or addresses other machines use to reach this one", flush=True)
     # uvicorn shuts down on SIGINT and SIGTERM, then raises the signal again; with Ctrl-C's
-    # handler for SIGTERM too, that ends uvicorn.run instead of the process, so a process
-    # manager's stop also closes the retriever and prints the line below.
+    # handler for SIGTERM too, both end as a KeyboardInterrupt here instead of ending the
+    # process, so a process manager's stop also closes the retriever and prints the line below.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        uvicorn.Server(server_config(app, host=args.host, port=args.port,
+                                     header_timeout_s=settings.header_timeout_s)).run()
+    except KeyboardInterrupt:
+        pass
     finally:
         retriever.close()
     print(f"stopped serving {where}", flush=True)

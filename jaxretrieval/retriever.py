@@ -218,13 +218,23 @@ class Retriever:
         if isinstance(keys, str):
             raise JaxRetrievalError("keys must be a list of strings, not one string")
         keys = list(keys)
+        resolved = self._resolved_or_refused(keys)
+        try:
+            self.index.delete(resolved)
+        except JaxRetrievalError:
+            # Another thread may delete a key between the check above and the index's own,
+            # under its lock: that is still an unknown key, not some other error.
+            self._resolved_or_refused(keys)
+            raise
+
+    def _resolved_or_refused(self, keys) -> list[str]:
         resolved = [self.resolve(key) for key in keys]
         unknown = [key for key, found in zip(keys, resolved) if found is None]
         if unknown:
             raise UnknownItemError(
                 f"no item with id {unknown[0]!r}" if len(unknown) == 1 else
                 f"no items with ids {', '.join(map(repr, unknown))} (nothing was deleted)")
-        self.index.delete(resolved)
+        return resolved
 
     # ------------------------------------------------------------------ thumbnails
 

@@ -210,7 +210,8 @@ def test_the_service_aligns_an_uploaded_photo_as_the_retriever_does(face_run, fa
     photo = Image.open(os.path.join(face_run[0], key)).convert("RGB")
     upload = io.BytesIO()
     photo.save(upload, format="PNG")
-    settings = ServiceSettings(max_k=10, max_upload_bytes=1_000_000, max_pixels=1_000_000)
+    settings = ServiceSettings(max_k=10, max_upload_bytes=1_000_000, max_pixels=1_000_000,
+                               allowed_hosts=("testserver",))  # TestClient's Host
     with TestClient(create_app(face_retriever, settings)) as client:
         response = client.post("/search?k=3", files={"image": ("q.png", upload.getvalue(),
                                                                "image/png")})

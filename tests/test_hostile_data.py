@@ -54,7 +54,7 @@ def stand_in_retriever(index):
 
 
 def client_over(retriever):
-    return TestClient(create_app(retriever, ServiceSettings(max_k=50)))
+    return TestClient(create_app(retriever, ServiceSettings(max_k=50, allowed_hosts=("testserver",))))
 
 
 def url_id(item_id):

@@ -35,7 +35,8 @@ def service(trained_workdir, tmp_path_factory):
     shutil.copytree(trained_workdir[0], workdir)
     retriever = Retriever.load(workdir, writable=True)
     settings = ServiceSettings(api_key=API_KEY, max_k=50, max_upload_bytes=200_000,
-                               max_pixels=1_000_000, data_dir=retriever.embedder.config.data_dir)
+                               max_pixels=1_000_000, data_dir=retriever.embedder.config.data_dir,
+                               allowed_hosts=("testserver",))  # TestClient's Host
     with TestClient(create_app(retriever, settings)) as client:
         yield client, retriever
 

@@ -549,7 +549,8 @@ def test_the_service_serves_a_sharded_index(trained_workdir, tmp_path):
     workdir = copy_workdir(trained_workdir[0], tmp_path)
     rebuild_index(workdir, num_shards=2)
     retriever = Retriever.load(workdir, writable=True)
-    settings = ServiceSettings(data_dir=retriever.embedder.config.data_dir)
+    settings = ServiceSettings(data_dir=retriever.embedder.config.data_dir,
+                               allowed_hosts=("testserver",))  # TestClient's Host
     with TestClient(create_app(retriever, settings)) as client:
         vector = retriever.embed(digit_images([7]))[0]
         found = client.post("/search?k=3", json={"embedding": vector.tolist()}).json()

@@ -7,6 +7,7 @@ endpoints are in `routes.py`, the metrics in `metrics.py`; this module puts them
 
 import dataclasses
 import logging
+import os
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -16,8 +17,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.retriever import Retriever
 from jaxretrieval.service.batching import MicroBatcher
+from jaxretrieval.service.decoding import DecodePool
+from jaxretrieval.service.errors import ServiceError, error_body
+from jaxretrieval.service.guards import RequestGuard, allowed_host_names
 from jaxretrieval.service.metrics import ObserveRequests, ServiceMetrics
-from jaxretrieval.service.routes import Service, ServiceError, router
+from jaxretrieval.service.routes import Service, router
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,28 +37,68 @@ class ServiceSettings:
     max_pixels: int = 40_000_000
     data_dir: str = ""  # TFDS data directory, for thumbnails of TFDS items
     access_log: bool = False  # one line per request on the ACCESS_LOGGER logger, at INFO
+    # The Host rule (guards.allowed_host_names): the address the server binds, and more
+    # names to answer for ("*": any, which lets DNS rebinding through).
+    host: str = "127.0.0.1"
+    allowed_hosts: tuple[str, ...] = ()
+    # Body caps, counted as the bytes arrive. 1 MiB of JSON holds about 50,000 numbers: a
+    # batch of 32 embeddings of up to 1,500 dimensions. Multipart: one batch of uploads plus
+    # room for the other fields (0: max_upload_bytes * max_batch + 1 MiB).
+    max_json_bytes: int = 1 << 20
+    max_multipart_bytes: int = 0
+    header_timeout_s: float = 10.0  # the request line and headers, from the first byte
+    body_timeout_s: float = 60.0  # the whole body, from the end of the headers
+    # Threads decoding uploads (0: half the cores, at least 1) and uploads that may wait
+    # for one; beyond that, 503.
+    decode_threads: int = 0
+    max_decode_queue: int = 64
+
+    def __post_init__(self):
+        if not self.max_multipart_bytes:
+            object.__setattr__(self, "max_multipart_bytes",
+                               self.max_upload_bytes * self.max_batch + (1 << 20))
+        if not self.decode_threads:
+            object.__setattr__(self, "decode_threads", max(1, (os.cpu_count() or 2) // 2))
+        object.__setattr__(self, "allowed_hosts", tuple(self.allowed_hosts))
 
 
 # Where the access log goes: `jaxretrieval serve` shows it on stderr.
 ACCESS_LOGGER = "jaxretrieval.service.access"
 
 
-def error_body(code: str, message: str) -> dict:
-    return {"error": {"code": code, "message": message}}
+def check_api_key(api_key: str | None) -> None:
+    """Refuses a key that no client could send: HTTP headers carry ASCII, without
+    surrounding spaces (which are stripped) or control characters."""
+    if api_key is None:
+        return
+    if not api_key or not api_key.isascii() or not api_key.isprintable() \
+            or api_key != api_key.strip():
+        raise JaxRetrievalError(
+            "the API key must be printable ASCII without leading or trailing spaces (HTTP "
+            "headers cannot carry anything else, so no request could match it); choose "
+            "another, e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`")
 
 
 def create_app(retriever: Retriever, settings: ServiceSettings = ServiceSettings()) -> FastAPI:
     """The service over `retriever`, whose index takes live updates (a writable index)."""
+    check_api_key(settings.api_key)
     app = FastAPI(title="jaxretrieval", summary="Image search and matching over a trained "
                   "CNN and a ScaNN index.")
     metrics = ServiceMetrics(retriever)
     batcher = MicroBatcher(retriever.embed_uint8, max_batch=settings.max_batch,
                            max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
                            on_batch=metrics.batch_size.observe)
+    decoder = DecodePool(settings.decode_threads, settings.max_decode_queue)
     app.state.batcher = batcher
-    app.state.service = Service(retriever, settings, batcher, metrics)
+    app.state.service = Service(retriever, settings, batcher, metrics, decoder)
     app.router.add_event_handler("shutdown", batcher.close)
+    app.router.add_event_handler("shutdown", decoder.close)
     add_error_handlers(app)
+    app.add_middleware(RequestGuard, hosts=allowed_host_names(settings.host,
+                                                              settings.allowed_hosts),
+                       max_json_bytes=settings.max_json_bytes,
+                       max_multipart_bytes=settings.max_multipart_bytes,
+                       body_timeout_s=settings.body_timeout_s)
     app.add_middleware(ObserveRequests, observe=metrics.observe_request)
     if settings.access_log:
         app.add_middleware(ObserveRequests, observe=log_request)

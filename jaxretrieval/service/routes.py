@@ -2,8 +2,9 @@
 web page at `/`.
 
 Every endpoint works through the `Service` that `create_app` stores on the app: the
-Retriever, the settings, the micro-batcher and the metrics. A refused request raises
-ServiceError, which the app answers as `{"error": {"code": ..., "message": ...}}`.
+Retriever, the settings, the micro-batcher, the metrics and the pool that decodes uploads.
+A refused request raises ServiceError, which the app answers as
+`{"error": {"code": ..., "message": ...}}`.
 """
 
 import asyncio
@@ -23,6 +24,8 @@ from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.index import check_keys, normalised_vector, shown_key
 from jaxretrieval.retriever import Retriever, UnknownItemError
 from jaxretrieval.service.batching import MicroBatcher, QueueFull
+from jaxretrieval.service.decoding import DecodePool, PoolFull
+from jaxretrieval.service.errors import ServiceError
 from jaxretrieval.service.metrics import ServiceMetrics
 
 if TYPE_CHECKING:
@@ -34,14 +37,6 @@ PAGE = os.path.join(os.path.dirname(__file__), "page.html")
 INLINE_SEARCH_MAX_ITEMS = 20_000
 
 
-class ServiceError(Exception):
-    """A refused request: its HTTP status, a stable code for programs, a message for people."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-
 @dataclasses.dataclass(frozen=True)
 class Service:
     """What the endpoints work with; one per app, in `app.state.service`."""
@@ -50,6 +45,7 @@ class Service:
     settings: "ServiceSettings"
     batcher: MicroBatcher
     metrics: ServiceMetrics
+    decoder: DecodePool
 
 
 def service_of(request: Request) -> Service:
@@ -73,16 +69,30 @@ async def read_upload(service: Service, upload) -> np.ndarray:
     if not data:
         raise ServiceError(400, "bad_image", "the uploaded file is empty")
     try:
-        # In the thread pool: decoding, and for a face model finding and aligning the face,
-        # takes milliseconds that would otherwise hold up every other request.
-        return await run_in_threadpool(service.retriever.decode_image, data,
-                                       max_pixels=service.settings.max_pixels)
+        # In the decoding pool: decoding, and for a face model finding and aligning the
+        # face, takes up to a core-second that would otherwise hold up every other request.
+        return await service.decoder.run(service.retriever.decode_image, data,
+                                         max_pixels=service.settings.max_pixels)
+    except PoolFull:
+        raise ServiceError(503, "overloaded",
+                           "too many images are being decoded; retry in a moment") from None
     except JaxRetrievalError as err:
         raise ServiceError(400, "bad_image", str(err)) from None
 
 
+def check_image_count(service: Service, count: int) -> None:
+    """Refuses more images in one request than the embedding queue holds: they could
+    never be queued together, so retrying would not help."""
+    most = service.settings.max_queue
+    if count > most:
+        raise ServiceError(413, "too_many_images",
+                           f"{count} images in one request; send at most {most} (the "
+                           "service's --max-queue) per request")
+
+
 async def embed(service: Service, images: list) -> np.ndarray:
     """Embeddings of model inputs, computed in a batch shared with concurrent requests."""
+    check_image_count(service, len(images))
     try:
         future = service.batcher.submit(np.stack(images))
     except QueueFull:
@@ -126,6 +136,8 @@ async def json_body(request: Request) -> dict:
         body = await request.json()
     except ValueError:
         raise ServiceError(400, "bad_json", "the body is not valid JSON") from None
+    except RecursionError:  # the parser gives up on deep nesting before the stack does
+        raise ServiceError(400, "bad_json", "the JSON is nested too deeply") from None
     if not isinstance(body, dict):
         raise ServiceError(400, "bad_json", "the JSON body must be an object")
     return body
@@ -136,16 +148,9 @@ def is_multipart(request: Request) -> bool:
 
 
 async def form_of(service: Service, request: Request):
-    settings = service.settings
-    # Refuse an oversized body before Starlette spools it to disk: at most one batch of
-    # images per request, plus room for the other fields.
-    most = settings.max_upload_bytes * settings.max_batch + (1 << 20)
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > most:
-        raise ServiceError(413, "too_large", f"requests are limited to {most} bytes "
-                           f"({settings.max_batch} images of {settings.max_upload_bytes})")
+    # The request guard has capped the body (max_multipart_bytes) as it arrives.
     try:
-        return await request.form(max_part_size=settings.max_upload_bytes + 1)
+        return await request.form(max_part_size=service.settings.max_upload_bytes + 1)
     except Exception as err:  # malformed multipart bodies raise several types
         raise ServiceError(400, "bad_multipart", f"cannot parse the form ({err})") from None
 
@@ -235,6 +240,7 @@ async def upsert_items(request: Request, service: ServiceDep):
             raise ServiceError(400, "missing_field",
                                "send `id` and `image` fields in pairs, at least one pair")
         check_ids(ids)  # before the images are embedded
+        check_image_count(service, len(uploads))
         vectors = await embed(service, [await read_upload(service, u) for u in uploads])
     else:
         items = (await json_body(request)).get("items")
