@@ -3,7 +3,8 @@
 Rows (ints 0..count-1) identify gallery items inside arrays; `keys` maps
 rows to the caller's string ids. Scores are dot products of L2-normalised
 vectors, so higher is better. The directory layout is storage's; the log's
-format is wal's.
+format is wal's. Items may carry metadata, and searches may filter on it
+(the rules: jaxretrieval.index.metadata; the strategy: jaxretrieval.index.filtered).
 """
 
 import copy
@@ -15,7 +16,8 @@ import threading
 import numpy as np
 
 from jaxretrieval.errors import JaxRetrievalError
-from jaxretrieval.index import checks, storage, tuning, wal
+from jaxretrieval.index import checks, filtered, storage, tuning, wal
+from jaxretrieval.index.metadata import checked_filter, checked_metadata_list
 from jaxretrieval.index.scann_adapter import DISTANCE, scann_settings, scann_version
 from jaxretrieval.index.state import KeySet, State
 
@@ -44,10 +46,11 @@ class Index:
 
     @classmethod
     def build(cls, embeddings, keys, *, sources=None, checkpoint_step,
-              model_config_hash, extra_manifest=None, scann_overrides=None):
+              model_config_hash, extra_manifest=None, scann_overrides=None, metadata=None):
         """Indexes L2-normalised float32 `embeddings` [n, d] under `keys`.
 
-        `sources` optionally names where each row came from. Galleries of
+        `sources` optionally names where each row came from, `metadata` gives
+        each row a small JSON object or None (jaxretrieval.index.metadata). Galleries of
         more than EXACT_SEARCH_MAX_COUNT items get approximate search, whose
         automatic settings `scann_overrides` may replace in part (see
         `scann_settings`; for benchmarks); the manifest records them.
@@ -64,9 +67,11 @@ class Index:
             raise JaxRetrievalError(
                 f"model_config_hash must be a string, got {model_config_hash!r}")
         extra = checks.checked_manifest_updates(extra_manifest or {}, "extra_manifest")
+        metadata = checked_metadata_list(metadata, count)
 
         state = State.from_rows(embeddings, keys, sources, has_sources=sources is not None,
-                                settings=scann_settings(count, scann_overrides))
+                                settings=scann_settings(count, scann_overrides),
+                                metadata=metadata)
         manifest = {
             "format_version": storage.FORMAT_VERSION,
             "embedding_dim": dim,
@@ -138,14 +143,29 @@ class Index:
             raise JaxRetrievalError(f"key {key!r} is not in the index")
         return state.source_of(item_id)
 
+    def metadata_of(self, key):
+        """The metadata stored with `key` (a dict; do not modify), or None if it has none."""
+        state = self._state
+        item_id = state.locate(key)
+        if item_id is None:
+            raise JaxRetrievalError(f"key {key!r} is not in the index")
+        return state.metadata_of(item_id)
+
+    @property
+    def has_metadata(self):
+        """Whether any item carries metadata."""
+        return self._state.live_metadata() is not None
+
     @staticmethod
-    def _search_ids(state, queries, k):
+    def _search_ids(state, queries, k, conditions=None):
         queries = checks.checked_queries(queries, state.dim)
         k = min(checks.checked_positive_int(k, "k"), state.count)
         if queries.shape[0] == 0 or k == 0:
             # ScaNN rejects an empty batch.
             return (np.zeros((queries.shape[0], k), np.int64),
                     np.zeros((queries.shape[0], k), np.float32))
+        if conditions is not None:
+            return filtered.search_ids(state, queries, k, conditions)
         return state.search_ids(queries, k)
 
     def search_rows(self, queries, k):
@@ -160,26 +180,36 @@ class Index:
         ids, scores = self._search_ids(state, queries, k)
         return state.live_rows(ids), scores
 
-    def search(self, queries, k, *, threshold=None):
+    def search(self, queries, k, *, threshold=None, filter=None, with_metadata=False):
         """The best keys and scores for each query, best first.
 
         Returns (keys, scores): per query, lists of up to min(k, count)
         strings and Python floats. With `threshold`, results scoring below
-        it are dropped.
+        it are dropped. With `filter` (e.g. `{"label": "cat", "year": {"in":
+        [2023, 2024]}}`; jaxretrieval.index.metadata), only items whose metadata
+        passes it are searched: the results are the best min(k, passing) of
+        those. With `with_metadata=True` it returns (keys, scores, metadata),
+        metadata holding each result's dict, or None for an item without any.
         """
         threshold = checks.checked_threshold(threshold)
+        conditions = checked_filter(filter)
         state = self._state
-        ids, scores = self._search_ids(state, queries, k)
-        all_keys, all_scores = [], []
+        ids, scores = self._search_ids(state, queries, k, conditions)
+        all_keys, all_scores, all_metadata = [], [], []
         for query_ids, query_scores in zip(ids.tolist(), scores.tolist()):
-            found_keys, found_scores = [], []
+            found_keys, found_scores, found_metadata = [], [], []
             for item_id, score in zip(query_ids, query_scores):
                 if item_id < 0 or (threshold is not None and score < threshold):
                     continue
                 found_keys.append(state.key_of(item_id))
                 found_scores.append(score)
+                if with_metadata:
+                    found_metadata.append(state.metadata_of(item_id))
             all_keys.append(found_keys)
             all_scores.append(found_scores)
+            all_metadata.append(found_metadata)
+        if with_metadata:
+            return all_keys, all_scores, all_metadata
         return all_keys, all_scores
 
     # ------------------------------------------------------------------ changing
@@ -206,16 +236,19 @@ class Index:
         updated.update_manifest(**updates)
         return updated
 
-    def upsert(self, keys, embeddings, sources=None):
+    def upsert(self, keys, embeddings, sources=None, metadata=None):
         """Adds items, replacing those whose key is already in the index.
 
         `embeddings` are L2-normalised float32 [n, d], one row per key;
         `sources`, if given, one string per key (without them, items record
-        source ""). Searches see the change on return; on a writable index
-        it is also on disk by then.
+        source ""); `metadata`, if given, one dict or None per key. An upsert
+        replaces the whole item: one without metadata drops what the old item
+        had. Searches see the change on return; on a writable index it is also
+        on disk by then.
         """
         embeddings, keys, sources = checks.checked_rows(embeddings, keys, sources,
                                                         self.embedding_dim)
+        metadata = checked_metadata_list(metadata, len(keys))
         with self._lock:
             self._check_open()
             if not keys:
@@ -224,11 +257,14 @@ class Index:
             if sources is not None:
                 state = state.recording_sources()
             new_state = state.with_changes({
-                key: (embeddings[row], sources[row] if sources else None)
+                key: (embeddings[row], sources[row] if sources else None,
+                      metadata[row] if metadata else None)
                 for row, key in enumerate(keys)})
-            self._append_to_log({"op": "upsert", "keys": keys,
-                                 "embeddings": wal.encode_vectors(embeddings),
-                                 "sources": sources})
+            record = {"op": "upsert", "keys": keys,
+                      "embeddings": wal.encode_vectors(embeddings), "sources": sources}
+            if metadata is not None:
+                record["metadata"] = metadata
+            self._append_to_log(record)
             self._install(new_state)
 
     def delete(self, keys):

@@ -45,12 +45,21 @@ class SearchIndex(Protocol):
     def source_of(self, key: str) -> str | None:
         """The source recorded for `key`; an error if the key is not there."""
 
-    def search(self, queries, k: int, *, threshold: float | None = None
-               ) -> tuple[list[list[str]], list[list[float]]]:
-        """Per query, up to min(k, count) keys and scores, best first."""
+    def metadata_of(self, key: str) -> dict | None:
+        """The metadata stored with `key`, or None; an error if the key is not there."""
 
-    def upsert(self, keys, embeddings, sources=None) -> None:
-        """Adds items, replacing those whose key is already there."""
+    @property
+    def has_metadata(self) -> bool:
+        """Whether any item carries metadata."""
+
+    def search(self, queries, k: int, *, threshold: float | None = None,
+               filter: dict | None = None, with_metadata: bool = False) -> tuple:
+        """Per query, up to min(k, count) keys and scores, best first, of the items that
+        pass `filter`; with `with_metadata`, (keys, scores, metadata)."""
+
+    def upsert(self, keys, embeddings, sources=None, metadata=None) -> None:
+        """Adds items (with one metadata dict or None each), replacing those whose key is
+        already there."""
 
     def delete(self, keys) -> None:
         """Removes items; nothing is removed if any key is unknown."""

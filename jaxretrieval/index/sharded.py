@@ -2,7 +2,8 @@
 
 An item lives in shard `zlib.crc32(key as UTF-8) % S` (`shard_of`): stable across
 machines, processes and Python versions, unlike `hash()`. A search asks every shard for
-its best k and merges them by score, equal scores by key.
+its best k and merges them by score, equal scores by key. A filtered search does the same:
+each shard returns its best k passing items, so the merge holds the best k passing overall.
 
 With exact scoring (at most EXACT_SEARCH_MAX_COUNT items) the results, keys and scores,
 are those of one Index over the same vectors and changes, with two exceptions that come
@@ -64,6 +65,7 @@ from jaxretrieval.index.checks import (as_float_matrix, checked_manifest_updates
                                        checked_string_list, refuse_reserved_keys,
                                        refuse_unknown_keys)
 from jaxretrieval.index.flat import Index
+from jaxretrieval.index.metadata import checked_filter, checked_metadata_list
 from jaxretrieval.index.storage import SHARDS_DIR, SHARDS_FILE, UnreadableIndexError
 from jaxretrieval.fileio import recover_interrupted_swap, write_json_atomically
 
@@ -124,7 +126,7 @@ def _refuse_sharded_keys(updates, what):
     refuse_reserved_keys(updates, SHARDED_KEYS, what, owner="sharded index")
 
 
-def _build_shard(embeddings, keys, sources, rows, identity):
+def _build_shard(embeddings, keys, sources, metadata, rows, identity):
     empty = not rows
     if empty:
         # Index.build refuses an empty gallery (ScaNN cannot index nothing): build the
@@ -132,6 +134,7 @@ def _build_shard(embeddings, keys, sources, rows, identity):
         rows = [0]
     shard = Index.build(embeddings[rows], [keys[row] for row in rows],
                         sources=None if sources is None else [sources[row] for row in rows],
+                        metadata=None if metadata is None else [metadata[row] for row in rows],
                         **identity)
     if empty:
         shard.delete([keys[0]])
@@ -352,7 +355,7 @@ class ShardedIndex:
 
     @classmethod
     def build(cls, embeddings, keys, *, sources=None, checkpoint_step, model_config_hash,
-              extra_manifest=None, scann_overrides=None, num_shards):
+              extra_manifest=None, scann_overrides=None, num_shards, metadata=None):
         """As `Index.build`, split into `num_shards` shards by `shard_of(key, num_shards)`.
 
         Each shard chooses its ScaNN settings for its own size (with `scann_overrides`).
@@ -360,11 +363,12 @@ class ShardedIndex:
         # Checked here with the very checks Index.build runs, so errors number rows across
         # the whole gallery; each shard's Index.build checks the rest.
         embeddings, keys, sources = checked_rows(embeddings, keys, sources)
+        metadata = checked_metadata_list(metadata, len(keys))
         num_shards = checked_num_shards(num_shards)
         _refuse_sharded_keys(extra_manifest or {}, "extra_manifest")
         identity = {"checkpoint_step": checkpoint_step, "model_config_hash": model_config_hash,
                     "extra_manifest": extra_manifest, "scann_overrides": scann_overrides}
-        shards = [_build_shard(embeddings, keys, sources, rows, identity)
+        shards = [_build_shard(embeddings, keys, sources, metadata, rows, identity)
                   for rows in _rows_by_shard(keys, num_shards)]
         common = {key: value for key, value in shards[0].manifest.items()
                   if key not in PER_SHARD_KEYS}
@@ -465,24 +469,41 @@ class ShardedIndex:
         source = self._shard_for(key).source_of(key)
         return "" if source is None and self._records_sources else source
 
-    def search(self, queries, k, *, threshold=None):
-        """As `Index.search`: per query, up to min(k, count) keys and scores, best first.
+    def metadata_of(self, key):
+        """As `Index.metadata_of`."""
+        if not isinstance(key, str):
+            raise JaxRetrievalError(f"key {key!r} is not in the index")
+        return self._shard_for(key).metadata_of(key)
+
+    @property
+    def has_metadata(self):
+        """Whether any item carries metadata."""
+        return any(shard.has_metadata for shard in self._shards)
+
+    def search(self, queries, k, *, threshold=None, filter=None, with_metadata=False):
+        """As `Index.search`: per query, up to min(k, count) keys and scores (and with
+        `with_metadata`, metadata), best first; `filter` as for `Index.search`.
 
         Exactly equal scores are ordered by key (which of them make the cut at k follows
         each shard's ScaNN order, by row).
         """
         queries = as_float_matrix(queries, "queries")
+        checked_filter(filter)  # once here, so that a bad filter fails before any search
         # Each shard checks the queries, k and threshold as an Index does.
         results = self._on_every_shard(
-            lambda shard: shard.search(queries, k, threshold=threshold))
+            lambda shard: shard.search(queries, k, threshold=threshold, filter=filter,
+                                       with_metadata=True))
         k = operator.index(k)
-        all_keys, all_scores = [], []
-        for per_shard in zip(*(zip(keys, scores) for keys, scores in results)):
-            hits = sorted(((score, key) for keys, scores in per_shard
-                           for key, score in zip(keys, scores)),
+        all_keys, all_scores, all_metadata = [], [], []
+        for per_shard in zip(*(zip(*result) for result in results)):
+            hits = sorted(((score, key, metadata) for keys, scores, metadata in per_shard
+                           for key, score, metadata in zip(keys, scores, metadata)),
                           key=lambda hit: (-hit[0], hit[1]))[:k]
-            all_keys.append([key for _, key in hits])
-            all_scores.append([score for score, _ in hits])
+            all_keys.append([key for _, key, _ in hits])
+            all_scores.append([score for score, _, _ in hits])
+            all_metadata.append([metadata for _, _, metadata in hits])
+        if with_metadata:
+            return all_keys, all_scores, all_metadata
         return all_keys, all_scores
 
     def _on_every_shard(self, function):
@@ -504,15 +525,17 @@ class ShardedIndex:
                 "this index was closed, so changes would not be logged: open it again with "
                 "open_index(directory, writable=True)")
 
-    def upsert(self, keys, embeddings, sources=None):
+    def upsert(self, keys, embeddings, sources=None, metadata=None):
         """As `Index.upsert`; each shard logs its part before the call returns."""
         embeddings, keys, sources = checked_rows(embeddings, keys, sources,
                                                   self.embedding_dim)
+        metadata = checked_metadata_list(metadata, len(keys))
         with self._lock:
             self._check_open()
             for shard, rows in self._routed(keys):
                 shard.upsert([keys[row] for row in rows], embeddings[rows],
-                             None if sources is None else [sources[row] for row in rows])
+                             None if sources is None else [sources[row] for row in rows],
+                             None if metadata is None else [metadata[row] for row in rows])
             if sources is not None and keys:
                 self._records_sources = True
 

@@ -1,4 +1,5 @@
-"""The in-memory contents of an index: snapshot rows under a ScaNN searcher, a delta, tombstones."""
+"""The in-memory contents of an index: snapshot rows under a ScaNN searcher, a delta, tombstones,
+and each item's metadata."""
 
 import collections.abc
 import copy
@@ -6,6 +7,7 @@ import copy
 import numpy as np
 
 from jaxretrieval.index.checks import row_by_key
+from jaxretrieval.index.metadata import Postings
 from jaxretrieval.index.scann_adapter import build_searcher, carried_settings, scann_settings
 
 # Every search over-fetches one ScaNN result per tombstone and scans the
@@ -28,11 +30,17 @@ class State:
     is row j of the "delta", vectors upserted since the searcher was built
     and searched exactly with numpy. Replaced or deleted base rows stay in
     the searcher, marked `dead`, until `compacted()` builds a new one.
+
+    Metadata: `base_metadata` (a dict or None per base row; None as a whole when no
+    base row has any) and `delta_metadata` (one per delta row). The base rows'
+    inverted index (`base_postings`) is built on first use and shared by every
+    state made from this one by `with_changes`, as their base rows are the same.
     """
 
     def __init__(self, *, searcher, settings, has_sources, base_vectors,
                  base_keys, base_sources, base_row_by_key, dead, delta_vectors,
-                 delta_keys, delta_sources):
+                 delta_keys, delta_sources, base_metadata=None, delta_metadata=None,
+                 postings_cache=None):
         self.searcher = searcher
         self.settings = settings
         self.has_sources = has_sources
@@ -46,6 +54,10 @@ class State:
         self.delta_keys = delta_keys
         self.delta_sources = delta_sources
         self.delta_slot_by_key = {key: slot for slot, key in enumerate(delta_keys)}
+        self.base_metadata = base_metadata
+        self.delta_metadata = ([None] * len(delta_keys) if delta_metadata is None
+                               else delta_metadata)
+        self._postings_cache = {} if postings_cache is None else postings_cache
         # Derived lazily and cached; two threads racing to fill one compute
         # the same value, so no lock is needed.
         self._keys = None
@@ -54,8 +66,12 @@ class State:
 
     @classmethod
     def from_rows(cls, vectors, keys, sources, *, has_sources, searcher=None,
-                  settings=None):
-        """A compacted state over `vectors`, building the searcher if not given."""
+                  settings=None, metadata=None):
+        """A compacted state over `vectors`, building the searcher if not given.
+
+        `metadata`: one dict or None per row, or None when no row has any."""
+        if metadata is not None and all(item is None for item in metadata):
+            metadata = None
         if settings is None:
             settings = scann_settings(len(vectors))
         if searcher is None and len(vectors):
@@ -66,7 +82,8 @@ class State:
             base_row_by_key=row_by_key(keys),
             dead=np.zeros(len(keys), bool),
             delta_vectors=np.zeros((0, vectors.shape[1]), np.float32),
-            delta_keys=[], delta_sources=[] if has_sources else None)
+            delta_keys=[], delta_sources=[] if has_sources else None,
+            base_metadata=metadata)
 
     @property
     def dim(self):
@@ -106,6 +123,37 @@ class State:
         if item_id < self.n_base:
             return self.base_sources[item_id]
         return self.delta_sources[item_id - self.n_base]
+
+    def metadata_of(self, item_id):
+        if item_id < self.n_base:
+            return None if self.base_metadata is None else self.base_metadata[item_id]
+        return self.delta_metadata[item_id - self.n_base]
+
+    @property
+    def has_metadata(self):
+        """Whether any row, live or not, carries metadata."""
+        return self.base_metadata is not None or any(
+            item is not None for item in self.delta_metadata)
+
+    def base_postings(self):
+        """The inverted index of the base rows' metadata (None when they have none)."""
+        if self.base_metadata is None:
+            return None
+        postings = self._postings_cache.get("postings")
+        if postings is None:
+            # Two threads racing here build equal objects; either may be kept.
+            postings = self._postings_cache["postings"] = Postings(self.base_metadata)
+        return postings
+
+    def live_metadata(self):
+        """The metadata of the live items in `keys` order, or None when none has any."""
+        if not self.has_metadata:
+            return None
+        base = self.base_metadata or [None] * self.n_base
+        if self.pending:
+            base = [base[row] for row in self._live_base_rows()]
+        metadata = list(base) + self.delta_metadata
+        return metadata if any(item is not None for item in metadata) else None
 
     def _live_base_rows(self):
         return np.flatnonzero(~self.dead)
@@ -161,12 +209,15 @@ class State:
             base_vectors=self.base_vectors, base_keys=self.base_keys,
             base_sources=[""] * self.n_base, base_row_by_key=self.base_row_by_key,
             dead=self.dead, delta_vectors=self.delta_vectors,
-            delta_keys=self.delta_keys, delta_sources=[""] * len(self.delta_keys))
+            delta_keys=self.delta_keys, delta_sources=[""] * len(self.delta_keys),
+            base_metadata=self.base_metadata, delta_metadata=self.delta_metadata,
+            postings_cache=self._postings_cache)
 
     def with_changes(self, changes):
         """A new state with `changes` applied.
 
-        `changes` maps each key, in order, to (vector, source) to upsert it
+        `changes` maps each key, in order, to (vector, source, metadata) to
+        upsert it (the metadata replaces the old item's, so None removes it)
         or to None to delete it if present; a None source is recorded as ""
         if the state records sources. An upserted key moves to the end of
         the delta, as it would if applied one by one.
@@ -186,12 +237,12 @@ class State:
         kept_slots = [slot for slot in range(len(self.delta_keys))
                       if slot not in removed_slots]
         added = [(key, change) for key, change in changes.items() if change is not None]
-        added_vectors = np.array([vector for _, (vector, _) in added],
+        added_vectors = np.array([vector for _, (vector, _, _) in added],
                                  np.float32).reshape(len(added), self.dim)
         delta_sources = None
         if self.has_sources:
             delta_sources = ([self.delta_sources[slot] for slot in kept_slots]
-                             + [source or "" for _, (_, source) in added])
+                             + [source or "" for _, (_, source, _) in added])
         return State(
             searcher=self.searcher, settings=self.settings,
             has_sources=self.has_sources, base_vectors=self.base_vectors,
@@ -201,7 +252,10 @@ class State:
                 [self.delta_vectors[kept_slots], added_vectors]),
             delta_keys=[self.delta_keys[slot] for slot in kept_slots]
             + [key for key, _ in added],
-            delta_sources=delta_sources)
+            delta_sources=delta_sources, base_metadata=self.base_metadata,
+            delta_metadata=[self.delta_metadata[slot] for slot in kept_slots]
+            + [metadata for _, (_, _, metadata) in added],
+            postings_cache=self._postings_cache)
 
     def with_settings(self, settings):
         """This state, searched with other settings (same searcher and rows)."""
@@ -216,12 +270,35 @@ class State:
         vectors = self.live_vectors()
         return State.from_rows(
             vectors, self.keys, self.sources, has_sources=self.has_sources,
-            settings=carried_settings(self.settings, len(vectors)))
+            settings=carried_settings(self.settings, len(vectors)),
+            metadata=self.live_metadata())
 
     def compaction_due(self):
         limit = min(COMPACT_MAX_PENDING,
                     max(COMPACT_MIN_PENDING, COMPACT_PENDING_FRACTION * self.count))
         return self.pending > limit
+
+    def base_candidates(self, queries, count):
+        """ScaNN's best `count` base rows (dead ones included) and their scores per query,
+        best first; where it finds fewer, id -1 and score -inf. Needs a searcher."""
+        if self.settings["mode"] == "exact":
+            ids, scores = self.searcher.search_batched(queries, count)
+        else:
+            # Reordering keeps only pre_reorder_num_neighbors candidates,
+            # so a large count needs at least that many of them.
+            # Both efforts come from the settings, which `Index.tune`
+            # may have changed since the searcher was built.
+            ids, scores = self.searcher.search_batched(
+                queries, count,
+                pre_reorder_num_neighbors=max(count, self.settings["reorder_num_neighbors"]),
+                leaves_to_search=self.settings["num_leaves_to_search"])
+        ids = np.asarray(ids, dtype=np.int64)
+        scores = np.asarray(scores, dtype=np.float32)
+        # ScaNN pads short result lists with row 0 and a NaN score.
+        missing = np.isnan(scores)
+        ids[missing] = -1
+        scores[missing] = -np.inf
+        return ids, scores
 
     def search_ids(self, queries, k):
         """Ids and scores of the best k live items per query, best first.
@@ -232,27 +309,11 @@ class State:
         if self.searcher is not None:
             # Exact search returns the best k + n_dead rows, of which at
             # most n_dead are dead, so at least k live ones survive.
-            base_k = min(self.n_base, k + self.n_dead)
-            if self.settings["mode"] == "exact":
-                ids, scores = self.searcher.search_batched(queries, base_k)
-            else:
-                # Reordering keeps only pre_reorder_num_neighbors candidates,
-                # so a large k needs at least k of them.
-                # Both efforts come from the settings, which `Index.tune`
-                # may have changed since the searcher was built.
-                ids, scores = self.searcher.search_batched(
-                    queries, base_k,
-                    pre_reorder_num_neighbors=max(
-                        base_k, self.settings["reorder_num_neighbors"]),
-                    leaves_to_search=self.settings["num_leaves_to_search"])
-            ids = np.asarray(ids, dtype=np.int64)
-            scores = np.asarray(scores, dtype=np.float32)
-            # ScaNN pads short result lists with row 0 and a NaN score.
-            missing = np.isnan(scores)
+            ids, scores = self.base_candidates(queries, min(self.n_base, k + self.n_dead))
             if self.n_dead:
-                missing |= self.dead[ids]
-            ids[missing] = -1
-            scores[missing] = -np.inf
+                missing = self.dead[np.maximum(ids, 0)] & (ids >= 0)
+                ids[missing] = -1
+                scores[missing] = -np.inf
             if not self.delta_keys and self.n_dead == 0:
                 return ids, scores  # already the answer, in ScaNN's order
             candidate_ids.append(ids)

@@ -9,6 +9,10 @@ On-disk layout of a flat index directory (format 2):
         manifest.json         format version, model identity, ScaNN settings, ...
         keys.json             JSON list of row keys
         sources.json          JSON list of row sources (absent when there are none)
+        metadata.json         JSON list of row metadata, an object or null per row
+                              (absent when no row has any: indexes written before
+                              metadata existed load as items without it; versions
+                              before it ignore the file)
         embeddings.npy        float32 [count, dim], so the index can be rebuilt
         scann/                ScaNN's serialized searcher (absent when count is 0)
         wal.jsonl             write-ahead log of changes made since the snapshot
@@ -64,10 +68,12 @@ SNAPSHOTS_DIR = "snapshots"
 MANIFEST_FILE = "manifest.json"
 KEYS_FILE = "keys.json"
 SOURCES_FILE = "sources.json"
+METADATA_FILE = "metadata.json"
 EMBEDDINGS_FILE = "embeddings.npy"
 SCANN_DIR = "scann"
 # What a format 1 directory holds, all removed once it has been converted.
-FLAT_LAYOUT_ENTRIES = (MANIFEST_FILE, KEYS_FILE, SOURCES_FILE, EMBEDDINGS_FILE, SCANN_DIR)
+FLAT_LAYOUT_ENTRIES = (MANIFEST_FILE, KEYS_FILE, SOURCES_FILE, METADATA_FILE, EMBEDDINGS_FILE,
+                       SCANN_DIR)
 TEMPORARY_SNAPSHOT_PREFIX = ".tmp-"
 VERSION_PATTERN = re.compile(r"[0-9]{1,20}")
 # The sharded layout: its manifest (a directory holding it is sharded) and the
@@ -333,6 +339,8 @@ def write_snapshot_files(folder, state, manifest):
     write_json(os.path.join(folder, KEYS_FILE), state.base_keys)
     if state.has_sources:
         write_json(os.path.join(folder, SOURCES_FILE), state.base_sources)
+    if state.base_metadata is not None:
+        write_json(os.path.join(folder, METADATA_FILE), state.base_metadata)
     write_json(os.path.join(folder, MANIFEST_FILE),
                {**manifest, "format_version": FORMAT_VERSION})
     open(os.path.join(folder, LOG_FILE), "wb").close()
@@ -451,6 +459,17 @@ def read_snapshot(directory, version):
         if (not isinstance(sources, list) or len(sources) != count
                 or not all(isinstance(s, str) for s in sources)):
             raise corrupt(directory, f"{SOURCES_FILE} is not a list of {count} strings")
+    metadata = None
+    metadata_path = os.path.join(folder, METADATA_FILE)
+    if os.path.isfile(metadata_path):
+        try:
+            metadata = read_json(metadata_path)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise corrupt(directory, f"unreadable JSON: {error}") from None
+        if (not isinstance(metadata, list) or len(metadata) != count
+                or not all(item is None or isinstance(item, dict) for item in metadata)):
+            raise corrupt(directory, f"{METADATA_FILE} is not a list of {count} objects "
+                                     "or nulls")
 
     try:
         embeddings = np.load(embeddings_path, allow_pickle=False)
@@ -479,7 +498,7 @@ def read_snapshot(directory, version):
     try:
         state = State.from_rows(embeddings, keys, sources,
                                 has_sources=sources is not None,
-                                searcher=searcher, settings=settings)
+                                searcher=searcher, settings=settings, metadata=metadata)
     except JaxRetrievalError as error:
         raise corrupt(directory, str(error)) from None
     return state, manifest

@@ -2,7 +2,8 @@
 
 Each line of wal.jsonl is `<crc32 of body, 8 hex digits> <body>`, the body
 one JSON object: {"op": "upsert", "keys": [...], "embeddings": base64 of
-little-endian float32 [n, dim], "sources": [...] or null},
+little-endian float32 [n, dim], "sources": [...] or null, and "metadata": [one
+object or null per key], present only when some item has metadata},
 {"op": "delete", "keys": [...]} or {"op": "manifest", "updates": {...}}.
 A writable index appends and fsyncs a line before a change is applied and
 returned. Loading replays the log. A last line without its newline is a write
@@ -24,7 +25,9 @@ import zlib
 
 import numpy as np
 
+from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.index.checks import CORE_MANIFEST_KEYS
+from jaxretrieval.index.metadata import checked_metadata_list
 
 logger = logging.getLogger(__name__)
 
@@ -145,9 +148,12 @@ def replayed(state, manifest, records):
                         raise ValueError("not one source per key")
                     # As upsert did: the net changes are applied to this.
                     state = state.recording_sources()
+                # Absent from records written before metadata, and when no item had any.
+                metadata = checked_metadata_list(record.get("metadata"), len(keys))
                 for row, key in enumerate(keys):
                     changes.pop(key, None)
-                    changes[key] = (vectors[row], sources[row] if sources else None)
+                    changes[key] = (vectors[row], sources[row] if sources else None,
+                                    metadata[row] if metadata else None)
             elif op == "delete":
                 for key in logged_strings(record["keys"]):
                     if not is_live(key):
@@ -161,7 +167,7 @@ def replayed(state, manifest, records):
                 manifest = {**manifest, **updates}
             else:
                 raise ValueError(f"unknown op {op!r}")
-        except (KeyError, TypeError, ValueError, IndexError) as error:
+        except (KeyError, TypeError, ValueError, IndexError, JaxRetrievalError) as error:
             # Records are the log's lines in order, so record n is line n.
             raise DamagedLogError(f"{LOG_FILE} line {number}: {error}", number) from None
     if changes:

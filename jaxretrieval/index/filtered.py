@@ -1,0 +1,126 @@
+"""Filtered search: the best k of the items that a metadata filter passes.
+
+The base rows' inverted index (`metadata.Postings`) gives the passing rows, and so the
+share of the gallery that passes, before anything is scored. Two strategies:
+
+- Exact: when at most FILTER_EXACT_MAX_ROWS items pass, or when ScaNN would need to
+  return more than OVERFETCH_MAX_FRACTION of the gallery to find k of them, the passing
+  rows' embeddings are scored with numpy (brute force). Cost: the passing rows times the
+  dimension, per query; the result is the exact top k.
+- Over-fetch: otherwise ScaNN is asked for k * OVERFETCH_SAFETY / share candidates (plus
+  the tombstones), which are filtered; a query left with fewer than k passing candidates
+  asks again for OVERFETCH_GROWTH times as many, and once ScaNN runs out of candidates (or
+  has returned every row) the query falls back to the exact strategy. The result is what
+  an unfiltered search of the passing items alone would find: exact on an index that
+  searches exactly, and of the same recall as any search on an approximate one.
+
+The delta (rows upserted since the searcher was built) is always filtered and scored
+exactly, as unfiltered searches score it.
+"""
+
+import math
+
+import numpy as np
+
+from jaxretrieval.index.metadata import passes
+
+FILTER_EXACT_MAX_ROWS = 20_000
+OVERFETCH_SAFETY = 2.0
+OVERFETCH_GROWTH = 4
+OVERFETCH_MAX_FRACTION = 0.25
+
+
+def passing(state, conditions):
+    """(bool mask over the base rows: live and passing, passing delta slots)."""
+    postings = state.base_postings()
+    if postings is None:
+        base = np.zeros(state.n_base, bool)
+    else:
+        base = postings.mask(conditions)
+        if state.n_dead:
+            base &= ~state.dead
+    delta = np.asarray([slot for slot, item in enumerate(state.delta_metadata)
+                        if passes(item, conditions)], np.int64)
+    return base, delta
+
+
+def _top_k(queries, vectors, ids, k):
+    """Exact best k of `vectors` (whose ids are `ids`) per query, best first."""
+    scores = queries @ vectors.T
+    if k < len(ids):
+        best = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    else:
+        best = np.broadcast_to(np.arange(len(ids)), scores.shape)
+    best_scores = np.take_along_axis(scores, best, axis=1)
+    order = np.argsort(-best_scores, axis=1, kind="stable")
+    best = np.take_along_axis(best, order, axis=1)
+    return ids[best], np.take_along_axis(best_scores, order, axis=1).astype(np.float32)
+
+
+def _exact(state, queries, k, base_mask, delta_slots):
+    rows = np.flatnonzero(base_mask)
+    ids = np.concatenate([rows, state.n_base + delta_slots])
+    vectors = np.concatenate([state.base_vectors[rows], state.delta_vectors[delta_slots]])
+    return _top_k(queries, vectors, ids, k)
+
+
+def uses_exact(state, n_base_passing, k):
+    """Whether a filter that passes `n_base_passing` base rows is searched by brute force."""
+    if state.searcher is None or n_base_passing <= FILTER_EXACT_MAX_ROWS:
+        return True
+    return _first_fetch(state, n_base_passing, k) > OVERFETCH_MAX_FRACTION * state.n_base
+
+
+def _first_fetch(state, n_base_passing, k):
+    share = n_base_passing / max(1, state.n_base - state.n_dead)
+    return math.ceil(k * OVERFETCH_SAFETY / share) + state.n_dead
+
+
+def _overfetched(state, queries, k, base_mask, n_base_passing):
+    """The best k passing base rows per query from ScaNN's candidates (see the module)."""
+    m = len(queries)
+    out_ids = np.full((m, k), -1, np.int64)
+    out_scores = np.full((m, k), -np.inf, np.float32)
+    todo = np.arange(m)
+    fetch = min(state.n_base, _first_fetch(state, n_base_passing, k))
+    while todo.size:
+        ids, scores = state.base_candidates(queries[todo], fetch)
+        ok = (ids >= 0) & base_mask[np.maximum(ids, 0)]
+        found = np.count_nonzero(ok, axis=1)
+        # Stable: the passing candidates first, in ScaNN's order (best first).
+        first = np.argsort(~ok, axis=1, kind="stable")[:, :k]
+        done = found >= k
+        out_ids[todo[done]] = np.take_along_axis(ids, first, axis=1)[done]
+        out_scores[todo[done]] = np.take_along_axis(scores, first, axis=1)[done]
+        exhausted = ~done & ((ids < 0).any(axis=1) | (fetch >= state.n_base))
+        if exhausted.any():
+            rows = np.flatnonzero(base_mask)
+            exact_ids, exact_scores = _top_k(queries[todo[exhausted]], state.base_vectors[rows],
+                                             rows, k)
+            out_ids[todo[exhausted]] = exact_ids
+            out_scores[todo[exhausted]] = exact_scores
+        todo = todo[~done & ~exhausted]
+        fetch = min(state.n_base, fetch * OVERFETCH_GROWTH)
+    return out_ids, out_scores
+
+
+def search_ids(state, queries, k, conditions):
+    """Ids and scores of the best min(k, passing) live items passing `conditions` (checked,
+    not empty) per query, best first; [m, 0] arrays when none passes."""
+    base_mask, delta_slots = passing(state, conditions)
+    n_base_passing = int(np.count_nonzero(base_mask))
+    k = min(k, n_base_passing + len(delta_slots))
+    if k == 0:
+        return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
+    if uses_exact(state, n_base_passing, k):
+        return _exact(state, queries, k, base_mask, delta_slots)
+    ids, scores = _overfetched(state, queries, min(k, n_base_passing), base_mask,
+                               n_base_passing)
+    if not len(delta_slots):
+        return ids, scores
+    delta_ids, delta_scores = _top_k(queries, state.delta_vectors[delta_slots],
+                                     state.n_base + delta_slots, min(k, len(delta_slots)))
+    ids = np.concatenate([ids, delta_ids], axis=1)
+    scores = np.concatenate([scores, delta_scores], axis=1)
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(ids, best, axis=1), np.take_along_axis(scores, best, axis=1)
