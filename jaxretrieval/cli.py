@@ -298,13 +298,29 @@ def run_search(argv, prog="jaxretrieval search") -> int:
     parser.add_argument("--threshold", type=float, default=None,
                         help="drop results whose cosine similarity is below this (default: "
                              "keep all k)")
+    parser.add_argument("--filter", default=None, metavar="JSON",
+                        help="only items whose metadata passes this filter, e.g. "
+                             "'{\"label\": \"cat\", \"year\": {\"in\": [2023, 2024]}}' "
+                             "(docs/index.md#metadata-and-filters)")
     args = parser.parse_args(argv)
+    conditions = None
+    if args.filter is not None:
+        from jaxretrieval.index import checked_filter
+        try:
+            conditions = json.loads(args.filter)
+        except ValueError as error:
+            parser.error(f"--filter is not valid JSON ({error}); quote it for the shell, "
+                         "e.g. --filter '{\"label\": \"cat\"}'")
+        checked_filter(conditions)  # before the model loads
     from jaxretrieval.retriever import Retriever
     retriever = Retriever.load(args.workdir)
-    keys, scores = retriever.search(args.images, k=args.k, threshold=args.threshold)
-    for path, row_keys, row_scores in zip(args.images, keys, scores):
+    keys, scores, metadata = retriever.search(args.images, k=args.k, threshold=args.threshold,
+                                              filter=conditions, with_metadata=True)
+    for path, row_keys, row_scores, row_metadata in zip(args.images, keys, scores, metadata):
         print(json.dumps({"query": path, "results": [
-            {"id": key, "score": round(score, 6)} for key, score in zip(row_keys, row_scores)]}))
+            {"id": key, "score": round(score, 6),
+             **({"metadata": item} if item is not None else {})}
+            for key, score, item in zip(row_keys, row_scores, row_metadata)]}))
     return 0
 
 

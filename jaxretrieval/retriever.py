@@ -163,14 +163,32 @@ class Retriever:
 
     # ------------------------------------------------------------------ search and match
 
-    def search(self, images, k: int = 10, *, threshold: float | None = None):
-        """(keys, scores): per query image, up to k gallery keys and their scores, best first."""
-        return self.search_embeddings(self.embed(images), k, threshold=threshold)
+    def search(self, images, k: int = 10, *, threshold: float | None = None,
+               filter: dict | None = None, with_metadata: bool = False):
+        """(keys, scores): per query image, up to k gallery keys and their scores, best first.
 
-    def search_embeddings(self, vectors, k: int = 10, *, threshold: float | None = None):
+        `filter` keeps only items whose metadata passes it, e.g. `{"label": "cat", "year":
+        {"in": [2023, 2024]}}` (docs/index.md#metadata-and-filters): the results are the
+        best k of those. With `with_metadata=True` it returns (keys, scores, metadata),
+        metadata holding each result's dict, or None for an item without any. Raises
+        jaxretrieval.index.BadFilterError for a filter that breaks the rules.
+        """
+        return self.search_embeddings(self.embed(images), k, threshold=threshold,
+                                      filter=filter, with_metadata=with_metadata)
+
+    def search_embeddings(self, vectors, k: int = 10, *, threshold: float | None = None,
+                          filter: dict | None = None, with_metadata: bool = False):
         """As `search`, for query embeddings [n, d] computed already (numbers only: the
         index refuses booleans and strings)."""
-        return self.index.search(vectors, k, threshold=threshold)
+        return self.index.search(vectors, k, threshold=threshold, filter=filter,
+                                 with_metadata=with_metadata)
+
+    def metadata_of(self, key: str) -> dict | None:
+        """The metadata stored with an item, or None; UnknownItemError for an unknown key."""
+        stored = self.resolve(key)
+        if stored is None:
+            raise UnknownItemError(f"no item with id {key!r}")
+        return self.index.metadata_of(stored)
 
     def match(self, image_a, image_b, *, threshold: float | None = None) -> Match:
         """Are two images of the same class? Cosine similarity against `threshold`
@@ -187,27 +205,31 @@ class Retriever:
 
     # ------------------------------------------------------------------ changing the gallery
 
-    def upsert_images(self, keys, images, *, sources=None) -> None:
+    def upsert_images(self, keys, images, *, sources=None, metadata=None) -> None:
         """Embeds `images` (HxWxC uint8 arrays or file paths) and stores them under `keys`,
         replacing the items already under any of those keys.
 
         `sources`, one string per image, records where each image can be read again (a file
-        path, or a dataset reference); it is what `thumbnail` shows. Errors as
-        `upsert_embeddings`, and JaxRetrievalError for an image that cannot be read.
+        path, or a dataset reference); it is what `thumbnail` shows. `metadata`, one
+        small JSON object (or None) per image, is what searches return and filter on
+        (jaxretrieval.index.metadata has the rules). Errors as `upsert_embeddings`, and
+        JaxRetrievalError for an image that cannot be read.
         """
-        self.upsert_embeddings(keys, self.embed(images), sources=sources)
+        self.upsert_embeddings(keys, self.embed(images), sources=sources, metadata=metadata)
 
-    def upsert_embeddings(self, keys, embeddings, *, sources=None) -> None:
+    def upsert_embeddings(self, keys, embeddings, *, sources=None, metadata=None) -> None:
         """Stores L2-normalised float32 `embeddings` [n, embedding_dim] under `keys`,
-        replacing the items already under any of those keys; `sources` as in
+        replacing the items already under any of those keys (metadata included: an item
+        upserted without metadata has none); `sources` and `metadata` as in
         `upsert_images`.
 
         Searches see the change when this returns; on a writable Retriever it is also in
         the index's log on disk by then. Raises JaxRetrievalError, storing nothing, for a
         wrong dimension, rows that are not finite or not of unit length, keys that are not
-        unique strings, or a key or source count that differs from the row count.
+        unique strings, or a key or source count that differs from the row count, and
+        jaxretrieval.index.BadMetadataError for metadata that breaks the rules.
         """
-        self.index.upsert(keys, embeddings, sources)
+        self.index.upsert(keys, embeddings, sources, metadata)
 
     def delete(self, keys) -> None:
         """Removes the items under `keys`, durably as `upsert_embeddings` does.

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import hmac
 import io
+import json
 import os
 from typing import TYPE_CHECKING, Annotated
 from urllib.parse import unquote
@@ -21,7 +22,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, Response
 
 from jaxretrieval.errors import JaxRetrievalError
-from jaxretrieval.index import check_keys, normalised_vector, shown_key
+from jaxretrieval.index import (BadFilterError, BadMetadataError, check_keys, checked_filter,
+                                checked_metadata, normalised_vector, shown_key)
 from jaxretrieval.retriever import Retriever, UnknownItemError
 from jaxretrieval.service.batching import MicroBatcher, QueueFull
 from jaxretrieval.service.decoding import DecodePool, PoolFull
@@ -117,6 +119,43 @@ def check_ids(ids: list) -> list:
         raise ServiceError(400, "bad_id", str(err)) from None
 
 
+def parse_metadata(value, what: str):
+    """One item's metadata (a JSON object or null) as the index stores it."""
+    try:
+        return checked_metadata(value, what)
+    except BadMetadataError as err:
+        raise ServiceError(400, "bad_metadata", str(err)) from None
+
+
+def parse_json_field(text, code: str, what: str):
+    """A multipart form field holding JSON text ("" is null)."""
+    if not isinstance(text, str):
+        raise ServiceError(400, code, f"send {what} as a text field holding JSON")
+    if not text.strip():
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise ServiceError(400, code, f"{what} is not valid JSON") from None
+
+
+def parse_filter(value):
+    """A search filter (a JSON object of conditions, or null), checked."""
+    try:
+        checked_filter(value)
+    except BadFilterError as err:
+        raise ServiceError(400, "bad_filter", str(err)) from None
+    return value
+
+
+def hit(key: str, score: float, metadata) -> dict:
+    """One search result as answered: the id, the score and any metadata."""
+    result = {"id": shown_key(key), "score": score}
+    if metadata is not None:
+        result["metadata"] = metadata
+    return result
+
+
 def path_id(request: Request, item_id: str, suffix: str = "") -> str:
     """The item id in `/items/{id}{suffix}`, percent-decoded exactly once from the path as
     sent, so `%2F` is a `/` inside the id and `%25` a `%` (some servers and test clients
@@ -189,9 +228,60 @@ async def prometheus(service: ServiceDep):
     return Response(service.metrics.exposition(), media_type=service.metrics.content_type)
 
 
+FILTER_SCHEMA = {
+    "type": "object",
+    "description": "Only items whose metadata passes every condition (AND): a field equal "
+                   "to a value, or to one of `{\"in\": [values]}`. A field holding a list "
+                   "passes when any element does. Invalid: 400 `bad_filter`.",
+    "additionalProperties": True,
+    "example": {"label": "cat", "year": {"in": [2023, 2024]}},
+}
+METADATA_SCHEMA = {
+    "type": "object",
+    "description": "At most 4,096 bytes of JSON: string field names; values strings, numbers, "
+                   "booleans, null or flat lists of those. Invalid: 400 `bad_metadata`.",
+    "additionalProperties": True,
+    "example": {"label": "cat", "year": 2024},
+}
+SEARCH_BODY = {"requestBody": {"content": {
+    "application/json": {"schema": {
+        "type": "object", "required": ["embedding"],
+        "properties": {"embedding": {"type": "array", "items": {"type": "number"}},
+                       "filter": FILTER_SCHEMA}}},
+        "example": {"embedding": [0.1, 0.2], "filter": {"label": "cat"}}},
+    "multipart/form-data": {"schema": {
+        "type": "object", "required": ["image"],
+        "properties": {"image": {"type": "string", "format": "binary"},
+                       "filter": {"type": "string",
+                                  "description": "the filter as JSON text",
+                                  "example": "{\"label\": \"cat\"}"}}}},
+}}}
+ITEMS_BODY = {"requestBody": {"content": {
+    "application/json": {"schema": {
+        "type": "object", "required": ["items"],
+        "properties": {"items": {"type": "array", "items": {
+            "type": "object", "required": ["id", "embedding"],
+            "properties": {"id": {"type": "string"},
+                           "embedding": {"type": "array", "items": {"type": "number"}},
+                           "metadata": METADATA_SCHEMA}}}}}},
+    "multipart/form-data": {"schema": {
+        "type": "object", "required": ["id", "image"],
+        "properties": {"id": {"type": "array", "items": {"type": "string"}},
+                       "image": {"type": "array",
+                                 "items": {"type": "string", "format": "binary"}},
+                       "metadata": {"type": "array", "items": {"type": "string"},
+                                    "description": "optional: one per id, JSON text "
+                                                   "(an object, or empty for none)"}}}},
+}}}
+
+
 @router.post("/search", summary="The k nearest gallery items of one image or embedding",
              description="Send multipart field `image` (a file) or JSON "
-                         "`{\"embedding\": [...]}`. Results are best first.")
+                         "`{\"embedding\": [...]}`, and optionally a `filter` on the items' "
+                         "metadata (JSON field; in multipart a text field holding JSON): "
+                         "the results are then the k nearest items that pass it. Results "
+                         "are best first, each with its `metadata` if the item has some.",
+             openapi_extra=SEARCH_BODY)
 async def search(request: Request, service: ServiceDep, k: int = 10,
                  threshold: float | None = None):
     check_k(service, k)
@@ -199,19 +289,23 @@ async def search(request: Request, service: ServiceDep, k: int = 10,
         raise ServiceError(400, "bad_threshold", "threshold must be a finite number")
     if is_multipart(request):
         form = await form_of(service, request)
+        conditions = parse_filter(parse_json_field(form.get("filter", ""), "bad_filter",
+                                                   "the filter"))
         vector = (await embed(service, [await read_upload(service, form.get("image"))]))[0]
     else:
         body = await json_body(request)
         if "embedding" not in body:
             raise ServiceError(400, "missing_field",
                                "send multipart field `image` or JSON {\"embedding\": [...]}")
+        conditions = parse_filter(body.get("filter"))
         vector = parse_embedding(service, body["embedding"])
     retriever = service.retriever
-    run = lambda: retriever.search_embeddings(vector[None], k, threshold=threshold)
-    keys, scores = (run() if retriever.count <= INLINE_SEARCH_MAX_ITEMS
-                    else await run_in_threadpool(run))
-    return {"results": [{"id": shown_key(key), "score": score}
-                        for key, score in zip(keys[0], scores[0])]}
+    run = lambda: retriever.search_embeddings(vector[None], k, threshold=threshold,
+                                              filter=conditions, with_metadata=True)
+    keys, scores, metadata = (run() if retriever.count <= INLINE_SEARCH_MAX_ITEMS
+                              else await run_in_threadpool(run))
+    return {"results": [hit(key, score, item)
+                        for key, score, item in zip(keys[0], scores[0], metadata[0])]}
 
 
 @router.post("/match", summary="Similarity of two images and whether they match",
@@ -229,8 +323,12 @@ async def match(request: Request, service: ServiceDep):
 
 
 @router.post("/items", summary="Add or replace gallery items (needs X-API-Key if set)",
-             description="Multipart fields `id` and `image`, repeated in pairs, or JSON "
-                         "`{\"items\": [{\"id\": ..., \"embedding\": [...]}]}`.")
+             description="Multipart fields `id` and `image`, repeated in pairs (optionally "
+                         "with a `metadata` text field of JSON per pair), or JSON "
+                         "`{\"items\": [{\"id\": ..., \"embedding\": [...], \"metadata\": "
+                         "{...}}]}` (`metadata` optional). An item replaced without "
+                         "metadata has none.",
+             openapi_extra=ITEMS_BODY)
 async def upsert_items(request: Request, service: ServiceDep):
     require_key(service, request)
     if is_multipart(request):
@@ -240,6 +338,15 @@ async def upsert_items(request: Request, service: ServiceDep):
             raise ServiceError(400, "missing_field",
                                "send `id` and `image` fields in pairs, at least one pair")
         check_ids(ids)  # before the images are embedded
+        texts = form.getlist("metadata")
+        if texts and len(texts) != len(ids):
+            raise ServiceError(400, "bad_metadata",
+                               f"{len(ids)} ids but {len(texts)} `metadata` fields: send one "
+                               "per id (an empty one for an item without metadata), or none")
+        metadata = [parse_metadata(parse_json_field(text, "bad_metadata",
+                                                    f"the metadata of item {row}"),
+                                   f"the metadata of item {row}")
+                    for row, text in enumerate(texts)] or None
         check_image_count(service, len(uploads))
         vectors = await embed(service, [await read_upload(service, u) for u in uploads])
     else:
@@ -249,9 +356,12 @@ async def upsert_items(request: Request, service: ServiceDep):
             raise ServiceError(400, "missing_field",
                                "send {\"items\": [{\"id\": ..., \"embedding\": [...]}]}")
         ids = check_ids([item["id"] for item in items])
+        metadata = [parse_metadata(item.get("metadata"), f"the metadata of item {row}")
+                    for row, item in enumerate(items)]
         vectors = np.stack([parse_embedding(service, item["embedding"]) for item in items])
     retriever = service.retriever
-    await run_in_threadpool(retriever.upsert_embeddings, ids, np.asarray(vectors, np.float32))
+    await run_in_threadpool(retriever.upsert_embeddings, ids, np.asarray(vectors, np.float32),
+                            metadata=metadata)
     return {"upserted": len(ids), "items": retriever.count}
 
 
