@@ -8,11 +8,15 @@ share of the gallery that passes, before anything is scored. Two strategies:
   rows' embeddings are scored with numpy (brute force). Cost: the passing rows times the
   dimension, per query; the result is the exact top k.
 - Over-fetch: otherwise ScaNN is asked for k * OVERFETCH_SAFETY / share candidates (plus
-  the tombstones), which are filtered; a query left with fewer than k passing candidates
+  the tombstones), searching 1 / share times as many leaves and reordering 1 / share
+  times as many candidates (at most MAX_EFFORT times), since the best k passing items lie
+  as deep in the whole gallery's ranking as its best k / share do. The candidates are
+  filtered; a query left with fewer than k passing candidates
   asks again for OVERFETCH_GROWTH times as many, and once ScaNN runs out of candidates (or
   has returned every row) the query falls back to the exact strategy. The result is what
   an unfiltered search of the passing items alone would find: exact on an index that
-  searches exactly, and of the same recall as any search on an approximate one.
+  searches exactly, and on an approximate one of about the recall of an unfiltered search
+  (measured in BENCHMARKS.md), at up to MAX_EFFORT times its cost.
 
 The delta (rows upserted since the searcher was built) is always filtered and scored
 exactly, as unfiltered searches score it.
@@ -28,6 +32,7 @@ FILTER_EXACT_MAX_ROWS = 20_000
 OVERFETCH_SAFETY = 2.0
 OVERFETCH_GROWTH = 4
 OVERFETCH_MAX_FRACTION = 0.25
+MAX_EFFORT = 8.0
 
 
 def passing(state, conditions):
@@ -83,8 +88,12 @@ def _overfetched(state, queries, k, base_mask, n_base_passing):
     out_scores = np.full((m, k), -np.inf, np.float32)
     todo = np.arange(m)
     fetch = min(state.n_base, _first_fetch(state, n_base_passing, k))
+    # The best k passing items lie as deep in the whole gallery's ranking as the best
+    # k / share items do, so the tree is searched and reordered that much further.
+    share = n_base_passing / max(1, state.n_base - state.n_dead)
+    effort = min(MAX_EFFORT, 1 / share)
     while todo.size:
-        ids, scores = state.base_candidates(queries[todo], fetch)
+        ids, scores = state.base_candidates(queries[todo], fetch, effort)
         ok = (ids >= 0) & base_mask[np.maximum(ids, 0)]
         found = np.count_nonzero(ok, axis=1)
         # Stable: the passing candidates first, in ScaNN's order (best first).

@@ -3,6 +3,7 @@ and each item's metadata."""
 
 import collections.abc
 import copy
+import math
 
 import numpy as np
 
@@ -278,9 +279,11 @@ class State:
                     max(COMPACT_MIN_PENDING, COMPACT_PENDING_FRACTION * self.count))
         return self.pending > limit
 
-    def base_candidates(self, queries, count):
+    def base_candidates(self, queries, count, effort=1.0):
         """ScaNN's best `count` base rows (dead ones included) and their scores per query,
-        best first; where it finds fewer, id -1 and score -inf. Needs a searcher."""
+        best first; where it finds fewer, id -1 and score -inf. Needs a searcher.
+
+        `effort` multiplies the leaves searched and the candidates reordered."""
         if self.settings["mode"] == "exact":
             ids, scores = self.searcher.search_batched(queries, count)
         else:
@@ -288,10 +291,12 @@ class State:
             # so a large count needs at least that many of them.
             # Both efforts come from the settings, which `Index.tune`
             # may have changed since the searcher was built.
+            reorder = math.ceil(effort * self.settings["reorder_num_neighbors"])
+            leaves = min(self.settings["num_leaves"],
+                         math.ceil(effort * self.settings["num_leaves_to_search"]))
             ids, scores = self.searcher.search_batched(
-                queries, count,
-                pre_reorder_num_neighbors=max(count, self.settings["reorder_num_neighbors"]),
-                leaves_to_search=self.settings["num_leaves_to_search"])
+                queries, count, pre_reorder_num_neighbors=max(count, reorder),
+                leaves_to_search=leaves)
         ids = np.asarray(ids, dtype=np.int64)
         scores = np.asarray(scores, dtype=np.float32)
         # ScaNN pads short result lists with row 0 and a NaN score.

@@ -244,17 +244,17 @@ METADATA_SCHEMA = {
     "example": {"label": "cat", "year": 2024},
 }
 SEARCH_BODY = {"requestBody": {"content": {
-    "application/json": {"schema": {
-        "type": "object", "required": ["embedding"],
-        "properties": {"embedding": {"type": "array", "items": {"type": "number"}},
-                       "filter": FILTER_SCHEMA}}},
+    "application/json": {
+        "schema": {"type": "object", "required": ["embedding"],
+                   "properties": {"embedding": {"type": "array", "items": {"type": "number"}},
+                                  "filter": FILTER_SCHEMA}},
         "example": {"embedding": [0.1, 0.2], "filter": {"label": "cat"}}},
-    "multipart/form-data": {"schema": {
-        "type": "object", "required": ["image"],
-        "properties": {"image": {"type": "string", "format": "binary"},
-                       "filter": {"type": "string",
-                                  "description": "the filter as JSON text",
-                                  "example": "{\"label\": \"cat\"}"}}}},
+    "multipart/form-data": {
+        "schema": {"type": "object", "required": ["image"],
+                   "properties": {"image": {"type": "string", "format": "binary"},
+                                  "filter": {"type": "string",
+                                             "description": "the filter as JSON text",
+                                             "example": "{\"label\": \"cat\"}"}}}},
 }}}
 ITEMS_BODY = {"requestBody": {"content": {
     "application/json": {"schema": {
