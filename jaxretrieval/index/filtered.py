@@ -113,6 +113,18 @@ def _overfetched(state, queries, k, base_mask, n_base_passing):
     return out_ids, out_scores
 
 
+def plan(state, k, conditions):
+    """How a search for k items passing `conditions` (checked, not empty) would run:
+    {"passing", "share", "strategy": "exact" or "over-fetch"}."""
+    base_mask, delta_slots = passing(state, conditions)
+    n_base_passing = int(np.count_nonzero(base_mask))
+    n_passing = n_base_passing + len(delta_slots)
+    k = min(k, n_passing)
+    exact = k == 0 or uses_exact(state, n_base_passing, k)
+    return {"passing": n_passing, "share": n_passing / max(1, state.count),
+            "strategy": "exact" if exact else "over-fetch"}
+
+
 def search_ids(state, queries, k, conditions):
     """Ids and scores of the best min(k, passing) live items passing `conditions` (checked,
     not empty) per query, best first; [m, 0] arrays when none passes."""

@@ -168,6 +168,17 @@ class Index:
             return filtered.search_ids(state, queries, k, conditions)
         return state.search_ids(queries, k)
 
+    def filter_plan(self, filter, k=10):
+        """How a search for `k` items passing `filter` would run: {"passing" (items),
+        "share" (of the index), "strategy" ("exact": brute force over the passing items;
+        "over-fetch": more candidates from ScaNN, filtered)}; see index/filtered.py."""
+        conditions = checked_filter(filter)
+        k = checks.checked_positive_int(k, "k")
+        state = self._state
+        if conditions is None:
+            return {"passing": state.count, "share": 1.0, "strategy": "unfiltered"}
+        return filtered.plan(state, k, conditions)
+
     def search_rows(self, queries, k):
         """The best min(k, count) rows (positions in `keys`) and scores per query.
 

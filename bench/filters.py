@@ -1,0 +1,120 @@
+"""Filtered search: latency and recall@10 with filters that pass 50%, 5% and 0.1% of the
+gallery, beside the same search without a filter.
+
+    python -m bench.filters [--n 100000] [--dim 64] [--queries 200] [--clusters 1000]
+        [--repeats 3] [--out filters.json]
+
+The gallery: `--n` L2-normalised vectors of `--dim` dimensions from `--clusters` overlapping
+Gaussian clusters (as bench.search makes them), each item's metadata a `label` drawn so that
+the filters {"label": "half"}, {"label": "twentieth"} and {"label": "thousandth"} pass 50%,
+5% and 0.1% of the items, independently of the vectors. Queries are fresh draws.
+
+Latency is per query: one query per `Index.search` call, as the service searches, on one
+thread; the median over `--repeats` timed runs of all queries (after one untimed run).
+Recall@10 is against exact brute force over the items that pass (a result counts when its
+exact score reaches the 10th best passing score, so ties count). The strategy column says
+which of `jaxretrieval.index.filtered`'s strategies the filter took.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import numpy as np
+
+from jaxretrieval.index import Index
+
+K = 10
+SHARES = {"half": 0.5, "twentieth": 0.05, "thousandth": 0.001}
+
+
+def clustered(count, dim, clusters, spread, rng):
+    centres = rng.normal(size=(clusters, dim))
+    rows = centres[rng.integers(clusters, size=count)] + spread * rng.normal(size=(count, dim))
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def labels_for(count, rng):
+    labels = np.full(count, "other", object)
+    order = rng.permutation(count)
+    start = 0
+    for label, share in SHARES.items():
+        size = round(share * count)
+        labels[order[start:start + size]] = label
+        start += size
+    return labels
+
+
+def recall(found_keys, queries, vectors, keys, passing):
+    rows = np.flatnonzero(passing)
+    scores = queries @ vectors[rows].T
+    kth = -np.sort(-scores, axis=1)[:, K - 1]
+    row_of = {key: row for row, key in enumerate(keys)}
+    hits = [sum(float(vectors[row_of[key]] @ query) >= kth[q] - 1e-6 for key in found)
+            for q, (query, found) in enumerate(zip(queries, found_keys))]
+    return float(np.mean(hits)) / K
+
+
+def time_queries(index, queries, conditions, repeats):
+    def run():
+        return [index.search(query, K, filter=conditions)[0][0] for query in queries]
+    found = run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) / len(queries))
+    return found, statistics.median(times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--clusters", type=int, default=1000)
+    parser.add_argument("--spread", type=float, default=0.6)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+
+    rng = np.random.default_rng(args.seed)
+    vectors = clustered(args.n, args.dim, args.clusters, args.spread, rng)
+    queries = clustered(args.queries, args.dim, args.clusters, args.spread,
+                        np.random.default_rng(args.seed + 1))
+    labels = labels_for(args.n, rng)
+    keys = [f"item-{row}" for row in range(args.n)]
+    start = time.perf_counter()
+    index = Index.build(vectors, keys, checkpoint_step=0, model_config_hash="bench",
+                        metadata=[{"label": label} for label in labels])
+    build_s = time.perf_counter() - start
+    index.search(queries[:1], K, filter={"label": "half"})  # builds the inverted index
+
+    rows = []
+    for name, conditions in [("none", None)] + [(label, {"label": label}) for label in SHARES]:
+        passing = np.ones(args.n, bool) if conditions is None else labels == name
+        found, seconds = time_queries(index, queries, conditions, args.repeats)
+        strategy = index.filter_plan(conditions, K)["strategy"]
+        rows.append({"filter": name, "share": float(passing.mean()), "strategy": strategy,
+                     "ms_per_query": seconds * 1000,
+                     "recall_at_10": recall(found, queries, vectors, keys, passing)})
+
+    result = {"n": args.n, "dim": args.dim, "queries": args.queries, "build_s": build_s,
+              "scann": index.manifest["scann"], "machine": platform.platform(),
+              "processor": platform.processor(), "rows": rows}
+    print("| filter | share passing | strategy | ms / query | recall@10 |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['filter']} | {row['share']:.3%} | {row['strategy']} | "
+              f"{row['ms_per_query']:.3f} | {row['recall_at_10']:.3f} |")
+    print(f"build {build_s:.1f} s, {args.n} x {args.dim}")
+    if args.out:
+        with open(args.out, "w") as file:
+            json.dump(result, file, indent=2)
+
+
+if __name__ == "__main__":
+    main()
