@@ -34,7 +34,7 @@ class State:
 
     Metadata: `base_metadata` (a dict or None per base row; None as a whole when no
     base row has any) and `delta_metadata` (one per delta row). The base rows'
-    inverted index (`base_postings`) is built on first use and shared by every
+    inverted index (`base_postings`) is built with the searcher and shared by every
     state made from this one by `with_changes`, as their base rows are the same.
     """
 
@@ -84,7 +84,9 @@ class State:
             dead=np.zeros(len(keys), bool),
             delta_vectors=np.zeros((0, vectors.shape[1]), np.float32),
             delta_keys=[], delta_sources=[] if has_sources else None,
-            base_metadata=metadata)
+            base_metadata=metadata,
+            # Built now, beside the searcher, rather than in the first filtered search.
+            postings_cache=None if metadata is None else {"postings": Postings(metadata)})
 
     @property
     def dim(self):
