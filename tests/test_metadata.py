@@ -156,6 +156,10 @@ def test_filtered_search_equals_brute_force(layout, strategy, request, monkeypat
     for conditions in FILTERS:
         assert_same_as_brute_force(index, model, queries, conditions)
     assert_same_as_brute_force(index, model, queries[:1], {"label": "thousandth"}, k=500)
+    plan = index.filter_plan({"label": "twentieth"})
+    assert plan["passing"] == sum(passes(item, {"label": "twentieth"})
+                                  for _, item in model.values())
+    assert plan["strategy"] == ("exact" if strategy == "by share" else "over-fetch")
 
 
 def test_over_fetching_from_an_approximate_searcher(monkeypatch):

@@ -57,6 +57,9 @@ class SearchIndex(Protocol):
         """Per query, up to min(k, count) keys and scores, best first, of the items that
         pass `filter`; with `with_metadata`, (keys, scores, metadata)."""
 
+    def filter_plan(self, filter: dict | None, k: int = 10) -> dict:
+        """How many items pass `filter` ("passing", "share") and the search's "strategy"."""
+
     def upsert(self, keys, embeddings, sources=None, metadata=None) -> None:
         """Adds items (with one metadata dict or None each), replacing those whose key is
         already there."""

@@ -480,6 +480,16 @@ class ShardedIndex:
         """Whether any item carries metadata."""
         return any(shard.has_metadata for shard in self._shards)
 
+    def filter_plan(self, filter, k=10):
+        """As `Index.filter_plan`, over all shards: "strategy" is the shards' one when they
+        agree, else "mixed"; "shards" lists each shard's plan."""
+        plans = [shard.filter_plan(filter, k) for shard in self._shards]
+        passing = sum(plan["passing"] for plan in plans)
+        strategies = {plan["strategy"] for plan in plans}
+        return {"passing": passing, "share": passing / max(1, self.count),
+                "strategy": strategies.pop() if len(strategies) == 1 else "mixed",
+                "shards": plans}
+
     def search(self, queries, k, *, threshold=None, filter=None, with_metadata=False):
         """As `Index.search`: per query, up to min(k, count) keys and scores (and with
         `with_metadata`, metadata), best first; `filter` as for `Index.search`.
