@@ -19,7 +19,9 @@ share of the gallery that passes, before anything is scored. Two strategies:
   (measured in BENCHMARKS.md), at up to MAX_EFFORT times its cost.
 
 The delta (rows upserted since the searcher was built) is always filtered and scored
-exactly, as unfiltered searches score it.
+exactly, as unfiltered searches score it. Each state version keeps what its
+FILTER_CACHE_SIZE most recent filters pass (and, for exact ones, the passing embeddings
+gathered), so a filter asked again skips the inverted index and the gathering.
 """
 
 import math
@@ -33,6 +35,28 @@ OVERFETCH_SAFETY = 2.0
 OVERFETCH_GROWTH = 4
 OVERFETCH_MAX_FRACTION = 0.25
 MAX_EFFORT = 8.0
+# Each holds at most FILTER_EXACT_MAX_ROWS embeddings: 10 MiB at 128 dimensions.
+FILTER_CACHE_SIZE = 4
+
+
+def _cached(state, conditions):
+    """{"base_mask", "delta_slots", "n_base_passing"} of `conditions` in `state`, and
+    "exact" ((ids, vectors) of the passing items) once an exact search made it. Kept
+    per state version for the FILTER_CACHE_SIZE most recent filters, as a service tends
+    to ask the same few filters again and again."""
+    key = frozenset(conditions.items())
+    entry = state.filter_cache.get(key)
+    if entry is None:
+        base_mask, delta_slots = passing(state, conditions)
+        entry = {"base_mask": base_mask, "delta_slots": delta_slots,
+                 "n_base_passing": int(np.count_nonzero(base_mask))}
+        try:
+            while len(state.filter_cache) >= FILTER_CACHE_SIZE:
+                state.filter_cache.pop(next(iter(state.filter_cache)), None)
+        except RuntimeError:  # another thread changed the cache meanwhile: no harm
+            pass
+        state.filter_cache[key] = entry
+    return entry
 
 
 def passing(state, conditions):
@@ -62,10 +86,14 @@ def _top_k(queries, vectors, ids, k):
     return ids[best], np.take_along_axis(best_scores, order, axis=1).astype(np.float32)
 
 
-def _exact(state, queries, k, base_mask, delta_slots):
-    rows = np.flatnonzero(base_mask)
-    ids = np.concatenate([rows, state.n_base + delta_slots])
-    vectors = np.concatenate([state.base_vectors[rows], state.delta_vectors[delta_slots]])
+def _exact(state, queries, k, entry):
+    if "exact" not in entry:
+        rows = np.flatnonzero(entry["base_mask"])
+        delta_slots = entry["delta_slots"]
+        entry["exact"] = (np.concatenate([rows, state.n_base + delta_slots]),
+                          np.concatenate([state.base_vectors[rows],
+                                          state.delta_vectors[delta_slots]]))
+    ids, vectors = entry["exact"]
     return _top_k(queries, vectors, ids, k)
 
 
@@ -103,7 +131,7 @@ def _overfetched(state, queries, k, base_mask, n_base_passing):
         out_scores[todo[done]] = np.take_along_axis(scores, first, axis=1)[done]
         exhausted = ~done & ((ids < 0).any(axis=1) | (fetch >= state.n_base))
         if exhausted.any():
-            rows = np.flatnonzero(base_mask)
+            rows = np.flatnonzero(base_mask)  # rare: not worth caching
             exact_ids, exact_scores = _top_k(queries[todo[exhausted]], state.base_vectors[rows],
                                              rows, k)
             out_ids[todo[exhausted]] = exact_ids
@@ -116,9 +144,9 @@ def _overfetched(state, queries, k, base_mask, n_base_passing):
 def plan(state, k, conditions):
     """How a search for k items passing `conditions` (checked, not empty) would run:
     {"passing", "share", "strategy": "exact" or "over-fetch"}."""
-    base_mask, delta_slots = passing(state, conditions)
-    n_base_passing = int(np.count_nonzero(base_mask))
-    n_passing = n_base_passing + len(delta_slots)
+    entry = _cached(state, conditions)
+    n_base_passing = entry["n_base_passing"]
+    n_passing = n_base_passing + len(entry["delta_slots"])
     k = min(k, n_passing)
     exact = k == 0 or uses_exact(state, n_base_passing, k)
     return {"passing": n_passing, "share": n_passing / max(1, state.count),
@@ -128,13 +156,14 @@ def plan(state, k, conditions):
 def search_ids(state, queries, k, conditions):
     """Ids and scores of the best min(k, passing) live items passing `conditions` (checked,
     not empty) per query, best first; [m, 0] arrays when none passes."""
-    base_mask, delta_slots = passing(state, conditions)
-    n_base_passing = int(np.count_nonzero(base_mask))
+    entry = _cached(state, conditions)
+    base_mask, delta_slots = entry["base_mask"], entry["delta_slots"]
+    n_base_passing = entry["n_base_passing"]
     k = min(k, n_base_passing + len(delta_slots))
     if k == 0:
         return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
     if uses_exact(state, n_base_passing, k):
-        return _exact(state, queries, k, base_mask, delta_slots)
+        return _exact(state, queries, k, entry)
     ids, scores = _overfetched(state, queries, min(k, n_base_passing), base_mask,
                                n_base_passing)
     if not len(delta_slots):

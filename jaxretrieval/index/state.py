@@ -59,6 +59,8 @@ class State:
         self.delta_metadata = ([None] * len(delta_keys) if delta_metadata is None
                                else delta_metadata)
         self._postings_cache = {} if postings_cache is None else postings_cache
+        # What recent filters pass in this version (index/filtered.py fills it).
+        self.filter_cache = {}
         # Derived lazily and cached; two threads racing to fill one compute
         # the same value, so no lock is needed.
         self._keys = None
