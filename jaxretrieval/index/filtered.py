@@ -90,9 +90,12 @@ def _exact(state, queries, k, entry):
     if "exact" not in entry:
         rows = np.flatnonzero(entry["base_mask"])
         delta_slots = entry["delta_slots"]
-        entry["exact"] = (np.concatenate([rows, state.n_base + delta_slots]),
-                          np.concatenate([state.base_vectors[rows],
-                                          state.delta_vectors[delta_slots]]))
+        if len(delta_slots):
+            entry["exact"] = (np.concatenate([rows, state.n_base + delta_slots]),
+                              np.concatenate([state.base_vectors[rows],
+                                              state.delta_vectors[delta_slots]]))
+        else:
+            entry["exact"] = rows, state.base_vectors[rows]
     ids, vectors = entry["exact"]
     return _top_k(queries, vectors, ids, k)
 
