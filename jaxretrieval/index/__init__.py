@@ -30,7 +30,8 @@ __all__ = [
     "EXACT_SEARCH_MAX_COUNT", "FORMAT_VERSION", "MAX_KEY_BYTES", "MAX_METADATA_BYTES",
     "MAX_NUM_SHARDS", "BadFilterError", "BadMetadataError", "Index", "SearchIndex",
     "ShardedIndex", "UnreadableIndexError", "check_key", "check_keys", "checked_filter",
-    "checked_metadata", "checked_num_shards", "exact_kth_scores", "normalised_vector", "num_shards_on_disk",
-    "open_index", "rebuild_hint", "recall_per_query", "recover", "save_index", "scann_settings",
-    "shard_of", "shown_key", "snapshot_directory", "stored_key",
+    "checked_metadata", "checked_num_shards", "exact_kth_scores", "normalised_vector",
+    "num_shards_on_disk", "open_index", "rebuild_hint", "recall_per_query", "recover",
+    "save_index", "scann_settings", "shard_of", "shown_key", "snapshot_directory",
+    "stored_key",
 ]
