@@ -154,7 +154,7 @@ class Index:
     @property
     def has_metadata(self):
         """Whether any item carries metadata."""
-        return self._state.live_metadata() is not None
+        return self._state.any_live_metadata()
 
     @staticmethod
     def _search_ids(state, queries, k, conditions=None):

@@ -140,6 +140,14 @@ class State:
         return self.base_metadata is not None or any(
             item is not None for item in self.delta_metadata)
 
+    def any_live_metadata(self):
+        """Whether any live item carries metadata (stops at the first)."""
+        if any(item is not None for item in self.delta_metadata):
+            return True
+        return self.base_metadata is not None and any(
+            item is not None and not self.dead[row]
+            for row, item in enumerate(self.base_metadata))
+
     def base_postings(self):
         """The inverted index of the base rows' metadata (None when they have none)."""
         if self.base_metadata is None:
