@@ -91,6 +91,21 @@ def shard_of(key, num_shards):
     return zlib.crc32(key.encode("utf-8", "surrogatepass")) % num_shards
 
 
+def merge_results(results, k):
+    """One search's answer from every shard's: `results` holds one (keys, scores) pair per
+    shard, each with a list per query; per query, the best k over all shards, by score and
+    equal scores by key."""
+    k = operator.index(k)
+    all_keys, all_scores = [], []
+    for per_shard in zip(*(zip(keys, scores) for keys, scores in results)):
+        hits = sorted(((score, key) for keys, scores in per_shard
+                       for key, score in zip(keys, scores)),
+                      key=lambda hit: (-hit[0], hit[1]))[:k]
+        all_keys.append([key for _, key in hits])
+        all_scores.append([score for score, _ in hits])
+    return all_keys, all_scores
+
+
 def checked_num_shards(num_shards):
     """`num_shards` as an int in 1..MAX_NUM_SHARDS, or a JaxRetrievalError."""
     try:
@@ -475,15 +490,7 @@ class ShardedIndex:
         # Each shard checks the queries, k and threshold as an Index does.
         results = self._on_every_shard(
             lambda shard: shard.search(queries, k, threshold=threshold))
-        k = operator.index(k)
-        all_keys, all_scores = [], []
-        for per_shard in zip(*(zip(keys, scores) for keys, scores in results)):
-            hits = sorted(((score, key) for keys, scores in per_shard
-                           for key, score in zip(keys, scores)),
-                          key=lambda hit: (-hit[0], hit[1]))[:k]
-            all_keys.append([key for _, key in hits])
-            all_scores.append([score for score, _ in hits])
-        return all_keys, all_scores
+        return merge_results(results, k)
 
     def _on_every_shard(self, function):
         if len(self._shards) > 1 and self.count >= PARALLEL_SEARCH_MIN_COUNT:

@@ -22,7 +22,8 @@ from fastapi.responses import HTMLResponse, Response
 
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.index import check_keys, normalised_vector, shown_key
-from jaxretrieval.retriever import Retriever, UnknownItemError
+from jaxretrieval.retriever import UnknownItemError
+from jaxretrieval.service.backend import ServiceBackend, searches_inline
 from jaxretrieval.service.batching import MicroBatcher, QueueFull
 from jaxretrieval.service.decoding import DecodePool, PoolFull
 from jaxretrieval.service.errors import ServiceError
@@ -32,16 +33,13 @@ if TYPE_CHECKING:
     from jaxretrieval.service.app import ServiceSettings
 
 PAGE = os.path.join(os.path.dirname(__file__), "page.html")
-# A small exact index answers in tens of microseconds, less than a hop to a worker thread
-# costs; larger ones search in a thread so that the event loop keeps serving.
-INLINE_SEARCH_MAX_ITEMS = 20_000
 
 
 @dataclasses.dataclass(frozen=True)
 class Service:
     """What the endpoints work with; one per app, in `app.state.service`."""
 
-    retriever: Retriever
+    retriever: ServiceBackend  # a Retriever, or one over Ray deployments (ray_backend)
     settings: "ServiceSettings"
     batcher: MicroBatcher
     metrics: ServiceMetrics
@@ -208,8 +206,7 @@ async def search(request: Request, service: ServiceDep, k: int = 10,
         vector = parse_embedding(service, body["embedding"])
     retriever = service.retriever
     run = lambda: retriever.search_embeddings(vector[None], k, threshold=threshold)
-    keys, scores = (run() if retriever.count <= INLINE_SEARCH_MAX_ITEMS
-                    else await run_in_threadpool(run))
+    keys, scores = run() if searches_inline(retriever) else await run_in_threadpool(run)
     return {"results": [{"id": shown_key(key), "score": score}
                         for key, score in zip(keys[0], scores[0])]}
 
