@@ -443,9 +443,9 @@ def run_serve(argv, prog="jaxretrieval serve") -> int:
 
 
 def _ray_backend_starter():
-    """`ray_backend.start_ray_backend`, or one clear error when Ray is not installed."""
+    """`rayserve.backend.start_ray_backend`, or one clear error when Ray is not installed."""
     try:
-        from jaxretrieval.service.ray_backend import start_ray_backend
+        from jaxretrieval.rayserve.backend import start_ray_backend
     except ImportError as err:
         if "ray" not in str(err).lower():
             raise

@@ -106,7 +106,7 @@ def cluster(trained_workdir, tmp_path_factory):
 
     from jaxretrieval.pipeline import rebuild_index
     from jaxretrieval.service.app import ServiceSettings, create_app
-    from jaxretrieval.service.ray_backend import start_ray_backend
+    from jaxretrieval.rayserve.backend import start_ray_backend
 
     workdir = str(tmp_path_factory.mktemp("ray") / "wd")
     shutil.copytree(trained_workdir[0], workdir)

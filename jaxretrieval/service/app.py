@@ -82,7 +82,7 @@ def check_api_key(api_key: str | None) -> None:
 def create_app(retriever: ServiceBackend,
                settings: ServiceSettings = ServiceSettings()) -> FastAPI:
     """The service over `retriever`, whose index takes live updates (a writable index): a
-    Retriever, or `ray_backend.start_ray_backend`'s Ray-backed one."""
+    Retriever, or `jaxretrieval.rayserve.backend.start_ray_backend`'s Ray-backed one."""
     check_api_key(settings.api_key)
     app = FastAPI(title="jaxretrieval", summary="Image search and matching over a trained "
                   "CNN and a ScaNN index.")

@@ -2,7 +2,7 @@
 
 The endpoints reach the model and the index only through these methods (see
 `test_the_service_reaches_the_model_and_the_index_only_through_the_retriever`). A
-`Retriever` satisfies the protocol in one process; `jaxretrieval.service.ray_backend`
+`Retriever` satisfies the protocol in one process; `jaxretrieval.rayserve.backend`
 gives one whose embedder and index shards are Ray Serve deployments, so the one app
 (`create_app`) serves both.
 """

@@ -39,7 +39,7 @@ PAGE = os.path.join(os.path.dirname(__file__), "page.html")
 class Service:
     """What the endpoints work with; one per app, in `app.state.service`."""
 
-    retriever: ServiceBackend  # a Retriever, or one over Ray deployments (ray_backend)
+    retriever: ServiceBackend  # a Retriever, or one over Ray deployments (jaxretrieval.rayserve)
     settings: "ServiceSettings"
     batcher: MicroBatcher
     metrics: ServiceMetrics

@@ -1,5 +1,5 @@
 """What runs inside the Ray cluster for `serve --ray`: the index shards' read replicas and
-writers, and the embedder. `ray_backend` deploys them and talks to them.
+writers, and the embedder. `backend` deploys them and talks to them.
 
 - `ShardReplica` (a Serve deployment per shard, R replicas): a `LogFollower` over the
   shard's folder, which polls the writer's log every `poll_s` and, asked for a position
@@ -82,7 +82,7 @@ class ShardReplica:
 
 
 class ShardWriter:
-    """The one writer of one shard's folder (wrapped with `ray.remote` by ray_backend).
+    """The one writer of one shard's folder (wrapped with `ray.remote` by rayserve.backend).
 
     Each call returns (position, count): the log position that shows the change, and the
     shard's item count after it.

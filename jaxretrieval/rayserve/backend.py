@@ -40,7 +40,7 @@ from jaxretrieval.index.follower import caught_up
 from jaxretrieval.index.sharded import merge_results, shard_directories, shard_of
 from jaxretrieval.retriever import Retriever
 from jaxretrieval.service.errors import ServiceError
-from jaxretrieval.service.ray_deployments import (EmbedderReplica, Gallery, ShardReplica,
+from jaxretrieval.rayserve.deployments import (EmbedderReplica, Gallery, ShardReplica,
                                                   ShardWriter)
 from jaxretrieval.workdir import Workdir
 
