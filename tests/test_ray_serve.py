@@ -112,13 +112,14 @@ def cluster(trained_workdir, tmp_path_factory):
     shutil.copytree(trained_workdir[0], workdir)
     rebuild_index(workdir, num_shards=NUM_SHARDS)
     reference = ShardedIndex.load(os.path.join(workdir, "index"))
-    # Workers import this checkout, as the test process does.
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
-        + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    for _ in range(2):
-        nodes.add_node(num_cpus=1)
+    # The nodes' workers import this checkout, as the test process does.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", os.pathsep.join(
+            [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+            + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        for _ in range(2):
+            nodes.add_node(num_cpus=1)
     nodes.wait_for_nodes()
     ray.init(address=nodes.address, log_to_driver=False)
     backend = None

@@ -22,6 +22,7 @@ the client to retry.
 """
 
 import copy
+import math
 import os
 import threading
 import time
@@ -281,9 +282,15 @@ def start_ray_backend(workdir: str, *, replicas: int = 1, embedder_replicas: int
     if not os.path.isdir(index_dir):
         raise JaxRetrievalError(f"no index at {index_dir}: build one with "
                                 "`python -m train --eval_only` first")
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False)
     directories = shard_directories(index_dir) or [index_dir]
+    if not ray.is_initialized():
+        # A local instance (no address) offers a CPU for every replica even where the
+        # machine has fewer cores, so that trying `--replicas 2` on a laptop starts rather
+        # than waits for ever for CPUs no node has.
+        wanted = math.ceil(len(directories) * replicas * replica_cpus
+                           + embedder_replicas * embedder_cpus)
+        ray.init(address=address, log_to_driver=False, num_cpus=None if address else max(
+            os.cpu_count() or 1, wanted))
     expected = {"embedding_dim": config.embedding_dim,
                 "model_config_hash": model_config_hash(config)}
     damaged_logs = os.path.join(index_dir, storage.DAMAGED_LOGS_DIR)
