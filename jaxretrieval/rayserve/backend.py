@@ -91,8 +91,6 @@ def _with_retries(call, what, attempts=ATTEMPTS):
 class RemoteIndex:
     """The index of a workdir as Ray deployments: what a Retriever asks of its index."""
 
-    remote = True
-
     def __init__(self, shards, writers, manifest, states, on_close):
         self._shards = shards  # one DeploymentHandle per shard
         self._writers = writers  # one actor handle per shard
@@ -148,8 +146,6 @@ class RemoteIndex:
 
     def search(self, queries, k, *, threshold=None):
         """As `ShardedIndex.search`: every shard's best k, merged."""
-        queries = np.asarray(queries, np.float32) if isinstance(queries, np.ndarray) \
-            else queries
         wanted = self.positions()
         responses = [shard.search.remote(queries, k, threshold, position)
                      for shard, position in zip(self._shards, wanted)]
