@@ -124,8 +124,11 @@ def cluster(trained_workdir, tmp_path_factory):
     ray.init(address=nodes.address, log_to_driver=False)
     backend = None
     try:
+        # Replicas poll the log rarely here, so that a search right after an update
+        # finds it only if the replica reads up to the position the search names.
         backend = start_ray_backend(workdir, replicas=REPLICAS, embedder_replicas=1,
-                                    replica_cpus=0.25, embedder_cpus=0.5, max_batch=8)
+                                    replica_cpus=0.25, embedder_cpus=0.5, max_batch=8,
+                                    poll_s=1.0)
         settings = ServiceSettings(api_key=API_KEY, max_k=50, max_batch=8,
                                    allowed_hosts=("testserver",))
         with TestClient(create_app(backend, settings)) as client:
@@ -220,7 +223,7 @@ def test_acknowledged_updates_are_visible_on_every_replica(cluster):
     _on_every_replica(keys[0], present=False)
 
 
-def test_killing_a_replica_under_load_loses_no_acknowledged_update(cluster):
+def test_killing_a_replica_and_a_writer_under_load_loses_no_acknowledged_update(cluster):
     client, backend, _, reference = cluster
     dim = reference.embedding_dim
     stop = threading.Event()
@@ -254,17 +257,31 @@ def test_killing_a_replica_under_load_loses_no_acknowledged_update(cluster):
     threads.append(threading.Thread(target=write))
     for thread in threads:
         thread.start()
+    import ray
+
     time.sleep(1.5)
     victim = _replicas(0)[0]
     os.kill(victim["pid"], signal.SIGKILL)
+    time.sleep(2)
+    writer = ray.get_actor("jaxretrieval-writer-0")
+    writer_pid = ray.get(writer.pid.remote(), timeout=60)
+    os.kill(writer_pid, signal.SIGKILL)  # Ray starts another, which reopens the shard
     time.sleep(4)
     stop.set()
     for thread in threads:
         thread.join(timeout=120)
     failed = sum(status != 200 for status in outcomes)
-    print(f"\nkilled replica {victim['replica']} (pid {victim['pid']}) of shard 0 under "
-          f"load: {len(outcomes)} requests, {failed} failed, {len(acknowledged)} "
-          "acknowledged updates")
+    print(f"\nkilled replica {victim['replica']} (pid {victim['pid']}) and the writer "
+          f"(pid {writer_pid}) of shard 0 under load: {len(outcomes)} requests, {failed} "
+          f"failed, {len(acknowledged)} acknowledged updates")
+    deadline = time.monotonic() + 120
+    while True:  # Ray has started another writer, which answers
+        try:
+            assert ray.get(writer.pid.remote(), timeout=60) != writer_pid
+            break
+        except ray.exceptions.RayActorError:  # still restarting
+            assert time.monotonic() < deadline, "Ray did not restart the writer"
+            time.sleep(0.5)
     for problem in problems:  # a failure is a 503 that tells the client to retry
         assert problem["error"]["code"] == "unavailable", problem
         assert "retry" in problem["error"]["message"], problem

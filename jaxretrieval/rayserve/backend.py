@@ -48,9 +48,9 @@ from jaxretrieval.workdir import Workdir
 APP_NAME = "jaxretrieval"
 CALL_TIMEOUT_S = 60.0
 # Tries of a call whose replica or writer is unreachable, and the pause before each retry
-# (times the try's number): Serve replaces a dead replica, and Ray a dead writer, within
-# seconds.
-ATTEMPTS = 6
+# (times the try's number, 7 s in all): Serve replaces a dead replica, and Ray restarts a
+# dead writer, which reopens its shard, within seconds.
+ATTEMPTS = 8
 RETRY_PAUSE_S = 0.25
 POLL_S = 0.05  # how often read replicas look for new log lines
 
@@ -260,12 +260,15 @@ def _writer_actor(number, app_name, directory, damaged_logs, expected):
 def start_ray_backend(workdir: str, *, replicas: int = 1, embedder_replicas: int = 1,
                       address: str | None = None, replica_cpus: float = 1.0,
                       embedder_cpus: float = 1.0, max_batch: int = 32,
-                      max_wait_ms: float = 2.0, app_name: str = APP_NAME) -> RayRetriever:
+                      max_wait_ms: float = 2.0, poll_s: float = POLL_S,
+                      app_name: str = APP_NAME) -> RayRetriever:
     """Deploys a workdir's index and model on Ray Serve and returns the Retriever that
     reaches them (for `create_app`); its `close()` removes the deployments.
 
     Connects to the cluster at `address` ("auto": the one this machine joined with
     `ray start`), or to the one this process already joined, or starts a local one.
+    `poll_s`: how often read replicas look for new log lines (a search that needs a line
+    they have not read yet reads it at once, whatever this is).
     """
     for name, value in (("replicas", replicas), ("embedder replicas", embedder_replicas)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -316,7 +319,7 @@ def start_ray_backend(workdir: str, *, replicas: int = 1, embedder_replicas: int
         ).bind(workdir, max_batch, max_wait_ms / 1000)
         shards = [ShardReplica.options(
             name=f"shard-{number}", num_replicas=replicas,
-            ray_actor_options={"num_cpus": replica_cpus}).bind(directory, POLL_S)
+            ray_actor_options={"num_cpus": replica_cpus}).bind(directory, poll_s)
             for number, directory in enumerate(directories)]
         serve.run(Gallery.options(ray_actor_options={"num_cpus": 0}).bind(embedder, *shards),
                   name=app_name, route_prefix=None)

@@ -96,6 +96,9 @@ class ShardWriter:
     def state(self):
         return writer_position(self._directory), self._index.count
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def upsert(self, keys, embeddings, sources):
         self._index.upsert(keys, embeddings, sources)
         return self.state()
