@@ -6,12 +6,16 @@ are being uploaded.
         [--seconds 30]
     python -m bench.serve_load --workdir runs/default --healthz-under-uploads
         [--uploaders 4] [--side 6000] [--seconds 10] [--repeats 3]
+    python -m bench.serve_load --workdir runs/default --ray [--replicas 1,2]
 
 For each setting the first form starts `python -m serve` on a free local port
 (micro-batching on: `--max-batch 32`; off: `--max-batch 1`), sends `--requests` queries per
 kind from `--clients` threads (each on its own keep-alive connection, stopping after
 `--seconds` at most), and prints a markdown table; `--markdown FILE` also appends it to
 FILE.
+
+With `--ray`, the server is `python -m serve --ray` (a local Ray instance, docs/ray.md),
+once per replica count in `--replicas`, with micro-batching on.
 
 The second starts one server and, `--repeats` times, probes /healthz from one keep-alive
 connection for `--seconds` with the server idle, then for `--seconds` while `--uploaders`
@@ -46,11 +50,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(workdir, port, max_batch):
+def start_server(workdir, port, max_batch, extra_args=()):
     process = subprocess.Popen(
         [sys.executable, "-m", "serve", "--workdir", workdir, "--port", str(port),
-         "--max-batch", str(max_batch), "--no-access-log"], cwd=REPO, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
+         "--max-batch", str(max_batch), "--no-access-log", *extra_args], cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
@@ -221,10 +225,15 @@ def main():
     parser.add_argument("--uploaders", type=int, default=4)
     parser.add_argument("--side", type=int, default=6000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ray", action="store_true",
+                        help="load `serve --ray` with each replica count of --replicas")
+    parser.add_argument("--replicas", default="1,2")
     args = parser.parse_args()
     if args.healthz_under_uploads:
         return healthz_under_uploads(args)
     image_query, embedding_query = query_bodies(args.workdir)
+    if args.ray:
+        return ray_load(args, image_query, embedding_query)
 
     lines = [f"Service load, {time.strftime('%Y-%m-%d')}, {platform.machine()} "
              f"{os.cpu_count()} cores, {args.clients} concurrent clients, workdir "
@@ -250,6 +259,37 @@ def main():
         finally:
             server.terminate()
             server.wait(timeout=30)
+    emit(lines, args.markdown)
+
+
+def ray_load(args, image_query, embedding_query):
+    """The query table for `serve --ray`, one server per replica count."""
+    counts = [int(count) for count in args.replicas.split(",")]
+    lines = [f"Service load on Ray Serve (a local instance), {time.strftime('%Y-%m-%d')}, "
+             f"{platform.machine()} {os.cpu_count()} cores, {args.clients} concurrent "
+             f"clients, workdir `{args.workdir}`:", "",
+             f"`python -m bench.serve_load --workdir {args.workdir} --ray --replicas "
+             f"{args.replicas} --clients {args.clients} --requests {args.requests} "
+             f"--seconds {args.seconds:g}`", "",
+             "| query | replicas per shard | requests | errors | p50 ms | p95 ms | p99 ms "
+             "| req/s |", "|---|---|---|---|---|---|---|---|"]
+    for count in counts:
+        port = free_port()
+        server = start_server(args.workdir, port, 32, ["--ray", "--replicas", str(count)])
+        try:
+            for kind, (body, content_type) in (("embedding", embedding_query),
+                                              ("image", image_query)):
+                load(port, body, content_type, args.clients, 50, 10)  # warm-up
+                latencies, errors, wall = load(port, body, content_type, args.clients,
+                                               args.requests, args.seconds)
+                p50, p95, p99 = np.percentile(latencies, [50, 95, 99]) * 1000
+                lines.append(f"| {kind} | {count} | {len(latencies) + errors} | {errors} | "
+                             f"{p50:.1f} | {p95:.1f} | {p99:.1f} | "
+                             f"{len(latencies) / wall:.0f} |")
+                print(lines[-1], flush=True)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
     emit(lines, args.markdown)
 
 

@@ -387,7 +387,25 @@ def run_serve(argv, prog="jaxretrieval serve") -> int:
     parser.add_argument("--no-access-log", dest="access_log", action="store_false",
                         help="do not log a line per request (method, path, status, ms) to "
                              "stderr")
+    ray_flags = parser.add_argument_group(
+        "Ray Serve", "serve the index shards and the model as Ray Serve deployments, which "
+        "may span several machines (docs/ray.md); needs pip install -e \".[ray]\"")
+    ray_flags.add_argument("--ray", action="store_true",
+                           help="serve through Ray Serve instead of this process alone")
+    ray_flags.add_argument("--address", default=None,
+                           help="the Ray cluster to join (e.g. HOST:6379, or auto for the "
+                                "one this machine joined with `ray start`; default: start a "
+                                "local one)")
+    ray_flags.add_argument("--replicas", type=int, default=None,
+                           help="read replicas per index shard (default 1)")
+    ray_flags.add_argument("--embedder-replicas", type=int, default=None,
+                           help="replicas of the model (default 1; one GPU each where the "
+                                "cluster has GPUs)")
     args = parser.parse_args(argv)
+    if not args.ray and (args.address or args.replicas or args.embedder_replicas):
+        raise JaxRetrievalError("--address, --replicas and --embedder-replicas go with "
+                                "--ray; add it, or leave them out to serve in this process")
+    start_ray_backend = _ray_backend_starter() if args.ray else None
     check_api_key(args.api_key or None)
     allowed_hosts = tuple(name.strip() for name in args.allowed_hosts.split(",") if name.strip())
     check_port_free(args.host, args.port)
@@ -398,7 +416,13 @@ def run_serve(argv, prog="jaxretrieval serve") -> int:
     from jaxretrieval.service.app import create_app
     from jaxretrieval.service.server import server_config
 
-    retriever = Retriever.load(args.workdir, writable=True)
+    if start_ray_backend is None:
+        retriever = Retriever.load(args.workdir, writable=True)
+    else:
+        retriever = start_ray_backend(args.workdir, address=args.address,
+                                      replicas=args.replicas or 1,
+                                      embedder_replicas=args.embedder_replicas or 1,
+                                      max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
     settings = ServiceSettings(
         api_key=args.api_key or None, max_k=args.max_k, max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
@@ -409,7 +433,8 @@ def run_serve(argv, prog="jaxretrieval serve") -> int:
     retriever.warm_up(settings.max_batch)
     app = create_app(retriever, settings)
     where = f"{os.path.abspath(args.workdir)} on http://{args.host}:{args.port}"
-    print(f"serving {where} ({retriever.count} items)", flush=True)
+    print(f"serving {where} ({retriever.count} items"
+          f"{', on Ray Serve' if start_ray_backend else ''})", flush=True)
     hosts = allowed_host_names(args.host, allowed_hosts)
     if hosts is None:
         print("answering any Host header (--allowed-hosts '*'): a web page can reach this "
@@ -431,6 +456,19 @@ def run_serve(argv, prog="jaxretrieval serve") -> int:
         retriever.close()
     print(f"stopped serving {where}", flush=True)
     return 0
+
+
+def _ray_backend_starter():
+    """`rayserve.backend.start_ray_backend`, or one clear error when Ray is not installed."""
+    try:
+        from jaxretrieval.rayserve.backend import start_ray_backend
+    except ImportError as err:
+        if "ray" not in str(err).lower():
+            raise
+        raise JaxRetrievalError(
+            f"--ray needs Ray Serve, which is not installed ({err}): pip install -e \".[ray]\" "
+            "(or pip install -r requirements-ray.txt), or serve without --ray") from None
+    return start_ray_backend
 
 
 def check_port_free(host: str, port: int) -> None:

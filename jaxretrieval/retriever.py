@@ -63,6 +63,9 @@ class Retriever:
     not in the gallery).
     """
 
+    # Every call runs here, none waits on another process (service.backend.ServiceBackend).
+    in_process = True
+
     def __init__(self, embedder: Embedder, index: Index | ShardedIndex, *,
                  thumbnail_roots=()):
         """`thumbnail_roots`: folders besides the dataset's (see `thumbnail`) whose images

@@ -8,8 +8,8 @@ Modules: keys (what a key may be), checks (input checks), scann_adapter (ScaNN
 settings, build, load), state (in-memory contents), storage (directories on disk),
 wal (the write-ahead log), metadata (item metadata and filters: the rules), filtered
 (filtered search: the strategy), tuning (Index.tune and recall@k), protocol (SearchIndex),
-flat (Index), sharded (ShardedIndex, open_index, save_index) and recovery (recover,
-for a damaged log).
+flat (Index), sharded (ShardedIndex, open_index, save_index), recovery (recover, for a
+damaged log) and follower (LogFollower: a read-only copy that follows a writer's log).
 """
 
 from jaxretrieval.index.checks import normalised_vector
@@ -21,7 +21,8 @@ from jaxretrieval.index.protocol import SearchIndex
 from jaxretrieval.index.recovery import recover
 from jaxretrieval.index.scann_adapter import EXACT_SEARCH_MAX_COUNT, scann_settings
 from jaxretrieval.index.sharded import (MAX_NUM_SHARDS, ShardedIndex, checked_num_shards,
-                                        num_shards_on_disk, open_index, save_index, shard_of)
+                                        merge_results, num_shards_on_disk, open_index,
+                                        save_index, shard_of)
 from jaxretrieval.index.storage import (FORMAT_VERSION, UnreadableIndexError, rebuild_hint,
                                         snapshot_directory)
 from jaxretrieval.index.tuning import exact_kth_scores, recall_per_query
@@ -30,8 +31,8 @@ __all__ = [
     "EXACT_SEARCH_MAX_COUNT", "FORMAT_VERSION", "MAX_KEY_BYTES", "MAX_METADATA_BYTES",
     "MAX_NUM_SHARDS", "BadFilterError", "BadMetadataError", "Index", "SearchIndex",
     "ShardedIndex", "UnreadableIndexError", "check_key", "check_keys", "checked_filter",
-    "checked_metadata", "checked_num_shards", "exact_kth_scores", "normalised_vector",
-    "num_shards_on_disk", "open_index", "rebuild_hint", "recall_per_query", "recover",
-    "save_index", "scann_settings", "shard_of", "shown_key", "snapshot_directory",
-    "stored_key",
+    "checked_metadata", "checked_num_shards", "exact_kth_scores", "merge_results",
+    "normalised_vector", "num_shards_on_disk", "open_index", "rebuild_hint",
+    "recall_per_query", "recover", "save_index", "scann_settings", "shard_of", "shown_key",
+    "snapshot_directory", "stored_key",
 ]

@@ -93,6 +93,20 @@ def shard_of(key, num_shards):
     return zlib.crc32(key.encode("utf-8", "surrogatepass")) % num_shards
 
 
+def merge_results(results, k):
+    """One search's answer from every shard's: `results` holds one (keys, scores) or (keys,
+    scores, metadata) tuple per shard, each with a list per query; per query, the best k over
+    all shards, by score and equal scores by key, as tuples of the same form."""
+    k = operator.index(k)
+    merged = [[] for _ in results[0]]
+    for per_shard in zip(*(zip(*result) for result in results)):
+        hits = sorted((hit for columns in per_shard for hit in zip(*columns)),
+                      key=lambda hit: (-hit[1], hit[0]))[:k]
+        for column, values in zip(merged, zip(*hits) if hits else [()] * len(merged)):
+            column.append(list(values))
+    return tuple(merged)
+
+
 def checked_num_shards(num_shards):
     """`num_shards` as an int in 1..MAX_NUM_SHARDS, or a JaxRetrievalError."""
     try:
@@ -503,18 +517,8 @@ class ShardedIndex:
         results = self._on_every_shard(
             lambda shard: shard.search(queries, k, threshold=threshold, filter=filter,
                                        with_metadata=True))
-        k = operator.index(k)
-        all_keys, all_scores, all_metadata = [], [], []
-        for per_shard in zip(*(zip(*result) for result in results)):
-            hits = sorted(((score, key, metadata) for keys, scores, metadata in per_shard
-                           for key, score, metadata in zip(keys, scores, metadata)),
-                          key=lambda hit: (-hit[0], hit[1]))[:k]
-            all_keys.append([key for _, key, _ in hits])
-            all_scores.append([score for score, _, _ in hits])
-            all_metadata.append([metadata for _, _, metadata in hits])
-        if with_metadata:
-            return all_keys, all_scores, all_metadata
-        return all_keys, all_scores
+        keys, scores, metadata = merge_results(results, k)
+        return (keys, scores, metadata) if with_metadata else (keys, scores)
 
     def _on_every_shard(self, function):
         if len(self._shards) > 1 and self.count >= PARALLEL_SEARCH_MIN_COUNT:

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxretrieval.errors import JaxRetrievalError
-from jaxretrieval.retriever import Retriever
+from jaxretrieval.service.backend import ServiceBackend
 from jaxretrieval.service.batching import MicroBatcher
 from jaxretrieval.service.decoding import DecodePool
 from jaxretrieval.service.errors import ServiceError, error_body
@@ -79,8 +79,10 @@ def check_api_key(api_key: str | None) -> None:
             "another, e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`")
 
 
-def create_app(retriever: Retriever, settings: ServiceSettings = ServiceSettings()) -> FastAPI:
-    """The service over `retriever`, whose index takes live updates (a writable index)."""
+def create_app(retriever: ServiceBackend,
+               settings: ServiceSettings = ServiceSettings()) -> FastAPI:
+    """The service over `retriever`, whose index takes live updates (a writable index): a
+    Retriever, or `jaxretrieval.rayserve.backend.start_ray_backend`'s Ray-backed one."""
     check_api_key(settings.api_key)
     app = FastAPI(title="jaxretrieval", summary="Image search and matching over a trained "
                   "CNN and a ScaNN index.")

@@ -24,7 +24,8 @@ from fastapi.responses import HTMLResponse, Response
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.index import (BadFilterError, BadMetadataError, check_keys, checked_filter,
                                 checked_metadata, normalised_vector, shown_key)
-from jaxretrieval.retriever import Retriever, UnknownItemError
+from jaxretrieval.retriever import UnknownItemError
+from jaxretrieval.service.backend import ServiceBackend, searches_inline
 from jaxretrieval.service.batching import MicroBatcher, QueueFull
 from jaxretrieval.service.decoding import DecodePool, PoolFull
 from jaxretrieval.service.errors import ServiceError
@@ -34,16 +35,13 @@ if TYPE_CHECKING:
     from jaxretrieval.service.app import ServiceSettings
 
 PAGE = os.path.join(os.path.dirname(__file__), "page.html")
-# A small exact index answers in tens of microseconds, less than a hop to a worker thread
-# costs; larger ones search in a thread so that the event loop keeps serving.
-INLINE_SEARCH_MAX_ITEMS = 20_000
 
 
 @dataclasses.dataclass(frozen=True)
 class Service:
     """What the endpoints work with; one per app, in `app.state.service`."""
 
-    retriever: Retriever
+    retriever: ServiceBackend  # a Retriever, or one over Ray deployments (jaxretrieval.rayserve)
     settings: "ServiceSettings"
     batcher: MicroBatcher
     metrics: ServiceMetrics
@@ -302,8 +300,7 @@ async def search(request: Request, service: ServiceDep, k: int = 10,
     retriever = service.retriever
     run = lambda: retriever.search_embeddings(vector[None], k, threshold=threshold,
                                               filter=conditions, with_metadata=True)
-    keys, scores, metadata = (run() if retriever.count <= INLINE_SEARCH_MAX_ITEMS
-                              else await run_in_threadpool(run))
+    keys, scores, metadata = run() if searches_inline(retriever) else await run_in_threadpool(run)
     return {"results": [hit(key, score, item)
                         for key, score, item in zip(keys[0], scores[0], metadata[0])]}
 
