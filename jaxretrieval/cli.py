@@ -314,7 +314,7 @@ def run_explain(argv, prog="jaxretrieval explain") -> int:
         prog=prog,
         description="Explain the similarity of two images with the workdir's model: writes "
                     "both images side by side with the heat of each position drawn on (red "
-                    "adds to the similarity, blue takes from it), the similarity and the "
+                    "where it is above the image's mean, blue below), the similarity and the "
                     "match decision; prints them as JSON. A face model shows the aligned "
                     "chips. Method and maths: docs/explain.md.")
     parser.add_argument("images", nargs=2, metavar="IMAGE", help="the two image files")
@@ -337,6 +337,9 @@ def run_explain(argv, prog="jaxretrieval explain") -> int:
                      labels=[os.path.basename(path) for path in args.images])
     with atomic_file(args.output, "wb") as f:  # never a half-written PNG
         picture.save(f, format="PNG")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(args.output, 0o666 & ~umask)  # as an ordinary new file, not the temporary's 0600
     print(json.dumps({"images": args.images, "similarity": round(result.similarity, 6),
                       "same": result.same, "threshold": result.threshold,
                       "method": result.method, "output": args.output}))

@@ -50,7 +50,7 @@ LINEAR_POOLINGS = ("avg", "flatten")
 # Pairs per compiled call, at most.
 MAX_PAIRS = 32
 
-# Overlay colours: red where a position adds to the similarity, blue where it takes away.
+# Overlay colours: red above the image's mean heat, blue below it.
 POSITIVE_RGB = np.array([230.0, 30.0, 20.0])
 NEGATIVE_RGB = np.array([20.0, 90.0, 235.0])
 # The opacity of the colour at the pair's strongest heat.
@@ -63,8 +63,8 @@ class Explanation:
 
     `heatmaps`: float32 [H', W'] per image at the feature map's resolution (with `exact`,
     each adds up to `similarity`). `overlays`: uint8 RGB [size, size, 3] per image, the heat
-    upsampled onto the image as the model sees it (a face model's aligned chip), on one
-    colour scale for the pair. `same` and `threshold` as in `Retriever.match`.
+    upsampled onto the image as the model sees it (a face model's aligned chip): red above
+    the image's mean heat, blue below it, on one colour scale for the pair (`overlays`). `same` and `threshold` as in `Retriever.match`.
     """
 
     similarity: float
@@ -214,10 +214,14 @@ def upsample(heatmap: np.ndarray, size: int) -> np.ndarray:
 
 
 def overlays(images, heatmaps) -> tuple:
-    """Each uint8 image [S, S, C] with its heatmap upsampled onto it: a grey copy of the
-    image, red where the heat is positive and blue where it is negative, more opaque the
-    stronger it is, on one scale for all the images given (uint8 RGB [S, S, 3] each)."""
-    grown = [upsample(heat, image.shape[0]) for image, heat in zip(images, heatmaps)]
+    """Each uint8 image [S, S, C] with its heatmap upsampled onto it (uint8 RGB [S, S, 3]):
+    a grey copy of the image, red where a position carries more than the image's mean heat
+    and blue where it carries less, more opaque the further from the mean, on one scale for
+    all the images given. Relative to the mean, because what a reader looks for is where the
+    similarity concentrates: when every position adds about its share (dlib's four cells
+    often do), absolute heat would paint the whole image one colour."""
+    grown = [upsample(heat, image.shape[0]) - float(np.mean(heat))
+             for image, heat in zip(images, heatmaps)]
     scale = max(float(np.max(np.abs(heat))) for heat in grown) or 1.0
     out = []
     for image, heat in zip(images, grown):

@@ -320,3 +320,64 @@ def test_explain_endpoint_refuses_bad_input_in_the_error_shape(client):
     assert_error(client.post("/explain", files={"id": (None, "train/1")}), 400, "missing_field")
     schema = client.get("/openapi.json").json()["paths"]["/explain"]["post"]
     assert "overlays" in schema["description"] and schema["summary"]
+
+
+def test_the_page_explains_a_search_result_and_the_match_in_chromium(trained_workdir,
+                                                                      tmp_path):
+    from test_service_process import CHROMEDRIVER, CHROMIUM, Server
+
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)) and not os.environ.get(
+            "JAXRETRIEVAL_REQUIRE_BROWSER"):
+        pytest.skip("Debian's chromium and chromium-driver are not installed "
+                    "(apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as DriverService
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    workdir = str(tmp_path / "wd")
+    shutil.copytree(trained_workdir[0], workdir)
+    query, other = str(tmp_path / "five.png"), str(tmp_path / "fifteen.png")
+    Image.fromarray(digit(5)).save(query)
+    Image.fromarray(digit(15)).save(other)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--window-size=1200,900",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    server = Server(workdir)
+    driver = webdriver.Chrome(service=DriverService(CHROMEDRIVER), options=options)
+
+    def overlays_shown(d):
+        return d.execute_script(
+            "const imgs = [...document.querySelectorAll('#explain-overlays img')];"
+            "return imgs.length === 2 && imgs.every(i => i.complete && i.naturalWidth > 0)")
+
+    try:
+        driver.get(f"http://127.0.0.1:{server.port}/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: "items" in d.find_element(By.ID, "health").text)
+        driver.find_element(By.ID, "search-file").send_keys(query)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .why-button")) == 10)
+        driver.find_elements(By.CSS_SELECTOR, "#results .why-button")[1].click()
+        wait.until(overlays_shown)
+        status = driver.find_element(By.ID, "explain-status").text
+        assert status.startswith("the query and ") and "similarity" in status
+
+        driver.find_element(By.ID, "a-file").send_keys(query)
+        driver.find_element(By.ID, "b-file").send_keys(other)
+        wait.until(lambda d: d.find_element(By.ID, "explain-status").text.startswith(
+            "the match: similarity"))
+        wait.until(overlays_shown)
+        verdict = driver.find_element(By.ID, "verdict").text
+        similarity = verdict.split(":")[0].split()[-1]
+        assert similarity in driver.find_element(By.ID, "explain-status").text
+        driver.execute_script("document.getElementById('verdict').closest('section')"
+                              ".scrollIntoView()")
+        shot = os.environ.get("JAXRETRIEVAL_EXPLAIN_SCREENSHOT", str(tmp_path / "explain.png"))
+        assert driver.save_screenshot(shot) and os.path.getsize(shot) > 10_000
+    finally:
+        driver.quit()
+        server.stop()

@@ -322,8 +322,9 @@ async def gallery_input(service: Service, item_id) -> np.ndarray:
                 "x activation of the similarity); `heatmaps`: per image, the heat of each "
                 "position of the model's last feature map, rows of floats (positive adds "
                 "to the similarity); `overlays`: per image, a base64 PNG of the heat drawn "
-                "on the image as the model sees it (a face model's aligned chip), red for "
-                "positive and blue for negative, on one scale for the pair. Images are in "
+                "on the image as the model sees it (a face model's aligned chip), red above "
+                "the image's mean heat and blue below it, on one scale for the pair. Images "
+                "are in "
                 "the order a, b (`image` first when `id` is given).")
 async def explain(request: Request, service: ServiceDep, threshold: float | None = None):
     if threshold is not None and not np.isfinite(threshold):
