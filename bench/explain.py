@@ -10,11 +10,16 @@ them (a face model's aligned chips). Each pair is explained (`jaxretrieval.expla
 in both images at once, the `--fraction` of pixels with the most heat (the heatmap upsampled
 as the overlays are) is set to mid-grey (128, about zero after either input normalisation),
 and the pair's similarity is measured again; the same is done with as many pixels chosen
-at random (seeded). A faithful explanation's pixels lower the similarity more.
+at random (seeded). A faithful explanation's pixels lower the similarity more. Scattered
+random pixels and the smooth regions an upsampled heatmap picks differ in shape as well as
+in place, so a third mask separates the two: the hottest pixels of a random heatmap of the
+same resolution (normal noise), upsampled alike: the same kind of region, placed at random.
+A fourth blanks the pixels with the least heat: an informative ranking puts the hottest
+pixels' drop above the coldest's.
 
-The table gives, per model: the method, the pairs, the mean similarity, the mean drop for
-the hottest and for random pixels, and the share of pairs whose drop is larger for the
-hottest pixels.
+The table gives, per model: the method, the feature map's size, the pairs, the mean
+similarity, the mean drop for each mask, and the share of pairs whose drop is larger for the
+explanation's hottest pixels than for random pixels, and than for the random heatmap's.
 """
 
 import argparse
@@ -89,15 +94,24 @@ def measure(workdir, fraction, max_pairs, seed):
             "hottest": (hottest_masks(heat_a, size, fraction),
                         hottest_masks(heat_b, size, fraction)),
             "random": (random_masks(len(pairs), size, fraction, rng),
-                       random_masks(len(pairs), size, fraction, rng))}.items():
+                       random_masks(len(pairs), size, fraction, rng)),
+            "coldest": (hottest_masks(-heat_a, size, fraction),
+                        hottest_masks(-heat_b, size, fraction)),
+            "random_heat": (hottest_masks(rng.normal(size=heat_a.shape), size, fraction),
+                            hottest_masks(rng.normal(size=heat_b.shape), size, fraction))
+            }.items():
         after = pair_similarities(embedder, blanked(images_a, mask_a),
                                   blanked(images_b, mask_b))
         drops[name] = similarities - after
     return {"model": f"{config.model.name} ({config.model.pooling} pooling)",
             "method": explainer.method, "pairs": len(pairs),
+            "feature_map": "x".join(map(str, explainer.feature_shape)),
             "similarity": float(similarities.mean()),
             "hottest": float(drops["hottest"].mean()), "random": float(drops["random"].mean()),
-            "wins": float(np.mean(drops["hottest"] > drops["random"]))}
+            "random_heat": float(drops["random_heat"].mean()),
+            "coldest": float(drops["coldest"].mean()),
+            "wins": float(np.mean(drops["hottest"] > drops["random"])),
+            "wins_heat": float(np.mean(drops["hottest"] > drops["random_heat"]))}
 
 
 def main():
@@ -118,14 +132,17 @@ def main():
              f"{datetime.date.today().isoformat()}): blanking {args.fraction:.0%} of each "
              "image's pixels, the hottest or random ones; mean drop of the pair's similarity.",
              "",
-             "| workdir | model | method | pairs | mean similarity | drop, hottest pixels | "
-             "drop, random pixels | pairs where hottest > random |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| workdir | model | method | feature map | pairs | mean similarity | "
+             "drop, hottest pixels | drop, random pixels | drop, random heatmap's hottest | "
+             "drop, coldest pixels | pairs: hottest > random / > random heatmap |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for workdir in args.workdir:
         r = measure(workdir, args.fraction, args.max_pairs, args.seed)
-        lines.append(f"| {workdir} | {r['model']} | {r['method']} | {r['pairs']} | "
-                     f"{r['similarity']:.3f} | {r['hottest']:.4f} | {r['random']:.4f} | "
-                     f"{r['wins']:.0%} |")
+        lines.append(f"| {workdir} | {r['model']} | {r['method']} | {r['feature_map']} | "
+                     f"{r['pairs']} | {r['similarity']:.3f} | {r['hottest']:.4f} | "
+                     f"{r['random']:.4f} | {r['random_heat']:.4f} | {r['coldest']:.4f} | "
+                     f"{r['wins']:.0%} / "
+                     f"{r['wins_heat']:.0%} |")
     emit(lines, args.markdown)
 
 
