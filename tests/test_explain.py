@@ -36,7 +36,8 @@ def small_config(pooling="avg", *, image_size=16, channels=1, widths=(8, 16), ke
 def initial_variables(config, seed=0):
     model = build_model(config)
     shape = (1, config.image_size, config.image_size, config.channels)
-    variables = jax.tree.map(np.array, model.init(jax.random.key(seed), jnp.zeros(shape)))
+    variables = jax.tree.map(np.array, jax.jit(model.init)(jax.random.key(seed),
+                                                           jnp.zeros(shape)))
     # A bias that matters: the exact decomposition has to account for it.
     bias = variables["params"]["projection"]["bias"]
     bias[:] = np.random.default_rng(seed).normal(0.0, 0.5, bias.shape)
