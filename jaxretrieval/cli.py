@@ -51,7 +51,8 @@ def main(argv=None, prog: str = "jaxretrieval") -> int:
         reexec_with_huge_pages()
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": run_train, "embed": run_embed, "index": run_index,
-                "search": run_search, "explain": run_explain, "serve": run_serve, "export-model": run_export_model,
+                "search": run_search, "explain": run_explain, "serve": run_serve,
+                "export-model": run_export_model,
                 "config": run_config, "recover-index": run_recover_index}
     if argv and argv[0] in ("-h", "--help"):
         print(usage(prog))

@@ -64,7 +64,8 @@ class Explanation:
     `heatmaps`: float32 [H', W'] per image at the feature map's resolution (with `exact`,
     each adds up to `similarity`). `overlays`: uint8 RGB [size, size, 3] per image, the heat
     upsampled onto the image as the model sees it (a face model's aligned chip): red above
-    the image's mean heat, blue below it, on one colour scale for the pair (`overlays`). `same` and `threshold` as in `Retriever.match`.
+    the image's mean heat, blue below it, on one colour scale for the pair (`overlays`).
+    `same` and `threshold` as in `Retriever.match`.
     """
 
     similarity: float
