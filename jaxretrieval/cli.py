@@ -24,6 +24,7 @@ COMMANDS = {
     "embed": "embed a dataset or folder of any size with a workdir's model",
     "index": "rebuild a workdir's index from its embeddings (no model needed)",
     "search": "search a workdir's index with image files; prints JSON lines",
+    "explain": "show which parts of two images carry their similarity, as a PNG",
     "serve": "serve search, match and item updates over HTTP, with a web page",
     "export-model": "export the model (StableHLO or TF SavedModel) to run without this package",
     "config": "list every config key with its value and meaning",
@@ -50,7 +51,8 @@ def main(argv=None, prog: str = "jaxretrieval") -> int:
         reexec_with_huge_pages()
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": run_train, "embed": run_embed, "index": run_index,
-                "search": run_search, "serve": run_serve, "export-model": run_export_model,
+                "search": run_search, "explain": run_explain, "serve": run_serve,
+                "export-model": run_export_model,
                 "config": run_config, "recover-index": run_recover_index}
     if argv and argv[0] in ("-h", "--help"):
         print(usage(prog))
@@ -321,6 +323,43 @@ def run_search(argv, prog="jaxretrieval search") -> int:
             {"id": key, "score": round(score, 6),
              **({"metadata": item} if item is not None else {})}
             for key, score, item in zip(row_keys, row_scores, row_metadata)]}))
+    return 0
+
+
+def run_explain(argv, prog="jaxretrieval explain") -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Explain the similarity of two images with the workdir's model: writes "
+                    "both images side by side with the heat of each position drawn on (red "
+                    "where it is above the image's mean, blue below), the similarity and the "
+                    "match decision; prints them as JSON. A face model shows the aligned "
+                    "chips. Method and maths: docs/explain.md.")
+    parser.add_argument("images", nargs=2, metavar="IMAGE", help="the two image files")
+    _add_workdir_argument(parser)
+    parser.add_argument("--output", required=True, help="the PNG file to write")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="decide the match at this similarity (default: the index's "
+                             "calibrated threshold)")
+    parser.add_argument("--side", type=int, default=256,
+                        help="pixels per image in the PNG (default %(default)s)")
+    args = parser.parse_args(argv)
+    if args.side < 16:
+        raise JaxRetrievalError(f"--side={args.side}; use at least 16 pixels")
+    from jaxretrieval.explain import render
+    from jaxretrieval.fileio import atomic_file
+    from jaxretrieval.retriever import Retriever
+    retriever = Retriever.load(args.workdir)
+    result = retriever.explain(*args.images, threshold=args.threshold)
+    picture = render(result, side=args.side,
+                     labels=[os.path.basename(path) for path in args.images])
+    with atomic_file(args.output, "wb") as f:  # never a half-written PNG
+        picture.save(f, format="PNG")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(args.output, 0o666 & ~umask)  # as an ordinary new file, not the temporary's 0600
+    print(json.dumps({"images": args.images, "similarity": round(result.similarity, 6),
+                      "same": result.same, "threshold": result.threshold,
+                      "method": result.method, "output": args.output}))
     return 0
 
 

@@ -52,6 +52,11 @@ class Embedder:
         config, variables, step = restore_model(workdir, step)
         return cls(config, variables, checkpoint_step=step, devices=devices)
 
+    @property
+    def variables(self):
+        """The model's variables, on the devices (replicated)."""
+        return self._variables
+
     def set_variables(self, variables, *, checkpoint_step: int) -> None:
         """Embeds with other values of the same model from now on (a later step of the run
         being trained), with the programs already compiled."""
@@ -91,14 +96,19 @@ class Embedder:
         return self.embed_uint8(load_images(images, InputSpec.of(self.config)))
 
 
-def embedding_function(config):
+def embedding_function(config, *, fixed_norm: bool = False):
     """The model's whole computation from pixels to embeddings, for one batch on one device:
     `(variables, uint8 [n, size, size, channels]) -> float32 [n, embedding_dim]`, unit norm.
 
     Pure and shape-polymorphic in n: the Embedder maps it over its devices, and
-    `model_export` traces it into a program that runs without this package.
+    `model_export` traces it into a program that runs without this package. `fixed_norm`:
+    the same values, with every normalisation's norm a constant to differentiation
+    (`heads.l2_normalize`); with `flip_test` the model's batch is the images, then their
+    mirrors.
     """
     model = build_model(config)
+    if fixed_norm:
+        model = model.clone(fixed_norm=True)
     flip_test = bool(config.model.flip_test)
 
     def embed_fn(variables, images):
@@ -108,7 +118,7 @@ def embedding_function(config):
         # The image and its mirror in one batch: one apply, one program.
         both = model.apply(variables, jnp.concatenate([x, x[:, :, ::-1]], axis=0))
         n = x.shape[0]  # not len(x): a symbolic batch size has no len in an export
-        return l2_normalize(both[:n] + both[n:])
+        return l2_normalize(both[:n] + both[n:], fixed_norm=fixed_norm)
 
     return embed_fn
 

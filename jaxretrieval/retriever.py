@@ -8,15 +8,17 @@ one such caller; it holds no other handle on the model or the index.
 import dataclasses
 import logging
 import os
+import threading
 
 import numpy as np
 from PIL import Image
 
 from jaxretrieval.data.images import (InputSpec, decode_image_bytes, eight_bit, in_mode,
-                                      to_model_input)
+                                      load_images, to_model_input)
 from jaxretrieval.data.sources import read_source, roots_of_reference, within_roots
 from jaxretrieval.embed import Embedder
 from jaxretrieval.errors import JaxRetrievalError
+from jaxretrieval.explain import Explainer, Explanation, explanation
 from jaxretrieval.index import Index, ShardedIndex, open_index, stored_key
 from jaxretrieval.workdir import Workdir
 
@@ -78,6 +80,8 @@ class Retriever:
         self.index = index
         self._thumbnail_roots = tuple(os.path.abspath(os.fspath(root))
                                       for root in thumbnail_roots)
+        self._explainer = None  # compiled on the first `explain`
+        self._explainer_lock = threading.Lock()
 
     @classmethod
     def load(cls, workdir: str, *, writable: bool = False, thumbnail_roots=()) -> "Retriever":
@@ -201,10 +205,35 @@ class Retriever:
 
     def match_embeddings(self, a, b, *, threshold: float | None = None) -> Match:
         """As `match`, for two embeddings computed already."""
-        similarity = float(np.dot(a, b))
+        return self._decision(float(np.dot(a, b)), threshold)
+
+    def _decision(self, similarity: float, threshold: float | None) -> Match:
         threshold = self.match_threshold if threshold is None else float(threshold)
         same = None if threshold is None else similarity >= threshold
         return Match(similarity=similarity, same=same, threshold=threshold)
+
+    def explain(self, image_a, image_b, *, threshold: float | None = None) -> Explanation:
+        """Which parts of two images (HxWxC uint8 arrays, PIL images or file paths) carry
+        their similarity: the similarity, a heatmap per image at the feature map's
+        resolution, each heatmap as an RGB overlay on the image as the model sees it (a face
+        model's aligned chip), the method (`exact` or `grad_x_activation`, see
+        `jaxretrieval.explain`) and the match decision as `match` gives it."""
+        a, b = load_images([image_a, image_b], InputSpec.of(self.embedder.config))
+        return self.explain_uint8(a, b, threshold=threshold)
+
+    def explain_uint8(self, image_a: np.ndarray, image_b: np.ndarray, *,
+                      threshold: float | None = None) -> Explanation:
+        """As `explain`, for two uint8 [size, size, channels] model inputs (`decode_image`,
+        `item_input`)."""
+        with self._explainer_lock:
+            if self._explainer is None:
+                self._explainer = Explainer.from_embedder(self.embedder)
+        explainer = self._explainer
+        similarities, heat_a, heat_b = explainer.explain_uint8(image_a[None], image_b[None])
+        decision = self._decision(float(similarities[0]), threshold)
+        return explanation((image_a, image_b), similarities[0], heat_a[0], heat_b[0],
+                           explainer.method, same=decision.same,
+                           threshold=decision.threshold)
 
     # ------------------------------------------------------------------ changing the gallery
 
@@ -277,6 +306,23 @@ class Retriever:
         (one message for every reason, logged here in detail) for an item without a
         readable source inside those roots.
         """
+        image = self.source_image(key, data_dir=data_dir)
+        image.thumbnail((side, side))
+        if max(image.size) < THUMBNAIL_MIN_SIDE:
+            scale = THUMBNAIL_MIN_SIDE // max(image.size)
+            image = image.resize((image.width * scale, image.height * scale),
+                                 Image.Resampling.NEAREST)
+        return image
+
+    def item_input(self, key: str, *, data_dir: str | None = None) -> np.ndarray:
+        """An item's image (`source_image`) as the model's uint8 input, as `decode_image`
+        makes an upload's (for a face model, its aligned chip)."""
+        return to_model_input(self.source_image(key, data_dir=data_dir),
+                              InputSpec.of(self.embedder.config))
+
+    def source_image(self, key: str, *, data_dir: str | None = None) -> Image.Image:
+        """The whole image behind an item's source, in mode L or RGB; read from where, and
+        refused as, `thumbnail` says."""
         stored = self.resolve(key)
         if stored is None:
             raise UnknownItemError(f"no item with id {key!r}")
@@ -294,11 +340,6 @@ class Retriever:
         except Exception as err:  # whatever fails to read it, there is no image to show
             logger.info("no thumbnail for %r: %s", stored, err)
             raise NoThumbnailError(NO_THUMBNAIL) from None
-        image.thumbnail((side, side))
-        if max(image.size) < THUMBNAIL_MIN_SIDE:
-            scale = THUMBNAIL_MIN_SIDE // max(image.size)
-            image = image.resize((image.width * scale, image.height * scale),
-                                 Image.Resampling.NEAREST)
         return image
 
     @property

@@ -199,6 +199,10 @@ def test_results_equal_the_one_process_sharded_index(cluster, trained_workdir):
     assert client.post("/search?k=0", json={"embedding": [0.0] * dim}).json()["error"][
         "code"] == "bad_k"
     assert client.delete("/items/nope", headers={"X-API-Key": API_KEY}).status_code == 404
+    # /explain needs the model's gradients, which the front end does not hold: one clear 501.
+    response = client.post("/explain", files={"image_a": ("a.png", png.getvalue()),
+                                              "image_b": ("b.png", png.getvalue())})
+    assert response.status_code == 501 and "without --ray" in response.json()["error"]["message"]
 
 
 def test_acknowledged_updates_are_visible_on_every_replica(cluster):

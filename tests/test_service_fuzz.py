@@ -26,7 +26,8 @@ SETTINGS = ServiceSettings(api_key=API_KEY, max_k=50, max_upload_bytes=200_000,
                            max_pixels=1_000_000, max_queue=16, header_timeout_s=2.0,
                            body_timeout_s=5.0)
 ENDPOINTS = [("GET", "/"), ("GET", "/healthz"), ("GET", "/metrics"), ("POST", "/search"),
-             ("POST", "/match"), ("POST", "/items"), ("DELETE", "/items/{id}"),
+             ("POST", "/match"), ("POST", "/explain"), ("POST", "/items"),
+             ("DELETE", "/items/{id}"),
              ("GET", "/items/{id}/thumbnail"), ("GET", "/docs"), ("GET", "/openapi.json")]
 METHODS = ["GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS", "TRACE", "FOO", "get"]
 # Never existing items: the fuzzer may add and delete these with the key.

@@ -9,6 +9,11 @@ there, so adding a backbone touches this package alone.
 (`INPUT_NORMS`: the convention the backbone's weights were trained with), runs the backbone,
 pools, and projects. Anything a loss learns besides the model (classifier weights, proxies)
 belongs to the loss (`jaxretrieval.losses`), not to the model.
+
+Explanations (`jaxretrieval.explain`) see inside it through two public hooks:
+`embed_with_feature_map` returns the backbone's feature map beside the embedding, and a
+`position_weights` variable in the `explain` collection, when given, weights each spatial
+position of that feature map before pooling.
 """
 
 import dataclasses
@@ -178,6 +183,11 @@ def check_backbone(config) -> None:
         raise JaxRetrievalError(f"bad config: {problem}")
 
 
+# The variable collection and name of the per-position weights of the feature map.
+EXPLAIN_COLLECTION = "explain"
+POSITION_WEIGHTS = "position_weights"
+
+
 class RetrievalModel(nn.Module):
     backbone: nn.Module
     pooling: str
@@ -189,6 +199,9 @@ class RetrievalModel(nn.Module):
     # BatchNorm normalises with its running statistics and keeps them, in training too: the
     # statistics of an imported backbone outlast the few images of a small per-device batch.
     freeze_batch_norm: bool = False
+    # The embedding's norm is a constant to differentiation (values unchanged; see
+    # heads.l2_normalize).
+    fixed_norm: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -197,6 +210,11 @@ class RetrievalModel(nn.Module):
         # Only BatchNorm reads `train` in the backbones, so a frozen BatchNorm is the
         # backbone run as in evaluation.
         x = self.backbone(x.astype(self.dtype), train=train and not self.freeze_batch_norm)
+        if self.has_variable(EXPLAIN_COLLECTION, POSITION_WEIGHTS):
+            # Weights of 1 change nothing; the gradient of a result with respect to them is
+            # each position's gradient x activation, summed over the channels.
+            weights = self.get_variable(EXPLAIN_COLLECTION, POSITION_WEIGHTS)
+            x = x * weights[..., None].astype(x.dtype)
         # Pooling in float32: GeM's power and mean lose too much in bfloat16.
         x = pool_features(x.astype(jnp.float32), self.pooling,
                           GeM() if self.pooling == "gem" else None)
@@ -204,7 +222,18 @@ class RetrievalModel(nn.Module):
             x = nn.relu(nn.Dense(self.hidden_dim, dtype=self.dtype, name="hidden")(x))
         x = nn.Dense(self.embedding_dim, use_bias=self.projection_bias, dtype=self.dtype,
                      name="projection")(x)
-        return l2_normalize(x.astype(jnp.float32))
+        return l2_normalize(x.astype(jnp.float32), fixed_norm=self.fixed_norm)
+
+
+def embed_with_feature_map(model: RetrievalModel, variables, x):
+    """(embeddings [B, embedding_dim], feature map [B, H', W', C]): the model's output for
+    float32 images `x` in [0, 1] and, from the same pass, the backbone's output before
+    pooling (Flax's `capture_intermediates`, limited to the backbone's call)."""
+    def is_backbone(module, method_name):
+        return method_name == "__call__" and module.scope.path == ("backbone",)
+
+    embeddings, state = model.apply(variables, x, capture_intermediates=is_backbone)
+    return embeddings, state["intermediates"]["backbone"]["__call__"][0]
 
 
 def build_model(config, bn_axis_name: str | None = None) -> RetrievalModel:

@@ -32,5 +32,9 @@ def pool_features(x, pooling: str, gem: GeM | None = None):
     raise ValueError(f"unknown pooling {pooling!r}")
 
 
-def l2_normalize(x, eps: float = 1e-12):
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
+def l2_normalize(x, eps: float = 1e-12, *, fixed_norm: bool = False):
+    """`x` / |x| over the last axis. `fixed_norm`: the same values, with the norm a constant to
+    differentiation, so that a gradient measures what moves the vector, not its length (what
+    explanations of a cosine similarity differentiate: `jaxretrieval.explain`)."""
+    scale = jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
+    return x * (jax.lax.stop_gradient(scale) if fixed_norm else scale)

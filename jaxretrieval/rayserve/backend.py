@@ -262,6 +262,12 @@ class RayRetriever(Retriever):
 
     in_process = False
 
+    def explain_uint8(self, image_a, image_b, *, threshold=None):
+        # Explaining needs the model's feature maps and gradients, which live in the
+        # embedder's processes; the front end holds no model.
+        raise ServiceError(501, "not_implemented", "explanations are served by the "
+                           "one-process service: run `serve` without --ray for /explain")
+
 
 def _writer_actor(number, app_name, directory, damaged_logs, expected):
     actor = ray.remote(ShardWriter).options(

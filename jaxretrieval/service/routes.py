@@ -8,6 +8,7 @@ A refused request raises ServiceError, which the app answers as
 """
 
 import asyncio
+import base64
 import dataclasses
 import hmac
 import io
@@ -24,7 +25,7 @@ from fastapi.responses import HTMLResponse, Response
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.index import (BadFilterError, BadMetadataError, check_keys, checked_filter,
                                 checked_metadata, normalised_vector, shown_key)
-from jaxretrieval.retriever import UnknownItemError
+from jaxretrieval.retriever import NoThumbnailError, UnknownItemError
 from jaxretrieval.service.backend import ServiceBackend, searches_inline
 from jaxretrieval.service.batching import MicroBatcher, QueueFull
 from jaxretrieval.service.decoding import DecodePool, PoolFull
@@ -388,3 +389,66 @@ async def thumbnail(item_id: str, request: Request, service: ServiceDep):
     out = io.BytesIO()
     image.save(out, format="PNG")
     return Response(out.getvalue(), media_type="image/png")
+
+
+def png_base64(image: np.ndarray) -> str:
+    """A uint8 image array as a base64 PNG."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="PNG")
+    return base64.b64encode(out.getvalue()).decode("ascii")
+
+
+async def gallery_input(service: Service, item_id) -> np.ndarray:
+    """A gallery item's image (where its thumbnail is read from) as the model's input."""
+    item_id = check_ids([item_id])[0]
+    try:
+        # In the decoding pool, as uploads are: reading it and, for a face model, finding
+        # and aligning the face are the same work.
+        return await service.decoder.run(service.retriever.item_input, item_id,
+                                         data_dir=service.settings.data_dir)
+    except PoolFull:
+        raise ServiceError(503, "overloaded",
+                           "too many images are being decoded; retry in a moment") from None
+    except UnknownItemError as err:
+        raise ServiceError(404, "unknown_id", str(err)) from None
+    except NoThumbnailError as err:
+        raise ServiceError(404, "no_image", str(err)) from None
+    except JaxRetrievalError as err:
+        raise ServiceError(400, "bad_image", str(err)) from None
+
+
+@router.post(
+    "/explain", summary="Which parts of two images carry their similarity",
+    description="Multipart fields `image_a` and `image_b` (two files), or `image` (a file) "
+                "and `id` (a gallery item, whose image is read where its thumbnail is). "
+                "Answers `similarity`, `same` and `threshold` as /match does (`threshold` "
+                "in the query overrides the calibrated one); `method`: `exact` (the heat "
+                "of each image adds up to the similarity) or `grad_x_activation` (gradient "
+                "x activation of the similarity); `heatmaps`: per image, the heat of each "
+                "position of the model's last feature map, rows of floats (positive adds "
+                "to the similarity); `overlays`: per image, a base64 PNG of the heat drawn "
+                "on the image as the model sees it (a face model's aligned chip), red above "
+                "the image's mean heat and blue below it, on one scale for the pair. Images "
+                "are in "
+                "the order a, b (`image` first when `id` is given).")
+async def explain(request: Request, service: ServiceDep, threshold: float | None = None):
+    if threshold is not None and not np.isfinite(threshold):
+        raise ServiceError(400, "bad_threshold", "threshold must be a finite number")
+    if not is_multipart(request):
+        raise ServiceError(400, "missing_field",
+                           "send multipart fields image_a and image_b, or image and id")
+    form = await form_of(service, request)
+    if form.get("id") is not None:
+        images = [await read_upload(service, form.get("image")),
+                  await gallery_input(service, form.get("id"))]
+    else:
+        images = [await read_upload(service, form.get("image_a")),
+                  await read_upload(service, form.get("image_b"))]
+    result = await run_in_threadpool(service.retriever.explain_uint8, *images,
+                                     threshold=threshold)
+    overlays = await run_in_threadpool(lambda: [png_base64(o) for o in result.overlays])
+    return {"similarity": result.similarity, "same": result.same,
+            "threshold": result.threshold, "method": result.method,
+            "heatmaps": [heat.tolist() for heat in result.heatmaps], "overlays": overlays}
