@@ -244,6 +244,10 @@ def test_the_web_page_searches_and_matches_in_chromium(page_workdir, tmp_path):
         assert viewer.find_elements(By.CSS_SELECTOR, ".placeholder")
         viewer.click()
         wait.until(lambda d: not d.execute_script(viewer_open))
+        # A new k searches again.
+        driver.find_element(By.ID, "k").clear()
+        driver.find_element(By.ID, "k").send_keys("3", Keys.TAB)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .hit")) == 3)
 
         # The API docs render from the service's own files.
         driver.get(base + "/docs")
