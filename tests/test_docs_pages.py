@@ -15,7 +15,8 @@ MAX_K = 37  # not the default, so that the answer must come from the settings
 @pytest.fixture(scope="module")
 def client(trained_workdir):
     retriever = Retriever.load(trained_workdir[0])
-    with TestClient(create_app(retriever, ServiceSettings(max_k=MAX_K))) as client:
+    settings = ServiceSettings(max_k=MAX_K, allowed_hosts=("testserver",))  # TestClient's Host
+    with TestClient(create_app(retriever, settings)) as client:
         yield client
     retriever.close()
 

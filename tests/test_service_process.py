@@ -11,6 +11,7 @@ import tempfile
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import numpy as np
@@ -173,7 +174,7 @@ def test_the_web_page_searches_and_matches_in_chromium(page_workdir, tmp_path):
     max_k = 250  # not the default: the page must take it from the server
     server = Server(page_workdir, "--max-k", str(max_k))
     # An item added by upload: the same image as the query, so it matches, with no thumbnail.
-    uploaded = "uploads/again/five"
+    uploaded = "uploads/again/five.png"
     upload_item(server.port, uploaded, query)
     threshold = request(server.port, "GET", "/healthz")[1]["match_threshold"]
     scores = search_scores(server.port, query, 10)
@@ -200,7 +201,7 @@ def test_the_web_page_searches_and_matches_in_chromium(page_workdir, tmp_path):
             f"#{rank}" for rank in range(1, 11)]
         # The id breaks after its slashes, not inside a word.
         assert cards[ids.index(uploaded)].find_element(
-            By.CSS_SELECTOR, ".id").get_attribute("innerHTML") == "uploads/<wbr>again/<wbr>five"
+            By.CSS_SELECTOR, ".id").get_attribute("innerHTML") == "uploads/<wbr>again/<wbr>five.png"
         # The mark and legend follow the server's threshold, hit by hit.
         assert threshold is not None and scores["train/5"] >= threshold
         for item_id, card in zip(ids, cards):
@@ -245,7 +246,8 @@ def test_the_web_page_searches_and_matches_in_chromium(page_workdir, tmp_path):
         viewer.click()
         wait.until(lambda d: not d.execute_script(viewer_open))
         # The page asked once for the missing thumbnail: the larger view did not ask again.
-        missing = f"/items/{uploaded}/thumbnail - Failed to load resource"
+        missing = (f"/items/{urllib.parse.quote(uploaded, safe='').replace('.', '%2E')}"
+                   "/thumbnail - Failed to load resource")
         assert sum(missing in entry["message"] for entry in driver.get_log("browser")) == 1
         # A k beyond the server's maximum is refused on the page; a new k searches again.
         driver.find_element(By.ID, "k").clear()
