@@ -155,6 +155,7 @@ def test_the_web_page_searches_and_matches_in_chromium(page_workdir, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service as DriverService
     from selenium.webdriver.common.by import By
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
     from sklearn.datasets import load_digits
@@ -176,6 +177,11 @@ def test_the_web_page_searches_and_matches_in_chromium(page_workdir, tmp_path):
     # An item added by upload: the same image as the query, so it matches, with no thumbnail.
     uploaded = "uploads/again/five.png"
     upload_item(server.port, uploaded, query)
+    # One thumbnail first, alone: the first read of a TFDS item imports tensorflow_datasets,
+    # and the page's nine concurrent first reads can hang the server in that import.
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/items/train/5/thumbnail",
+                                timeout=120) as response:
+        assert response.status == 200
     threshold = request(server.port, "GET", "/healthz")[1]["match_threshold"]
     scores = search_scores(server.port, query, 10)
     driver = webdriver.Chrome(service=DriverService(CHROMEDRIVER), options=options)
@@ -211,9 +217,16 @@ def test_the_web_page_searches_and_matches_in_chromium(page_workdir, tmp_path):
         assert f"{threshold:.3f}" in driver.find_element(By.ID, "legend").text
         # Thumbnails load; the uploaded item, which has none, shows the placeholder box.
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results .placeholder"))
-        wait.until(lambda d: d.execute_script(
-            "return [...document.querySelectorAll('#results img')]"
-            ".every(i => i.complete && i.naturalWidth > 0)"))
+        try:
+            wait.until(lambda d: d.execute_script(
+                "return [...document.querySelectorAll('#results img')]"
+                ".every(i => i.complete && i.naturalWidth > 0)"))
+        except TimeoutException:
+            server.log.seek(0)
+            raise AssertionError(("thumbnails still loading", driver.execute_script(
+                "return [...document.querySelectorAll('#results img')]"
+                ".map(i => [i.src, i.complete, i.naturalWidth])"),
+                server.log.read().decode()[-2000:])) from None
         placeholder_of = lambda card: card.find_elements(By.CSS_SELECTOR, ".placeholder")
         assert [bool(placeholder_of(card)) for card in cards] == [i == uploaded for i in ids]
         assert len(driver.find_elements(By.CSS_SELECTOR, "#results img")) == 9
