@@ -18,6 +18,7 @@ from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.service.backend import ServiceBackend
 from jaxretrieval.service.batching import MicroBatcher
 from jaxretrieval.service.decoding import DecodePool
+from jaxretrieval.service.docs_pages import add_docs_pages
 from jaxretrieval.service.errors import ServiceError, error_body
 from jaxretrieval.service.guards import RequestGuard, allowed_host_names
 from jaxretrieval.service.metrics import ObserveRequests, ServiceMetrics
@@ -85,7 +86,7 @@ def create_app(retriever: ServiceBackend,
     Retriever, or `jaxretrieval.rayserve.backend.start_ray_backend`'s Ray-backed one."""
     check_api_key(settings.api_key)
     app = FastAPI(title="jaxretrieval", summary="Image search and matching over a trained "
-                  "CNN and a ScaNN index.")
+                  "CNN and a ScaNN index.", docs_url=None, redoc_url=None)
     metrics = ServiceMetrics(retriever)
     batcher = MicroBatcher(retriever.embed_uint8, max_batch=settings.max_batch,
                            max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
@@ -105,6 +106,7 @@ def create_app(retriever: ServiceBackend,
     if settings.access_log:
         app.add_middleware(ObserveRequests, observe=log_request)
     app.include_router(router)
+    add_docs_pages(app)
     return app
 
 

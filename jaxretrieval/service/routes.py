@@ -215,11 +215,15 @@ async def page():
         return f.read()
 
 
-@router.get("/healthz")
+@router.get("/healthz", summary="Status, gallery size and the limits clients need",
+            description="`items`: gallery size; `embedding_dim`: the length `/search` and "
+                        "`/items` take; `match_threshold`: the calibrated similarity at which "
+                        "two images match (null if none); `max_k`: the largest `k` `/search` "
+                        "takes.")
 async def healthz(service: ServiceDep):
     retriever = service.retriever
     return {"status": "ok", "items": retriever.count, "embedding_dim": retriever.embedding_dim,
-            "match_threshold": retriever.match_threshold}
+            "match_threshold": retriever.match_threshold, "max_k": service.settings.max_k}
 
 
 @router.get("/metrics", include_in_schema=False)
