@@ -157,3 +157,27 @@ def test_a_tfds_dataset_not_prepared_fails_at_once_saying_how_to_prepare_it(tmp_
     assert f"tfds build mnist --data_dir {tmp_path / 'tfds'}" in message
     assert "--config.download=true" in message and "--config.data_dir" in message
     assert not os.path.exists(tmp_path / "tfds" / "downloads")
+
+
+def test_tfds_sources_are_read_from_many_threads_at_once_through_one_opened_source(
+        data_dir, monkeypatch):
+    """A service's first thumbnail requests arrive together: each reads its image, and the
+    split is opened once, not once per read."""
+    import concurrent.futures
+
+    import tensorflow_datasets as tfds
+
+    from jaxretrieval.data import sources
+
+    dataset = load_dataset(tiny_config(data_dir, image_size=8))
+    opened = []
+    real = tfds.data_source
+    monkeypatch.setattr(tfds, "data_source", lambda *a, **kw: opened.append(a) or real(*a, **kw))
+    sources.tfds_data_source.cache_clear()
+    rows = list(range(0, 1797, 97))
+    with concurrent.futures.ThreadPoolExecutor(len(rows)) as pool:
+        images = list(pool.map(lambda row: read_source(dataset.sources[row], str(data_dir)),
+                               rows, timeout=120))
+    np.testing.assert_array_equal(np.stack([np.asarray(image) for image in images]),
+                                  dataset.images(np.asarray(rows))[..., 0])
+    assert len(opened) == 1

@@ -12,8 +12,10 @@ read only from there (`within_roots`).
 """
 
 import dataclasses
+import functools
 import logging
 import os
+import threading
 from typing import Callable
 
 import numpy as np
@@ -326,15 +328,28 @@ def parse_reference(reference: str) -> tuple[DatasetSource, str]:
     return source, argument
 
 
+# The first import of tensorflow_datasets and the opening of a data source are not safe from
+# several threads at once (a service's first thumbnail requests arrive together and could
+# hang there), and opening one costs milliseconds per read: one lock, and open sources kept.
+TFDS_READ_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=8)
+def tfds_data_source(name: str, split: str, data_dir: str | None):
+    """The random-access source of a prepared TFDS split, opened once per process (call it
+    holding TFDS_READ_LOCK)."""
+    import tensorflow_datasets as tfds
+
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+
+
 def read_source(reference: str, data_dir=None) -> Image.Image:
     """Reads an item's original image again from its source reference (for thumbnails)."""
     if reference.startswith(TFDS_REF_PREFIX):
-        import tensorflow_datasets as tfds
-
         tfds_name, split_name, index = reference[len(TFDS_REF_PREFIX):].rsplit("/", 2)
-        source = tfds.data_source(tfds_name, split=split_name, data_dir=data_dir or None,
-                                  download=False)
-        array = np.asarray(source[int(index)]["image"])
+        with TFDS_READ_LOCK:
+            source = tfds_data_source(tfds_name, split_name, data_dir or None)
+            array = np.asarray(source[int(index)]["image"])
         return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
     return read_image_file(reference)
 
