@@ -246,20 +246,25 @@ def main():
         port = free_port()
         server = start_server(args.workdir, port, max_batch)
         try:
-            for kind, (body, content_type) in (("embedding", embedding_query),
-                                              ("image", image_query)):
-                load(port, body, content_type, args.clients, 50, 10)  # warm-up
-                latencies, errors, wall = load(port, body, content_type, args.clients,
-                                               args.requests, args.seconds)
-                p50, p95, p99 = np.percentile(latencies, [50, 95, 99]) * 1000
-                lines.append(f"| {kind} | {'on (32)' if max_batch > 1 else 'off'} | "
-                             f"{len(latencies) + errors} | {errors} | {p50:.1f} | {p95:.1f} | "
-                             f"{p99:.1f} | {len(latencies) / wall:.0f} |")
-                print(lines[-1], flush=True)
+            query_rows(lines, port, args, "on (32)" if max_batch > 1 else "off",
+                       image_query, embedding_query)
         finally:
             server.terminate()
             server.wait(timeout=30)
     emit(lines, args.markdown)
+
+
+def query_rows(lines, port, args, setting: str, image_query, embedding_query) -> None:
+    """Appends (and prints) one table row per query kind: its load on the server at `port`
+    after a warm-up, under the table's `setting` column."""
+    for kind, (body, content_type) in (("embedding", embedding_query), ("image", image_query)):
+        load(port, body, content_type, args.clients, 50, 10)  # warm-up
+        latencies, errors, wall = load(port, body, content_type, args.clients,
+                                       args.requests, args.seconds)
+        p50, p95, p99 = np.percentile(latencies, [50, 95, 99]) * 1000
+        lines.append(f"| {kind} | {setting} | {len(latencies) + errors} | {errors} | "
+                     f"{p50:.1f} | {p95:.1f} | {p99:.1f} | {len(latencies) / wall:.0f} |")
+        print(lines[-1], flush=True)
 
 
 def ray_load(args, image_query, embedding_query):
@@ -277,16 +282,7 @@ def ray_load(args, image_query, embedding_query):
         port = free_port()
         server = start_server(args.workdir, port, 32, ["--ray", "--replicas", str(count)])
         try:
-            for kind, (body, content_type) in (("embedding", embedding_query),
-                                              ("image", image_query)):
-                load(port, body, content_type, args.clients, 50, 10)  # warm-up
-                latencies, errors, wall = load(port, body, content_type, args.clients,
-                                               args.requests, args.seconds)
-                p50, p95, p99 = np.percentile(latencies, [50, 95, 99]) * 1000
-                lines.append(f"| {kind} | {count} | {len(latencies) + errors} | {errors} | "
-                             f"{p50:.1f} | {p95:.1f} | {p99:.1f} | "
-                             f"{len(latencies) / wall:.0f} |")
-                print(lines[-1], flush=True)
+            query_rows(lines, port, args, str(count), image_query, embedding_query)
         finally:
             server.terminate()
             server.wait(timeout=60)

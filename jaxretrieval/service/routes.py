@@ -70,15 +70,21 @@ async def read_upload(service: Service, upload) -> np.ndarray:
     if not data:
         raise ServiceError(400, "bad_image", "the uploaded file is empty")
     try:
-        # In the decoding pool: decoding, and for a face model finding and aligning the
-        # face, takes up to a core-second that would otherwise hold up every other request.
-        return await service.decoder.run(service.retriever.decode_image, data,
-                                         max_pixels=service.settings.max_pixels)
+        return await decoded(service, service.retriever.decode_image, data,
+                             max_pixels=service.settings.max_pixels)
+    except JaxRetrievalError as err:
+        raise ServiceError(400, "bad_image", str(err)) from None
+
+
+async def decoded(service: Service, read, *args, **kwargs) -> np.ndarray:
+    """`read(*args, **kwargs)`, a model input, made in the decoding pool: decoding, and for a
+    face model finding and aligning the face, takes up to a core-second that would otherwise
+    hold up every other request."""
+    try:
+        return await service.decoder.run(read, *args, **kwargs)
     except PoolFull:
         raise ServiceError(503, "overloaded",
                            "too many images are being decoded; retry in a moment") from None
-    except JaxRetrievalError as err:
-        raise ServiceError(400, "bad_image", str(err)) from None
 
 
 def check_image_count(service: Service, count: int) -> None:
@@ -408,13 +414,8 @@ async def gallery_input(service: Service, item_id) -> np.ndarray:
     """A gallery item's image (where its thumbnail is read from) as the model's input."""
     item_id = check_ids([item_id])[0]
     try:
-        # In the decoding pool, as uploads are: reading it and, for a face model, finding
-        # and aligning the face are the same work.
-        return await service.decoder.run(service.retriever.item_input, item_id,
-                                         data_dir=service.settings.data_dir)
-    except PoolFull:
-        raise ServiceError(503, "overloaded",
-                           "too many images are being decoded; retry in a moment") from None
+        return await decoded(service, service.retriever.item_input, item_id,
+                             data_dir=service.settings.data_dir)
     except UnknownItemError as err:
         raise ServiceError(404, "unknown_id", str(err)) from None
     except NoThumbnailError as err:
