@@ -68,8 +68,13 @@ def evaluate_and_index(workdir: str, *, on_progress=None) -> dict:
         update_export_metadata(wd.embeddings, match_thresholds=thresholds)
         export.metadata["match_thresholds"] = thresholds  # as just written to export.json
         write_json_atomically(wd.metrics_path, metrics)
-        report_evaluation(workdir, config, metrics, dataset, split, neighbours)
+        # The index first: it must match the export and thresholds just written, and a
+        # report that cannot be drawn is no reason to leave it behind them.
         rebuild_index(workdir, export=export)
+        try:
+            report_evaluation(workdir, config, metrics, dataset, split, neighbours)
+        except Exception:  # plots and event files are for people, not for the run's result
+            logger.exception("could not write this evaluation's reports to %s", workdir)
     parallel.barrier("evaluated")
     with open(wd.metrics_path) as f:
         return json.load(f)

@@ -331,3 +331,32 @@ def test_the_command_line_refuses_such_a_key_before_loading(tmp_path, monkeypatc
     monkeypatch.setenv("JAXRETRIEVAL_API_KEY", "schlüssel")
     with pytest.raises(JaxRetrievalError, match="printable ASCII"):
         run_serve(["--workdir", str(tmp_path / "nothing")])
+
+
+@pytest.mark.parametrize("headers", [{"Origin": "http://evil.example"},
+                                     {"Origin": "null"},
+                                     {"Origin": "http://evil.example:8000"},
+                                     {"Sec-Fetch-Site": "cross-site"}])
+def test_a_page_of_another_site_cannot_write_even_by_multipart(server, retriever, headers):
+    """A multipart form is sent cross-site with no preflight and with this server's Host."""
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(png, format="PNG")
+    body, content_type = multipart([("id", None, b"csrf/1"), ("image", "a.png", png.getvalue())])
+    response = call(server, "POST", "/items", body, content_type=content_type,
+                    host=f"127.0.0.1:{server.port}", headers=headers)
+    assert_error(response, 403, "cross_origin")
+    assert "csrf/1" not in retriever
+    assert_error(call(server, "DELETE", "/items/train/1", host=f"127.0.0.1:{server.port}",
+                      headers=headers), 403, "cross_origin")
+    assert "train/1" in retriever
+
+
+def test_the_service_page_and_programs_still_write(server, retriever):
+    vector = np.eye(1, retriever.embedding_dim)[0].tolist()
+    for i, headers in enumerate([{"Origin": f"http://127.0.0.1:{server.port}",
+                                  "Sec-Fetch-Site": "same-origin"}, {}]):
+        body = json.dumps({"items": [{"id": f"own/{i}", "embedding": vector}]}).encode()
+        response = call(server, "POST", "/items", body, content_type="application/json",
+                        host=f"127.0.0.1:{server.port}", headers=headers)
+        assert response.status == 200, response
+        assert f"own/{i}" in retriever

@@ -331,6 +331,8 @@ def parse_reference(reference: str) -> tuple[DatasetSource, str]:
 # The first import of tensorflow_datasets and the opening of a data source are not safe from
 # several threads at once (a service's first thumbnail requests arrive together and could
 # hang there), and opening one costs milliseconds per read: one lock, and open sources kept.
+# Reads hold the lock too: a source's record reader is not documented as thread-safe, and a
+# thumbnail's read is a fraction of its decoding and resizing, which run outside it.
 TFDS_READ_LOCK = threading.Lock()
 
 

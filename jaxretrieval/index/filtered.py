@@ -35,7 +35,9 @@ OVERFETCH_SAFETY = 2.0
 OVERFETCH_GROWTH = 4
 OVERFETCH_MAX_FRACTION = 0.25
 MAX_EFFORT = 8.0
-# Each holds at most FILTER_EXACT_MAX_ROWS embeddings: 10 MiB at 128 dimensions.
+# Filters remembered per index version; the passing embeddings are kept with one only up
+# to FILTER_EXACT_MAX_ROWS of them (10 MiB at 128 dimensions), so that a large k, which
+# also searches exactly, cannot make the cache hold a copy of most of the gallery.
 FILTER_CACHE_SIZE = 4
 
 
@@ -87,16 +89,19 @@ def _top_k(queries, vectors, ids, k):
 
 
 def _exact(state, queries, k, entry):
-    if "exact" not in entry:
+    passing = entry.get("exact")
+    if passing is None:
         rows = np.flatnonzero(entry["base_mask"])
         delta_slots = entry["delta_slots"]
         if len(delta_slots):
-            entry["exact"] = (np.concatenate([rows, state.n_base + delta_slots]),
-                              np.concatenate([state.base_vectors[rows],
-                                              state.delta_vectors[delta_slots]]))
+            passing = (np.concatenate([rows, state.n_base + delta_slots]),
+                       np.concatenate([state.base_vectors[rows],
+                                       state.delta_vectors[delta_slots]]))
         else:
-            entry["exact"] = rows, state.base_vectors[rows]
-    ids, vectors = entry["exact"]
+            passing = rows, state.base_vectors[rows]
+        if len(passing[0]) <= FILTER_EXACT_MAX_ROWS:
+            entry["exact"] = passing
+    ids, vectors = passing
     return _top_k(queries, vectors, ids, k)
 
 

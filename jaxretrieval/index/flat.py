@@ -146,7 +146,7 @@ class Index:
     def metadata_of(self, key):
         """The metadata stored with `key` (a dict; do not modify), or None if it has none."""
         state = self._state
-        item_id = state.locate(key)
+        item_id = state.locate(key) if isinstance(key, str) else None
         if item_id is None:
             raise JaxRetrievalError(f"key {key!r} is not in the index")
         return state.metadata_of(item_id)

@@ -54,7 +54,9 @@ class LogFollower:
     """A searchable, read-only Index at `directory` (flat layout, or one shard's folder)
     that `follow()` brings up to date with the writer's log.
 
-    `index` is replaced, never changed in place, so searches need no lock.
+    `index` is replaced, never changed in place, so searches need no lock. The position and
+    the index are published together, once the index holds every change up to the position:
+    a reader that sees a position never gets an older index.
     """
 
     def __init__(self, directory):
@@ -62,14 +64,19 @@ class LogFollower:
         self._lock = threading.Lock()
         self._version = self._offset = None
         self._state = self._manifest = None
-        self.index = None
+        self._published = ((None, None), None)
+        self._warned_at = None
         with self._lock:
             self._reload()
 
     @property
     def position(self):
-        """(snapshot version, bytes of its log applied)."""
-        return self._version, self._offset
+        """(snapshot version, bytes of its log applied) of `index`."""
+        return self._published[0]
+
+    @property
+    def index(self):
+        return self._published[1]
 
     def follow(self):
         """Applies what the writer logged since the last call; returns the new position.
@@ -115,13 +122,21 @@ class LogFollower:
                 data = file.read()
         except FileNotFoundError:
             data = b""
-        for line in data.split(b"\n")[:-1]:  # the last part lacks its newline: unfinished
+        lines = data.split(b"\n")[:-1]  # the last part lacks its newline: unfinished
+        for number, line in enumerate(lines):
             record = wal.decode_line(line)
             if record is None:
-                # The writer cuts a damaged last line off when it opens; until then the
+                at = self._offset + consumed
+                if number < len(lines) - 1:
+                    # Whole lines follow it, so the writer has gone on past the damage:
+                    # waiting would never end, and skipping it would lose a change.
+                    raise storage.damaged_log(self._directory, f"log line at byte {at}")
+                # A damaged last line is cut off by the writer when it opens; until then the
                 # follower waits at it rather than skip a change.
-                logger.warning("%s: a damaged log line at byte %d; waiting for the writer",
-                               self._directory, self._offset + consumed)
+                if self._warned_at != (self._version, at):
+                    self._warned_at = (self._version, at)
+                    logger.warning("%s: a damaged log line at byte %d; waiting for the writer",
+                                   self._directory, at)
                 break
             records.append(record)
             consumed += len(line) + 1
@@ -133,4 +148,4 @@ class LogFollower:
             self._offset += consumed
             install = True
         if install:
-            self.index = Index(self._state, self._manifest)
+            self._published = ((self._version, self._offset), Index(self._state, self._manifest))

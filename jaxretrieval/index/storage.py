@@ -48,6 +48,7 @@ import numpy as np
 
 from jaxretrieval.errors import JaxRetrievalError, WriterBusyError
 from jaxretrieval.index.checks import CORE_MANIFEST_KEYS
+from jaxretrieval.index.metadata import BadMetadataError, checked_metadata_list
 from jaxretrieval.index.scann_adapter import SCANN_ASSETS_FILE, load_searcher
 from jaxretrieval.index.state import State
 from jaxretrieval.index.wal import (LOG_FILE, RECOVER_COMMAND, DamagedLogError, read_log,
@@ -466,10 +467,13 @@ def read_snapshot(directory, version):
             metadata = read_json(metadata_path)
         except (ValueError, UnicodeDecodeError) as error:
             raise corrupt(directory, f"unreadable JSON: {error}") from None
-        if (not isinstance(metadata, list) or len(metadata) != count
-                or not all(item is None or isinstance(item, dict) for item in metadata)):
+        if not isinstance(metadata, list) or len(metadata) != count:
             raise corrupt(directory, f"{METADATA_FILE} is not a list of {count} objects "
                                      "or nulls")
+        try:  # what upserts would have refused, so that it fails here and not in a search
+            metadata = checked_metadata_list(metadata, count)
+        except BadMetadataError as error:
+            raise corrupt(directory, f"{METADATA_FILE}: {error}") from None
 
     try:
         embeddings = np.load(embeddings_path, allow_pickle=False)

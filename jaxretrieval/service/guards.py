@@ -6,6 +6,10 @@
   `application/json` (UTF-8) or `multipart/form-data` with a boundary. Browsers send
   `text/plain` and urlencoded forms from any page without asking the server first;
   refusing them keeps other web pages from writing to the gallery.
+- **Origin.** Browsers send a multipart form from any page without asking first too, and
+  with the server's own Host. A writing request (POST, PUT, PATCH, DELETE) that a browser
+  marks as coming from another site (`Origin` naming another host, or `Sec-Fetch-Site:
+  cross-site`) is refused with 403; programs such as curl send neither header.
 - **Size.** Bodies are counted as they arrive, whatever Content-Length says (chunked
   bodies have none): over the cap for their type the request is refused with 413.
 - **Time.** The whole body must arrive within `body_timeout_s` of the request's start.
@@ -20,6 +24,7 @@ closes the connection if the body is not over by then.
 import asyncio
 import ipaddress
 import time
+import urllib.parse
 
 from starlette.requests import ClientDisconnect
 
@@ -28,6 +33,7 @@ from jaxretrieval.service.errors import ServiceError, error_json
 DRAIN_BYTES = 4 << 20
 DRAIN_SECONDS = 2.0
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+WRITE_METHODS = BODY_METHODS | {"DELETE"}
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
 
 
@@ -141,6 +147,10 @@ class RequestGuard:
         async def guarded_receive():
             if state["refusal"] is not None:
                 raise BodyRefused()
+            if state["complete"]:
+                # After the body, a receive waits for the client to leave (a streamed
+                # response listens so): no body deadline applies to that.
+                return await receive()
             remaining = deadline - time.monotonic()
             try:
                 async with asyncio.timeout(max(remaining, 0.001)):
@@ -193,6 +203,22 @@ class RequestGuard:
             if not state["started"]:
                 await _answer(send, refusal)
 
+    def from_another_site(self, headers) -> bool:
+        """Whether a browser says the request comes from a page of another site: one whose
+        host is neither this request's Host nor an allowed name. Under `--allowed-hosts '*'`
+        (behind a proxy that checks names itself) no name is checked here either."""
+        if self.hosts is None:
+            return False
+        if headers.get("sec-fetch-site", "").lower() == "cross-site":
+            return True
+        origin = headers.get("origin")
+        if origin is None:
+            return False
+        name = host_name(urllib.parse.urlsplit(origin.strip()).netloc)
+        if name is None:  # "null" (a sandboxed page, a file) or unreadable
+            return True
+        return name != host_name(headers.get("host", "")) and name not in self.hosts
+
     def refusal_of_head(self, scope, headers, has_body, cap) -> ServiceError | None:
         """Why the request is refused from its head alone, or None."""
         if self.hosts is not None:
@@ -203,6 +229,10 @@ class RequestGuard:
                 return ServiceError(421, "bad_host", f"this server does not answer for "
                                     f"{shown}; use one of its names ({names}) or start it "
                                     "with --allowed-hosts")
+        if scope["method"] in WRITE_METHODS and self.from_another_site(headers):
+            return ServiceError(403, "cross_origin", "a web page of another site may not "
+                                "write here; send writes from this service's page or a "
+                                "program, or start it with --allowed-hosts naming that site")
         if scope["method"] in BODY_METHODS:
             refusal = content_type_refusal(headers.get("content-type", ""))
             if refusal is not None:

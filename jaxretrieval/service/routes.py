@@ -188,7 +188,7 @@ async def json_body(request: Request) -> dict:
 
 
 def is_multipart(request: Request) -> bool:
-    return request.headers.get("content-type", "").startswith("multipart/form-data")
+    return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
 
 
 async def form_of(service: Service, request: Request):
