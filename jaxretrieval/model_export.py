@@ -135,11 +135,14 @@ def model_metadata(config, *, format: str, platforms, checkpoint_step: int,
 
 
 def _check_platforms(platforms) -> tuple:
-    platforms = tuple(platforms.split(",") if isinstance(platforms, str) else platforms)
+    platforms = tuple(p.strip() for p in (
+        platforms.split(",") if isinstance(platforms, str) else platforms))
     unknown = [p for p in platforms if p not in KNOWN_PLATFORMS]
     if not platforms or unknown or len(set(platforms)) != len(platforms):
+        problem = (f"unknown: {', '.join(map(repr, unknown))}" if unknown
+                   else "each may be named once" if platforms else "none given")
         raise JaxRetrievalError(
-            f"platforms {','.join(platforms) or '(none)'}; name each once, from "
+            f"platforms {','.join(platforms) or '(none)'} ({problem}); name each once, from "
             f"{', '.join(KNOWN_PLATFORMS)} (default {','.join(DEFAULT_PLATFORMS)})")
     return platforms
 

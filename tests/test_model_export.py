@@ -196,7 +196,8 @@ def test_each_bad_request_is_one_clear_error_and_writes_nothing(trained_workdir,
     with pytest.raises(JaxRetrievalError, match="unknown export format 'onnx'; use one of "
                                                 "stablehlo, savedmodel"):
         export_model(workdir, "onnx", str(out))
-    with pytest.raises(JaxRetrievalError, match="platforms cpu,gpu; name each once, from cpu"):
+    with pytest.raises(JaxRetrievalError,
+                       match=r"platforms cpu,gpu \(unknown: 'gpu'\); name each once, from cpu"):
         export_model(workdir, "stablehlo", str(out), platforms=("cpu", "gpu"))
     with pytest.raises(JaxRetrievalError, match="is not a training workdir"):
         export_model(str(tmp_path / "nowhere"), "stablehlo", str(out))

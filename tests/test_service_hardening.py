@@ -360,3 +360,12 @@ def test_the_service_page_and_programs_still_write(server, retriever):
                         host=f"127.0.0.1:{server.port}", headers=headers)
         assert response.status == 200, response
         assert f"own/{i}" in retriever
+
+
+@pytest.mark.parametrize("bad", [dict(decode_threads=-1), dict(body_timeout_s=0),
+                                 dict(header_timeout_s=float("nan")), dict(max_json_bytes=0),
+                                 dict(max_k=True), dict(max_queue="8")])
+def test_settings_out_of_range_are_one_clear_error(bad):
+    name = next(iter(bad))
+    with pytest.raises(JaxRetrievalError, match=name):
+        ServiceSettings(**bad)

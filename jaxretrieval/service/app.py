@@ -55,6 +55,22 @@ class ServiceSettings:
     max_decode_queue: int = 64
 
     def __post_init__(self):
+        for name in ("max_k", "max_batch", "max_queue", "max_upload_bytes", "max_pixels",
+                     "max_json_bytes", "max_decode_queue"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise JaxRetrievalError(f"{name} must be a whole number of at least 1, "
+                                        f"got {value!r}")
+        for name in ("max_multipart_bytes", "decode_threads"):  # 0: the default
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise JaxRetrievalError(f"{name} must be a whole number (0 for the default), "
+                                        f"got {value!r}")
+        for name in ("header_timeout_s", "body_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise JaxRetrievalError(f"{name} must be a positive number of seconds, "
+                                        f"got {value!r}")
         if not self.max_multipart_bytes:
             object.__setattr__(self, "max_multipart_bytes",
                                self.max_upload_bytes * self.max_batch + (1 << 20))

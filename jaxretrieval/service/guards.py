@@ -179,7 +179,11 @@ class RequestGuard:
                 # An answer before the body is read (a 401, a 404): read the rest first, or
                 # closing with it unread resets the connection, and the client may lose the
                 # answer. But only so much: past that, close without reading on.
-                if not state["complete"] and not state["gone"]:
+                # A client waiting for "100 Continue" that has sent nothing is not asked for
+                # its body (the first receive would ask): the connection just closes.
+                waiting = (headers.get("expect", "").lower() == "100-continue"
+                           and state["received"] == 0)
+                if not state["complete"] and not state["gone"] and not waiting:
                     state["complete"] = await _drain(receive, time.monotonic() + DRAIN_SECONDS)
                 if not state["complete"]:
                     message = {**message, "headers": [*message.get("headers", []),

@@ -390,8 +390,8 @@ async def delete_item(item_id: str, request: Request, service: ServiceDep):
 async def thumbnail(item_id: str, request: Request, service: ServiceDep):
     item_id = path_id(request, item_id, "/thumbnail")
     try:
-        image = await run_in_threadpool(service.retriever.thumbnail, item_id,
-                                        data_dir=service.settings.data_dir)
+        image = await decoded(service, service.retriever.thumbnail, item_id,
+                              data_dir=service.settings.data_dir)
     except UnknownItemError as err:
         raise ServiceError(404, "unknown_id", str(err)) from None
     except JaxRetrievalError as err:
