@@ -462,35 +462,40 @@ def run_serve(argv, prog="jaxretrieval serve") -> int:
                                       replicas=args.replicas or 1,
                                       embedder_replicas=args.embedder_replicas or 1,
                                       max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
-    settings = ServiceSettings(
-        api_key=args.api_key or None, max_k=args.max_k, max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-        data_dir=retriever.embedder.config.data_dir, access_log=args.access_log,
-        host=args.host, allowed_hosts=allowed_hosts, max_json_bytes=args.max_json_bytes,
-        header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
-        decode_threads=args.decode_threads)
-    retriever.warm_up(settings.max_batch)
-    app = create_app(retriever, settings)
-    where = f"{os.path.abspath(args.workdir)} on http://{args.host}:{args.port}"
-    print(f"serving {where} ({retriever.count} items"
-          f"{', on Ray Serve' if start_ray_backend else ''})", flush=True)
-    hosts = allowed_host_names(args.host, allowed_hosts)
-    if hosts is None:
-        print("answering any Host header (--allowed-hosts '*'): a web page can reach this "
-              "server through DNS rebinding", flush=True)
-    elif hosts <= {"localhost", "127.0.0.1", "[::1]"} and args.host not in (
-            "127.0.0.1", "localhost", "::1"):
-        print(f"answering only Host {', '.join(sorted(hosts))}: pass --allowed-hosts with the "
-              "names or addresses other machines use to reach this one", flush=True)
-    # uvicorn shuts down on SIGINT and SIGTERM, then raises the signal again; with Ctrl-C's
-    # handler for SIGTERM too, both end as a KeyboardInterrupt here instead of ending the
-    # process, so a process manager's stop also closes the retriever and prints the line below.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # From here on the retriever holds the index's writer lock (and under --ray, a Serve
+    # app and its actors): whatever ends the start-up or the serving releases them.
     try:
-        uvicorn.Server(server_config(app, host=args.host, port=args.port,
-                                     header_timeout_s=settings.header_timeout_s)).run()
-    except KeyboardInterrupt:
-        pass
+        settings = ServiceSettings(
+            api_key=args.api_key or None, max_k=args.max_k, max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+            data_dir=retriever.embedder.config.data_dir, access_log=args.access_log,
+            host=args.host, allowed_hosts=allowed_hosts, max_json_bytes=args.max_json_bytes,
+            header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+            decode_threads=args.decode_threads)
+        retriever.warm_up(settings.max_batch)
+        app = create_app(retriever, settings)
+        where = f"{os.path.abspath(args.workdir)} on http://{args.host}:{args.port}"
+        print(f"serving {where} ({retriever.count} items"
+              f"{', on Ray Serve' if start_ray_backend else ''})", flush=True)
+        hosts = allowed_host_names(args.host, allowed_hosts)
+        if hosts is None:
+            print("answering any Host header (--allowed-hosts '*'): a web page can reach "
+                  "this server through DNS rebinding", flush=True)
+        elif hosts <= {"localhost", "127.0.0.1", "[::1]"} and args.host not in (
+                "127.0.0.1", "localhost", "::1"):
+            print(f"answering only Host {', '.join(sorted(hosts))}: pass --allowed-hosts "
+                  "with the names or addresses other machines use to reach this one",
+                  flush=True)
+        # uvicorn shuts down on SIGINT and SIGTERM, then raises the signal again; with
+        # Ctrl-C's handler for SIGTERM too, both end as a KeyboardInterrupt here instead of
+        # ending the process, so a process manager's stop also closes the retriever and
+        # prints the line below.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            uvicorn.Server(server_config(app, host=args.host, port=args.port,
+                                         header_timeout_s=settings.header_timeout_s)).run()
+        except KeyboardInterrupt:
+            pass
     finally:
         retriever.close()
     print(f"stopped serving {where}", flush=True)

@@ -172,7 +172,8 @@ def test_tfds_sources_are_read_from_many_threads_at_once_through_one_opened_sour
     dataset = load_dataset(tiny_config(data_dir, image_size=8))
     opened = []
     real = tfds.data_source
-    monkeypatch.setattr(tfds, "data_source", lambda *a, **kw: opened.append(a) or real(*a, **kw))
+    monkeypatch.setattr(tfds, "data_source",
+                        lambda *a, **kw: opened.append(a) or real(*a, **kw))
     sources.tfds_data_source.cache_clear()
     rows = list(range(0, 1797, 97))
     with concurrent.futures.ThreadPoolExecutor(len(rows)) as pool:

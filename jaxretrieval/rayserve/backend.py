@@ -321,7 +321,10 @@ def start_ray_backend(workdir: str, *, replicas: int = 1, embedder_replicas: int
                 ray.get(writer.close.remote(), timeout=10)
             except Exception:  # it is going anyway
                 pass
-            ray.kill(writer, no_restart=True)
+            try:
+                ray.kill(writer, no_restart=True)
+            except Exception:  # already dead: nothing to stop, and no reason to hide why
+                pass
         try:
             serve.delete(app_name)
         except Exception:  # already gone with its cluster
