@@ -216,11 +216,6 @@ class RemoteIndex:
             parts.setdefault(shard_of(key, self.num_shards), []).append(row)
         return parts
 
-    def snapshot(self):
-        """Each writer writes a new snapshot with an empty log (see `Index.snapshot`)."""
-        for number, writer in enumerate(self._writers):
-            self._note(number, *_answer(lambda w=writer: ray.get(w.snapshot.remote())))
-
     def close(self):
         on_close, self._on_close = self._on_close, None
         if on_close is not None:

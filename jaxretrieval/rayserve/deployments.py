@@ -16,6 +16,7 @@ they start, so that shard replicas stay small.
 import logging
 import os
 import threading
+import time
 
 import numpy as np
 from ray import serve
@@ -42,13 +43,13 @@ class ShardReplica:
 
     def __init__(self, directory: str, poll_s: float):
         self._follower = LogFollower(directory)
-        self._stopped = threading.Event()
-        self._poller = threading.Thread(target=self._poll, args=(poll_s,), daemon=True,
-                                        name="log-follower")
-        self._poller.start()
+        # A daemon thread: it follows the log for as long as the replica's process lives.
+        threading.Thread(target=self._poll, args=(poll_s,), daemon=True,
+                         name="log-follower").start()
 
     def _poll(self, poll_s):
-        while not self._stopped.wait(poll_s):
+        while True:
+            time.sleep(poll_s)
             try:
                 self._follower.follow()
             except Exception:  # a snapshot switch mid-read; the next poll starts again
@@ -81,9 +82,6 @@ class ShardReplica:
         index = self._follower.index
         return {**replica_identity(), "manifest": index.manifest, "count": index.count,
                 "position": self._follower.position}
-
-    def __del__(self):
-        self._stopped.set()
 
 
 class ShardWriter:
@@ -150,7 +148,5 @@ class Gallery:
     `serve.run` starts them all at once; the ingress reaches each by name."""
 
     def __init__(self, embedder, *shards):
-        self._count = len(shards)
+        """Takes the deployments only so that they are bound, and started, with the app."""
 
-    def num_shards(self) -> int:
-        return self._count

@@ -208,6 +208,11 @@ def require_key(service: Service, request: Request) -> None:
         raise ServiceError(401, "unauthorized", "send the service's key in X-API-Key")
 
 
+def check_threshold(threshold: float | None) -> None:
+    if threshold is not None and not np.isfinite(threshold):
+        raise ServiceError(400, "bad_threshold", "threshold must be a finite number")
+
+
 def check_k(service: Service, k: int) -> None:
     if not 1 <= k <= service.settings.max_k:
         raise ServiceError(400, "bad_k", f"k must be between 1 and {service.settings.max_k}")
@@ -294,8 +299,7 @@ ITEMS_BODY = {"requestBody": {"content": {
 async def search(request: Request, service: ServiceDep, k: int = 10,
                  threshold: float | None = None):
     check_k(service, k)
-    if threshold is not None and not np.isfinite(threshold):
-        raise ServiceError(400, "bad_threshold", "threshold must be a finite number")
+    check_threshold(threshold)
     if is_multipart(request):
         form = await form_of(service, request)
         conditions = parse_filter(parse_json_field(form.get("filter", ""), "bad_filter",
@@ -439,8 +443,7 @@ async def gallery_input(service: Service, item_id) -> np.ndarray:
                 "are in "
                 "the order a, b (`image` first when `id` is given).")
 async def explain(request: Request, service: ServiceDep, threshold: float | None = None):
-    if threshold is not None and not np.isfinite(threshold):
-        raise ServiceError(400, "bad_threshold", "threshold must be a finite number")
+    check_threshold(threshold)
     if not is_multipart(request):
         raise ServiceError(400, "missing_field",
                            "send multipart fields image_a and image_b, or image and id")
