@@ -35,7 +35,7 @@ COMMANDS = {
 def usage(prog: str = "jaxretrieval") -> str:
     lines = [f"usage: {prog} {{{','.join(COMMANDS)}}} [--help] ...", "", "commands:"]
     width = max(map(len, COMMANDS))
-    lines += [f"  {name:<{width}} {text}" for name, text in COMMANDS.items()]
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
     lines += ["", f"`{prog} COMMAND --help` describes a command's options. `jaxretrieval "
               "COMMAND` works from any directory; `python -m train|serve` only from the "
               "repository's root."]
