@@ -8,7 +8,7 @@ Every item has a label index, a string key (a folder image: its path relative to
 a TFDS or digits example: `split/index`) and a source reference from which its image can be
 read again (`read_source`): an absolute file path, or `tfds:NAME/split/index`. A dataset's
 `source_roots` say where its sources may lie (the folder, or `tfds:NAME`); thumbnails are
-read only from there (`within_roots`).
+read only from there (`resolve_within_roots`).
 """
 
 import dataclasses
@@ -53,7 +53,7 @@ class ImageDataset:
     read_one: Callable[[int], np.ndarray]  # index -> uint8 [size, size, channels]
     # With config.model.align_faces: the images aligned as whole images, no face found in them.
     faces_not_found: int | None = None
-    # Where its sources lie: absolute folders and `tfds:NAME` entries (see `within_roots`).
+    # Where its sources lie: absolute folders and `tfds:NAME` entries (see `resolve_within_roots`).
     source_roots: tuple = ()
     _cache: np.ndarray = None  # filled as images are first read; see cache_in_memory
     _cached: np.ndarray = None  # bool [n]: which rows of _cache are decoded
@@ -369,16 +369,27 @@ def roots_of_reference(reference: str) -> list:
     return []
 
 
-def within_roots(reference: str, roots) -> bool:
-    """Whether the source `reference` lies under one of `roots`: a `tfds:NAME/split/index`
-    of a `tfds:NAME` root, or an absolute file path inside a root folder once symbolic
-    links and `..` are resolved."""
+def resolve_within_roots(reference: str, roots) -> str | None:
+    """The reference to read for the source `reference` when it lies under one of `roots`,
+    else None: a `tfds:NAME/split/index` of a `tfds:NAME` root as it is, or an absolute file
+    path inside a root folder as the real path the check saw, with symbolic links and `..`
+    resolved. Reading that real path, not `reference`, keeps a link changed after the check
+    from leading the read outside the roots."""
     if reference.startswith(TFDS_REF_PREFIX):
         parts = reference[len(TFDS_REF_PREFIX):].rsplit("/", 2)  # as read_source splits it
-        return (len(parts) == 3 and f"{TFDS_REF_PREFIX}{parts[0]}" in roots
-                and bool(parts[1]) and parts[2].isdigit() and parts[2].isascii())
+        inside = (len(parts) == 3 and f"{TFDS_REF_PREFIX}{parts[0]}" in roots
+                  and bool(parts[1]) and parts[2].isdigit() and parts[2].isascii())
+        return reference if inside else None
     if not os.path.isabs(reference) or "\0" in reference:
-        return False
+        return None
+    path = os.path.realpath(reference)
+    for root in roots:
+        if root.startswith(TFDS_REF_PREFIX) or not os.path.isabs(root):
+            continue
+        root = os.path.realpath(root)
+        if os.path.commonpath([root, path]) == root and path != root:
+            return path
+    return None
     path = os.path.realpath(reference)
     for root in roots:
         if root.startswith(TFDS_REF_PREFIX) or not os.path.isabs(root):
