@@ -1,0 +1,85 @@
+"""Encoded image bytes -> the model's uint8 input, fast: JPEGs through libjpeg-turbo
+(simplejpeg) at a reduced DCT scale, everything else through Pillow as `images` does.
+
+A large photo needs no full-size decode to become a 224x224 input: libjpeg-turbo can
+decode straight to 1/2, 1/4 or 1/8 of the size (and the eighths between), so the JPEG is
+decoded at the smallest of those scales whose both sides are still at least the side the
+input convention resizes to, and then resized by `to_model_input` as any image is. At full
+scale simplejpeg's pixels are Pillow's (both are libjpeg-turbo's accurate integer DCT with
+fancy upsampling); at a reduced scale they differ from a full decode resized by Pillow by
+the rounding of the scaled DCT (tests/test_grain_input.py states and checks the bound).
+
+What simplejpeg does not decode the way Pillow would (CMYK JPEGs, face alignment, any other
+format) takes Pillow's path, so its pixels are exactly the in-process loader's.
+"""
+
+import io
+import math
+import struct
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from jaxretrieval.data.images import InputSpec, to_model_input, upright
+from jaxretrieval.errors import JaxRetrievalError
+
+try:  # optional: the `grain` requirements bring it; Pillow decodes without it
+    import simplejpeg
+except ImportError:  # pragma: no cover - exercised where simplejpeg is not installed
+    simplejpeg = None
+
+# The EXIF orientation tag, and the transposition that turns each value upright (as
+# PIL.ImageOps.exif_transpose does).
+ORIENTATION_TAG = 0x0112
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+           4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+           6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+# The Pillow modes of JPEGs whose colours simplejpeg decodes as Pillow does.
+FAST_MODES = {"RGB": "RGB", "L": "GRAY"}
+
+
+def fast_jpeg_available() -> bool:
+    return simplejpeg is not None
+
+
+def decoded_side(spec: InputSpec) -> int:
+    """The side both of an image's sides must keep for `to_model_input` to resize it as
+    from the full image: image_size for a whole-image resize, image_size / crop_fraction
+    for a centre crop (its shorter side is resized to that)."""
+    return math.ceil(spec.image_size / spec.crop_fraction)
+
+
+def decode_model_input(data: bytes, spec: InputSpec, *, name: str,
+                       reduced_dct: bool = True) -> np.ndarray:
+    """uint8 [image_size, image_size, channels] from an encoded image, turned upright by
+    its EXIF orientation; `name` (a path, a record) is what a decoding error names.
+
+    With `reduced_dct`, a JPEG larger than the input is decoded at the smallest DCT scale
+    whose sides are at least `decoded_side(spec)`.
+    """
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+        if (simplejpeg is not None and image.format == "JPEG" and image.mode in FAST_MODES
+                and not spec.align_faces):
+            side = decoded_side(spec) if reduced_dct else 0
+            orientation = _orientation(image)
+            pixels = simplejpeg.decode_jpeg(data, colorspace=FAST_MODES[image.mode],
+                                            min_height=side, min_width=side)
+            decoded = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+            if orientation in UPRIGHT:
+                decoded = decoded.transpose(UPRIGHT[orientation])
+        else:
+            image.load()  # decode now, so a truncated file fails here
+            decoded = upright(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise JaxRetrievalError(
+            f"cannot read image {name!r} ({err}); replace or remove the file") from None
+    return to_model_input(decoded, spec)
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(ORIENTATION_TAG, 1))
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError, struct.error):
+        return 1  # a damaged EXIF block is no reason to refuse the pixels (as `upright`)
