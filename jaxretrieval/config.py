@@ -59,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     # the devices. Both read the same rows for each (seed, step).
     c.input_pipeline = "in_process"
     c.input_workers = -1  # grain's decoding processes: -1 one per host core but one, 0 none
-    # grain: a JPEG is decoded at the smallest DCT scale (1/8 .. 1) still as large as the input
+    # grain: a JPEG is decoded at the smallest of 1/8, 1/4, 1/2, 1 scale still >= the input size
     c.input_reduced_dct = True
     # Faces. These two belong to the model's input convention, so they live under `model`
     # and enter the model hash: an index is only searched with the embedding it was built by.

@@ -18,8 +18,8 @@ from jaxretrieval.workdir import Workdir
 # The decoder's rounding, in uint8 levels. At full DCT scale simplejpeg's pixels are
 # Pillow's (both run libjpeg-turbo's accurate integer DCT): no difference at all. A JPEG
 # decoded at a reduced DCT scale and then resized differs from the full decode resized by
-# Pillow by the scaled DCT's averaging, which is not Pillow's filter: on these pictures (up
-# to 1/8 scale) 17 levels at most in a pixel, 0.9 on average; asserted with some margin.
+# Pillow by the scaled DCT's averaging, which is not Pillow's filter: on these pictures (at
+# 1/2 to 1/8 scale) 17 levels at most in a pixel, 0.75 on average; asserted with a margin.
 REDUCED_DCT_MAX_LEVELS = 20
 REDUCED_DCT_MEAN_LEVELS = 1.25
 SIZE = 24

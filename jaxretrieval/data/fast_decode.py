@@ -2,12 +2,14 @@
 (simplejpeg) at a reduced DCT scale, everything else through Pillow as `images` does.
 
 A large photo needs no full-size decode to become a 224x224 input: libjpeg-turbo can
-decode straight to 1/2, 1/4 or 1/8 of the size (and the eighths between), so the JPEG is
-decoded at the smallest of those scales whose both sides are still at least the side the
-input convention resizes to, and then resized by `to_model_input` as any image is. At full
-scale simplejpeg's pixels are Pillow's (both are libjpeg-turbo's accurate integer DCT with
-fancy upsampling); at a reduced scale they differ from a full decode resized by Pillow by
-the rounding of the scaled DCT (tests/test_grain_input.py states and checks the bound).
+decode straight to 1/2, 1/4 or 1/8 of the size with its vectorised reduced inverse DCTs, so
+the JPEG is decoded at the smallest of those scales whose both sides are still at least the
+side the input convention resizes to, and then resized by `to_model_input` as any image is.
+(The eighths between are left out: libjpeg-turbo has no vectorised code for them, and a
+5/8-scale decode takes longer than a full one.) At full scale simplejpeg's pixels are
+Pillow's (both are libjpeg-turbo's accurate integer DCT with fancy upsampling); at a reduced
+scale they differ from a full decode resized by Pillow by the rounding of the scaled DCT
+(tests/test_grain_input.py states and checks the bound).
 
 What simplejpeg does not decode the way Pillow would (CMYK JPEGs, face alignment, any other
 format) takes Pillow's path, so its pixels are exactly the in-process loader's.
@@ -50,22 +52,35 @@ def decoded_side(spec: InputSpec) -> int:
     return math.ceil(spec.image_size / spec.crop_fraction)
 
 
+def reduction(size, side: int) -> int:
+    """The largest of 1, 2, 4 and 8 that leaves both sides of an image of `size` at least
+    `side` pixels once divided by it (rounded up, as libjpeg-turbo does)."""
+    factor = 1
+    while factor < 8 and -(-min(size) // (2 * factor)) >= side:
+        factor *= 2
+    return factor
+
+
 def decode_model_input(data: bytes, spec: InputSpec, *, name: str,
                        reduced_dct: bool = True) -> np.ndarray:
     """uint8 [image_size, image_size, channels] from an encoded image, turned upright by
     its EXIF orientation; `name` (a path, a record) is what a decoding error names.
 
-    With `reduced_dct`, a JPEG larger than the input is decoded at the smallest DCT scale
-    whose sides are at least `decoded_side(spec)`.
+    With `reduced_dct`, a JPEG at least twice the input's size is decoded at 1/2, 1/4 or
+    1/8 scale (`reduction`), its sides still at least `decoded_side(spec)`.
     """
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
         if (simplejpeg is not None and image.format == "JPEG" and image.mode in FAST_MODES
                 and not spec.align_faces):
-            side = decoded_side(spec) if reduced_dct else 0
+            factor = reduction(image.size, decoded_side(spec)) if reduced_dct else 1
+            width, height = image.size
             orientation = _orientation(image)
-            pixels = simplejpeg.decode_jpeg(data, colorspace=FAST_MODES[image.mode],
-                                            min_height=side, min_width=side)
+            # libjpeg-turbo's output at scale 1/factor is ceil(side / factor) pixels a side,
+            # the smallest of its scales that keeps both of these.
+            pixels = simplejpeg.decode_jpeg(
+                data, colorspace=FAST_MODES[image.mode], min_height=-(-height // factor),
+                min_width=-(-width // factor))
             decoded = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
             if orientation in UPRIGHT:
                 decoded = decoded.transpose(UPRIGHT[orientation])
