@@ -37,8 +37,13 @@ UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
            6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
            8: Image.Transpose.ROTATE_90}
-# The Pillow modes of JPEGs whose colours simplejpeg decodes as Pillow does.
-FAST_MODES = {"RGB": "RGB", "L": "GRAY"}
+JPEG_START = b"\xff\xd8\xff"
+# The colour spaces (simplejpeg.decode_jpeg_header's names) that simplejpeg decodes to
+# Pillow's pixels; CMYK and YCCK JPEGs go to Pillow.
+FAST_COLOURSPACES = ("YCbCr", "RGB", "Gray")
+# An EXIF block's start, looked for in the first bytes of a JPEG (APP1 comes first there).
+EXIF_MARK = b"Exif\x00\x00"
+EXIF_SEARCH_BYTES = 1 << 16
 
 
 def fast_jpeg_available() -> bool:
@@ -70,31 +75,54 @@ def decode_model_input(data: bytes, spec: InputSpec, *, name: str,
     1/8 scale (`reduction`), its sides still at least `decoded_side(spec)`.
     """
     try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
-        if (simplejpeg is not None and image.format == "JPEG" and image.mode in FAST_MODES
-                and not spec.align_faces):
-            factor = reduction(image.size, decoded_side(spec)) if reduced_dct else 1
-            width, height = image.size
-            orientation = _orientation(image)
-            # libjpeg-turbo's output at scale 1/factor is ceil(side / factor) pixels a side,
-            # the smallest of its scales that keeps both of these.
-            pixels = simplejpeg.decode_jpeg(
-                data, colorspace=FAST_MODES[image.mode], min_height=-(-height // factor),
-                min_width=-(-width // factor))
-            decoded = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
-            if orientation in UPRIGHT:
-                decoded = decoded.transpose(UPRIGHT[orientation])
-        else:
-            image.load()  # decode now, so a truncated file fails here
-            decoded = upright(image)
+        if simplejpeg is not None and data[:3] == JPEG_START and not spec.align_faces:
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+            if colorspace in FAST_COLOURSPACES:
+                factor = reduction((width, height), decoded_side(spec)) if reduced_dct else 1
+                return _fast_jpeg(data, spec, colorspace == "Gray", -(-width // factor),
+                                  -(-height // factor))
+        image = Image.open(io.BytesIO(data))
+        image.load()  # decode now, so a truncated file fails here
+        decoded = upright(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise JaxRetrievalError(
             f"cannot read image {name!r} ({err}); replace or remove the file") from None
     return to_model_input(decoded, spec)
 
 
-def _orientation(image: Image.Image) -> int:
+def _fast_jpeg(data: bytes, spec: InputSpec, grey: bool, min_width: int,
+               min_height: int) -> np.ndarray:
+    # libjpeg-turbo's output at scale 1/factor is ceil(side / factor) pixels a side, the
+    # smallest of its scales that keeps both minimums.
+    pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if grey else "RGBX",
+                                    min_height=min_height, min_width=min_width)
+    height, width = pixels.shape[:2]
+    if grey:
+        decoded = Image.fromarray(pixels[..., 0])
+    else:
+        # RGBX is Pillow's own layout for RGB: the decoded buffer is used as it is.
+        decoded = Image.frombuffer("RGBX", (width, height), pixels, "raw", "RGBX", 0, 1)
+    orientation = _orientation(data)
+    if orientation in UPRIGHT:
+        decoded = decoded.transpose(UPRIGHT[orientation])
+    size = spec.image_size
+    if decoded.mode == "RGBX" and spec.channels == 3 and spec.crop_fraction == 1:
+        # Resized before dropping the padding byte: the same R, G and B as resizing the
+        # RGB image, which `to_model_input` would first copy out at full size.
+        decoded = decoded.resize((size, size), Image.BILINEAR) if decoded.size != (
+            size, size) else decoded
+    if decoded.mode == "RGBX":
+        decoded = decoded.convert("RGB")
+    return to_model_input(decoded, spec)
+
+
+def _orientation(data: bytes) -> int:
+    """The EXIF orientation of a JPEG (1, upright, when it has no EXIF block: most photos
+    from the web and datasets have none, and then nothing else is parsed)."""
+    if data.find(EXIF_MARK, 0, EXIF_SEARCH_BYTES) < 0:
+        return 1
     try:
-        return int(image.getexif().get(ORIENTATION_TAG, 1))
+        with Image.open(io.BytesIO(data)) as image:
+            return int(image.getexif().get(ORIENTATION_TAG, 1))
     except (OSError, SyntaxError, ValueError, TypeError, KeyError, struct.error):
         return 1  # a damaged EXIF block is no reason to refuse the pixels (as `upright`)
