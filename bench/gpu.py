@@ -5,12 +5,15 @@ On the GPU machine, from the repository root:
 
     python -m bench.gpu --out $OUT                      # seed CNN and ResNet-50, bf16 + f32
     python -m bench.gpu --out $OUT --models resnet50 --init_from resnet50-11ad3fa6.pth
+    python -m bench.gpu --out $OUT --models resnet50 --dtypes bfloat16 \
+        --e2e --profile 5 --sweep --no_checkpoint  # end to end, profile, step candidates
 
 Back on a CPU machine, with the files it returned:
 
     python -m bench.gpu --check DIR                     # DIR holds gpu_workdir.tar.gz
 
-Throughput is measured with the batch already on the device (no input pipeline), after a
+Throughput is measured with the batch already on the device (no input pipeline) and, with
+`--e2e`, fed by the grain input pipeline from a folder of JPEGs (docs/gpu.md), after a
 warm-up, as the median of `--repeats` timed windows of `--steps` steps. Model FLOPs are
 the forward pass's (XLA's count on the CPU backend), three of them per training image;
 utilisation divides the achieved model FLOP/s by the chip's dense peak for the compute

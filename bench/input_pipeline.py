@@ -60,7 +60,7 @@ def write_jpeg_folder(root: str, images: int, classes: int, seed: int = 0,
     missing = [(name, seed, i) for i, name in enumerate(names) if not os.path.isfile(name)]
     for name, _, _ in missing:
         os.makedirs(os.path.dirname(name), exist_ok=True)
-    if processes > 1 and len(missing) > processes:
+    if processes > 1 and len(missing) >= 64 * processes:  # else a pool costs more than it saves
         import multiprocessing
 
         jobs = [missing[i::processes] for i in range(processes)]
