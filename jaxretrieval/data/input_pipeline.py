@@ -158,7 +158,7 @@ class TrainingBatches:
 
         self._put = functools.partial(parallel.shard_batch, devices=devices)
         self._iterator = None
-        if config.input_pipeline == "grain":
+        if config.input_pipeline == "grain" and start_step < stop_step:
             import grain
 
             host = grain_host_batches(config, dataset, plan, share, start_step, stop_step)
