@@ -35,7 +35,8 @@ def photo_like(rng, width: int, height: int) -> np.ndarray:
         cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(30, 200)
         weight = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * r * r))[..., None]
         image += weight * rng.uniform(0, 255, 3)
-    image += 20 * np.sin(x / rng.uniform(3, 12))[..., None] * np.cos(y / rng.uniform(3, 12))[..., None]
+    image += (20 * np.sin(x / rng.uniform(3, 12))[..., None]
+              * np.cos(y / rng.uniform(3, 12))[..., None])  # a fine texture
     image += rng.normal(0, 10, image.shape)
     return np.clip(image, 0, 255).astype(np.uint8)
 
@@ -74,9 +75,10 @@ def write_jpeg_folder(root: str, images: int, classes: int, seed: int = 0,
 
 def decoder_times(files, size: int, repeats: int) -> dict:
     """Median ms per image of each decoder, from bytes in memory: decoding alone (Pillow,
-    as the in-process loader decodes, and simplejpeg at full scale, at 1/2 scale, and at the 5/8 scale that the pipeline's
-    choice of 1/2, 1/4 and 1/8 avoids), and to the model's input at `size` and at half of
-    it (where the pipeline decodes ImageNet-sized photos at 1/2 scale)."""
+    as the in-process loader decodes, and simplejpeg at full scale, at 1/2 scale, and at
+    the 5/8 scale that the pipeline's choice of 1/2, 1/4 and 1/8 avoids), and to the
+    model's input at `size` and at half of it (where the pipeline decodes ImageNet-sized
+    photos at 1/2 scale)."""
     import simplejpeg
 
     from jaxretrieval.data.fast_decode import decode_model_input
