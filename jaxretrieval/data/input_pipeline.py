@@ -123,6 +123,7 @@ def grain_host_batches(config, dataset, plan, share: slice, start_step: int, sto
     order, decoded by `workers` processes (default: `worker_count(config)`; 0: in this
     process, one batch ahead in a thread)."""
     import grain
+    from absl import flags
 
     from jaxretrieval.data.sources import decoded_input_spec
 
@@ -130,8 +131,6 @@ def grain_host_batches(config, dataset, plan, share: slice, start_step: int, sto
         logger.warning("simplejpeg is not installed: the grain pipeline decodes JPEGs with "
                        "Pillow (`pip install simplejpeg` for libjpeg-turbo's reduced DCT)")
     workers = worker_count(config) if workers is None else workers
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():
         # Grain reads its settings from absl flags, which a program that is not an absl app
         # never parses: their defaults are what it gets.
