@@ -127,7 +127,7 @@ def measure(workdir, stages, fractions, blank, smooth, max_pairs, seed):
     from jaxretrieval.data.sources import load_dataset
     from jaxretrieval.data.splits import split_dataset
     from jaxretrieval.embed import Embedder
-    from jaxretrieval.explain import Explainer, default_stage, stage_shapes
+    from jaxretrieval.explain import FINAL, Explainer, default_stage, stage_shapes
 
     embedder = Embedder.from_workdir(workdir)
     config = embedder.config
@@ -139,7 +139,8 @@ def measure(workdir, stages, fractions, blank, smooth, max_pairs, seed):
     filler_a, filler_b = fillers(images_a, blank), fillers(images_b, blank)
     shapes = stage_shapes(config, embedder.variables)
     names, default = list(shapes), default_stage(shapes)
-    chosen = names if "all" in stages else [default if s == "default" else s for s in stages]
+    aliases = {"default": default, FINAL: names[-1]}
+    chosen = names if "all" in stages else [aliases.get(s, s) for s in stages]
     size, n = config.image_size, len(pairs)
     out = []
     for stage in chosen:
@@ -179,8 +180,8 @@ def main():
     parser.add_argument("--workdir", action="append", required=True,
                         help="a trained workdir (repeat for more models)")
     parser.add_argument("--stage", action="append", default=None,
-                        help="a stage to explain at, `default` (the model's default) or "
-                             "`all` (repeat for more; default: default)")
+                        help="a stage to explain at, `default` (the model's default), "
+                             "`final` or `all` (repeat for more; default: default)")
     parser.add_argument("--fraction", type=float, action="append", default=None,
                         help="share of each image's pixels blanked (repeat for a deletion "
                              "curve; default 0.1)")

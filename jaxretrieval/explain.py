@@ -296,9 +296,12 @@ def explanation(images, similarity: float, heat_a, heat_b, method: str, *,
 
 
 def render(result: Explanation, *, side: int = 256, labels=("A", "B")) -> Image.Image:
-    """Both overlays side by side, each scaled to `side` pixels, under a line with the
-    similarity, the match decision and the method: what `jaxretrieval explain` writes."""
-    margin, text_height = 8, 44
+    """Both overlays side by side, each scaled to `side` pixels, under the labels, the
+    similarity with the match decision, and the method with the stage: what
+    `jaxretrieval explain` writes."""
+    lines = [f"{labels[0]}  |  {labels[1]}", *summary_lines(result)]
+    margin, line_height = 8, 20
+    text_height = line_height * len(lines) + 4
     canvas = Image.new("RGB", (3 * margin + 2 * side, 2 * margin + side + text_height),
                        "white")
     resample = (Image.Resampling.NEAREST if result.overlays[0].shape[0] * 2 <= side
@@ -310,14 +313,14 @@ def render(result: Explanation, *, side: int = 256, labels=("A", "B")) -> Image.
 
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=15)
-    draw.text((margin, margin), f"{labels[0]}  |  {labels[1]}", fill="black", font=font)
-    draw.text((margin, margin + 20), summary(result), fill="black", font=font)
+    for number, line in enumerate(lines):
+        draw.text((margin, margin + number * line_height), line, fill="black", font=font)
     return canvas
 
 
-def summary(result: Explanation) -> str:
-    """One line: the similarity, the match decision against its threshold, the method and
-    the stage with its map's size."""
+def summary_lines(result: Explanation) -> tuple:
+    """(the similarity and the match decision against its threshold, the method with the
+    stage and its map's size)."""
     if result.same is None:
         decision = "no calibrated threshold"
     else:
@@ -326,4 +329,9 @@ def summary(result: Explanation) -> str:
     where = "x".join(map(str, result.heatmaps[0].shape))
     if result.stage is not None:
         where = f"{result.stage}, {where}"
-    return f"similarity {result.similarity:.3f}: {decision}; {result.method} ({where})"
+    return f"similarity {result.similarity:.3f}: {decision}", f"{result.method} ({where})"
+
+
+def summary(result: Explanation) -> str:
+    """`summary_lines` as one line."""
+    return "; ".join(summary_lines(result))

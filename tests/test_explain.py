@@ -112,7 +112,10 @@ def test_with_mirror_test_time_augmentation_the_heat_still_adds_up():
 
 def test_stages_come_in_order_and_the_default_is_the_deepest_of_16_or_more_a_side():
     config = small_config("gem", image_size=64, widths=(4, 8, 8))
-    shapes = stage_shapes(config, initial_variables(config))
+    # Shapes alone: the variables need not exist.
+    abstract = jax.eval_shape(build_model(config).init, jax.random.key(0),
+                              jnp.zeros((1, 64, 64, 1)))
+    shapes = stage_shapes(config, abstract)
     assert shapes == {"stage1": (32, 32), "stage2": (16, 16), "stage3": (8, 8)}
     assert default_stage(shapes) == "stage2" and check_stage(shapes, None) == "stage2"
     assert check_stage(shapes, FINAL) == "stage3" and check_stage(shapes, "stage1") == "stage1"
@@ -215,7 +218,7 @@ def test_the_heat_peaks_on_the_patch_the_two_images_share(pooling, method):
             assert heat[patch].min() > 3 * heat[~patch].max()
 
 
-@pytest.mark.parametrize("pooling,stage", [("avg", FINAL), ("gem", FINAL), ("gem", None)])
+@pytest.mark.parametrize("pooling,stage", [("avg", FINAL), ("gem", None)])
 def test_mirroring_the_input_mirrors_the_heat_for_a_model_with_symmetric_kernels(pooling,
                                                                                  stage):
     config = small_config(pooling, batch_norm=False)
