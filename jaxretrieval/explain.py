@@ -13,14 +13,14 @@ differentiated through its norm, a homogeneous head's heat would add up to zero,
 images. The gradient is taken with respect to a weight on each position of the feature map
 (the model's `explain` hooks), which is that sum over the channels in one backward pass.
 
-- `exact`, at the final stage, for a head that is linear in the pooled features (average or flattened pooling,
-  no hidden layer; evaluation-mode affine layers would keep it so): E_a = (W mean_i F_a[i] +
-  b) / |u_a|, so heat_a[i] = <W F_a[i] / N, e_b> / |u_a|, and adding the bias's share,
-  <b / N, e_b> / |u_a|, to every position makes the heat add up to s exactly: the
-  decomposition of Stylianou et al., "Visualizing Deep Similarity Networks" (WACV 2019).
-  With `flip_test` the mirror image's heat is mirrored back and added; it still adds up.
-  The bias's share is found as s minus the first-order terms, which for a linear head is
-  the bias term exactly (Euler's theorem).
+- `exact`, at the final stage, for a head that is linear in the pooled features (average or
+  flattened pooling, no hidden layer; evaluation-mode affine layers would keep it so): E_a =
+  (W mean_i F_a[i] + b) / |u_a|, so heat_a[i] = <W F_a[i] / N, e_b> / |u_a|, and adding the
+  bias's share, <b / N, e_b> / |u_a|, to every position makes the heat add up to s exactly:
+  the decomposition of Stylianou et al., "Visualizing Deep Similarity Networks" (WACV 2019).
+  With `flip_test` the mirror image's heat is mirrored back and added; it still adds up. The
+  bias's share is found as s minus the first-order terms, which for a linear head is the
+  bias term exactly (Euler's theorem).
 - `grad_x_activation`, at an earlier stage, or at the final one for GeM, max pooling or a
   hidden layer: the same gradient x activation (Grad-CAM applied to the similarity, per
   position, without Grad-CAM's channel averaging or clipping). It need not add up to s:
@@ -151,11 +151,6 @@ def stage_shapes(config, variables) -> dict:
     features = jax.eval_shape(lambda v, x: stage_features(model, v, preprocess(x)),
                               variables, images)
     return {name: tuple(f.shape[1:3]) for name, f in features.items()}
-
-
-def feature_map_shape(config, variables) -> tuple:
-    """(H', W'): the spatial size of the model's last feature map, from shapes alone."""
-    return list(stage_shapes(config, variables).values())[-1]
 
 
 def default_stage(stages: dict) -> str:

@@ -2,13 +2,14 @@
 
 Each backbone passes the output of each of its stages (every group of blocks that shares a
 resolution, and the stem when it has one) through `stage_output`, named `stage<k>` in the
-order they run: `stage0` is the stem, `stage1` the first group of blocks. Outside an explanation this returns the
-feature map unchanged and stores nothing. An explanation (`jaxretrieval.explain`) uses it in
-two ways: applied with the `intermediates` collection mutable, a model records every stage's
-feature map there under the stage's name (which gives the stages' shapes); and given a
-weight per spatial position in the `explain` collection under the stage's name, the model
-multiplies that stage's feature map by it, so the gradient of a result with respect to
-weights of 1 is each position's gradient x activation at that stage, summed over channels.
+order they run: `stage0` is the stem, `stage1` the first group of blocks. Outside an
+explanation this returns the feature map unchanged and stores nothing. An explanation
+(`jaxretrieval.explain`) uses it in two ways: applied with the `intermediates` collection
+mutable, a model records every stage's feature map there under the stage's name (which gives
+the stages' shapes); and given a weight per spatial position in the `explain` collection
+under the stage's name, the model multiplies that stage's feature map by it, so the gradient
+of a result with respect to weights of 1 is each position's gradient x activation at that
+stage, summed over channels.
 """
 
 import jax.numpy as jnp
