@@ -342,6 +342,11 @@ def run_explain(argv, prog="jaxretrieval explain") -> int:
                              "calibrated threshold)")
     parser.add_argument("--side", type=int, default=256,
                         help="pixels per image in the PNG (default %(default)s)")
+    parser.add_argument("--stage", default=None,
+                        help="the backbone stage whose feature map the heat is over, e.g. "
+                             "stage2, or `final` (the map the head pools: the exact "
+                             "decomposition where the head allows it); default: the deepest "
+                             "stage of at least 16x16 positions")
     args = parser.parse_args(argv)
     if args.side < 16:
         raise JaxRetrievalError(f"--side={args.side}; use at least 16 pixels")
@@ -349,7 +354,7 @@ def run_explain(argv, prog="jaxretrieval explain") -> int:
     from jaxretrieval.fileio import atomic_file, give_ordinary_mode
     from jaxretrieval.retriever import Retriever
     retriever = Retriever.load(args.workdir)
-    result = retriever.explain(*args.images, threshold=args.threshold)
+    result = retriever.explain(*args.images, threshold=args.threshold, stage=args.stage)
     picture = render(result, side=args.side,
                      labels=[os.path.basename(path) for path in args.images])
     with atomic_file(args.output, "wb") as f:  # never a half-written PNG
@@ -357,7 +362,8 @@ def run_explain(argv, prog="jaxretrieval explain") -> int:
     give_ordinary_mode(args.output)
     print(json.dumps({"images": args.images, "similarity": round(result.similarity, 6),
                       "same": result.same, "threshold": result.threshold,
-                      "method": result.method, "output": args.output}))
+                      "method": result.method, "stage": result.stage,
+                      "heatmap": list(result.heatmaps[0].shape), "output": args.output}))
     return 0
 
 

@@ -1,7 +1,9 @@
 """Explaining a match: which spatial positions of two images carry their cosine similarity.
 
 For a pair (a, b) with unit embeddings e_a, e_b and similarity s = <e_a, e_b>, each image
-gets a heatmap over the positions i of its model's last feature map F (before pooling):
+gets a heatmap over the positions i of a feature map F of its model: the output of one
+stage of the backbone (`models.stages`), by default the deepest with at least
+`DEFAULT_MIN_SIDE` positions a side (`default_stage`), or the final one, before pooling:
 
     heat_a[i] = sum_c F_a[i, c] * d<E_a, e_b> / dF_a[i, c]
 
@@ -9,22 +11,24 @@ where E_a is a's embedding with every normalisation's norm held constant (the va
 e_a's). The norm is held because a cosine does not change when a feature map is scaled:
 differentiated through its norm, a homogeneous head's heat would add up to zero, whatever the
 images. The gradient is taken with respect to a weight on each position of the feature map
-(the model's `explain` hook), which is that sum over the channels in one backward pass.
+(the model's `explain` hooks), which is that sum over the channels in one backward pass.
 
-- `exact`, for a head that is linear in the pooled features (average or flattened pooling,
-  no hidden layer; evaluation-mode affine layers would keep it so): E_a = (W mean_i F_a[i] +
-  b) / |u_a|, so heat_a[i] = <W F_a[i] / N, e_b> / |u_a|, and adding the bias's share,
-  <b / N, e_b> / |u_a|, to every position makes the heat add up to s exactly: the
-  decomposition of Stylianou et al., "Visualizing Deep Similarity Networks" (WACV 2019).
-  With `flip_test` the mirror image's heat is mirrored back and added; it still adds up.
-  The bias's share is found as s minus the first-order terms, which for a linear head is
-  the bias term exactly (Euler's theorem).
-- `grad_x_activation`, for GeM, max pooling or a hidden layer: the same gradient x activation
-  (Grad-CAM applied to the similarity, per position, without Grad-CAM's channel averaging
-  or clipping). It need not add up to s: the head is not linear.
+- `exact`, at the final stage, for a head that is linear in the pooled features (average or
+  flattened pooling, no hidden layer; evaluation-mode affine layers would keep it so): E_a =
+  (W mean_i F_a[i] + b) / |u_a|, so heat_a[i] = <W F_a[i] / N, e_b> / |u_a|, and adding the
+  bias's share, <b / N, e_b> / |u_a|, to every position makes the heat add up to s exactly:
+  the decomposition of Stylianou et al., "Visualizing Deep Similarity Networks" (WACV 2019).
+  With `flip_test` the mirror image's heat is mirrored back and added; it still adds up. The
+  bias's share is found as s minus the first-order terms, which for a linear head is the
+  bias term exactly (Euler's theorem).
+- `grad_x_activation`, at an earlier stage, or at the final one for GeM, max pooling or a
+  hidden layer: the same gradient x activation (Grad-CAM applied to the similarity, per
+  position, without Grad-CAM's channel averaging or clipping). It need not add up to s:
+  what lies between the stage and the embedding is not linear.
 
 Heat is signed: a negative position pulls the two embeddings apart. `Explainer` computes it
-for batches of pairs in one compiled function per model, spread over the local devices.
+for batches of pairs in one compiled function per model and stage, spread over the local
+devices.
 Face models explain their aligned chips: the images are the model's inputs.
 """
 
@@ -41,12 +45,16 @@ from jaxretrieval.data.augment import preprocess
 from jaxretrieval.embed import Embedder, embedding_function
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.models import (EXPLAIN_COLLECTION, POSITION_WEIGHTS, build_model,
-                                 embed_with_feature_map)
+                                 stage_features)
 
 EXACT = "exact"
 GRAD_X_ACTIVATION = "grad_x_activation"
 # The pooling kinds after which a linear head keeps the similarity linear in the features.
 LINEAR_POOLINGS = ("avg", "flatten")
+# The name of the last stage whatever the model: the feature map the head pools.
+FINAL = "final"
+# The default stage is the deepest with at least this many positions a side.
+DEFAULT_MIN_SIDE = 16
 # Pairs per compiled call, at most.
 MAX_PAIRS = 32
 
@@ -65,7 +73,8 @@ class Explanation:
     each adds up to `similarity`). `overlays`: uint8 RGB [size, size, 3] per image, the heat
     upsampled onto the image as the model sees it (a face model's aligned chip): red above
     the image's mean heat, blue below it, on one colour scale for the pair (`overlays`).
-    `same` and `threshold` as in `Retriever.match`.
+    `method`: `exact` or `grad_x_activation`; `stage`: the backbone stage whose feature map
+    the heat is over (`Explainer`). `same` and `threshold` as in `Retriever.match`.
     """
 
     similarity: float
@@ -74,6 +83,7 @@ class Explanation:
     method: str
     same: bool | None = None
     threshold: float | None = None
+    stage: str | None = None
 
 
 def explanation_method(config) -> str:
@@ -83,26 +93,29 @@ def explanation_method(config) -> str:
     return EXACT if linear else GRAD_X_ACTIVATION
 
 
-def explain_function(config, feature_shape):
+def explain_function(config, feature_shape, stage=None):
     """`(variables, uint8 images_a [n, ...], uint8 images_b [n, ...], ones [k * n, H', W'])
     -> (similarities [n], heat_a [n, H', W'], heat_b [n, H', W'])` for one batch of pairs on
     one device, where k is `weight_copies(config)`.
 
-    `feature_shape` is the feature map's (H', W') (`feature_map_shape`). The ones are the
+    `stage`: the backbone stage whose feature map the heat is over (`stage_shapes`), or None
+    for the final one. `feature_shape` is that map's (H', W'). The ones are the
     position weights the gradient is taken at; they are an argument, split over the devices
     with the pairs, because inside `shard_map` a gradient with respect to an array every
     device holds alike is summed over the devices. Pure: `Explainer` maps it over its
     devices.
     """
     embed = embedding_function(config, fixed_norm=True)
-    exact = explanation_method(config) == EXACT
+    exact = stage is None and explanation_method(config) == EXACT
 
     def explain_fn(variables, images_a, images_b, weights):
         n = images_a.shape[0]
         images = jnp.concatenate([images_a, images_b], axis=0)
 
         def paired(weights):
-            weighted = {**variables, EXPLAIN_COLLECTION: {POSITION_WEIGHTS: weights}}
+            where = ({POSITION_WEIGHTS: weights} if stage is None
+                     else {"backbone": {stage: weights}})
+            weighted = {**variables, EXPLAIN_COLLECTION: where}
             e = embed(weighted, images)
             e_a, e_b = e[:n], e[n:]
             # Each image's heat comes from its own embedding against the other's, fixed.
@@ -129,14 +142,43 @@ def weight_copies(config) -> int:
     return 4 if config.model.flip_test else 2
 
 
-def feature_map_shape(config, variables) -> tuple:
-    """(H', W'): the spatial size of the model's last feature map, from shapes alone."""
+def stage_shapes(config, variables) -> dict:
+    """{stage name: (H', W')}: the backbone's stages in order (`models.stages`), the last
+    being the feature map the head pools, from shapes alone."""
     model = build_model(config)
     images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, config.channels),
                                   jnp.uint8)
-    _, features = jax.eval_shape(
-        lambda v, x: embed_with_feature_map(model, v, preprocess(x)), variables, images)
-    return tuple(features.shape[1:3])
+    features = jax.eval_shape(lambda v, x: stage_features(model, v, preprocess(x)),
+                              variables, images)
+    return {name: tuple(f.shape[1:3]) for name, f in features.items()}
+
+
+def default_stage(stages: dict) -> str:
+    """The stage explained when none is named, of `stage_shapes`' stages: the deepest whose
+    map is at least `DEFAULT_MIN_SIDE` positions a side (the first when none is).
+
+    Deeper maps are coarser: a heat cell of dlib's 2x2 map covers a quarter of the chip,
+    and each of its 64x64 pixels is seen by all four cells, so its hottest pixels are not
+    what the similarity rests on (measured in docs/explain.md). A map of 16 or more
+    positions a side still comes after the layers that detect parts, and its heat picks
+    out regions whose blurring costs the similarity several times what the same shape
+    blurred elsewhere costs.
+    """
+    fine = [name for name, shape in stages.items() if min(shape) >= DEFAULT_MIN_SIDE]
+    return fine[-1] if fine else next(iter(stages))
+
+
+def check_stage(stages: dict, stage) -> str:
+    """The stage to explain at, by name: one of `stages`, `final` (the last one, the map the
+    head pools), or None for `default_stage`."""
+    if stage is None:
+        return default_stage(stages)
+    if stage == FINAL:
+        return list(stages)[-1]
+    if stage not in stages:
+        raise JaxRetrievalError(f"stage={stage!r}; this model's stages are "
+                                f"{', '.join(stages)} (or {FINAL}, the last)")
+    return stage
 
 
 class Explainer:
@@ -146,24 +188,28 @@ class Explainer:
         similarities, heat_a, heat_b = explainer.explain_uint8(images_a, images_b)
     """
 
-    def __init__(self, config, variables, devices=None):
+    def __init__(self, config, variables, devices=None, stage=None):
         self.config = config
-        self.method = explanation_method(config)
+        self.stages = stage_shapes(config, variables)
+        self.stage = check_stage(self.stages, stage)
+        final = self.stage == list(self.stages)[-1]
+        self.method = explanation_method(config) if final else GRAD_X_ACTIVATION
         self.devices = devices or parallel.local_devices()
         mesh = parallel.device_mesh(self.devices)
         self._variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
         self._batch_sharding = parallel.batch_sharding(self.devices)
-        self.feature_shape = feature_map_shape(config, variables)
+        self.feature_shape = self.stages[self.stage]
         batch_spec = PartitionSpec(parallel.DEVICE_AXIS)
         self._fn = jax.jit(jax.shard_map(
-            explain_function(config, self.feature_shape), mesh=mesh,
+            explain_function(config, self.feature_shape, None if final else self.stage),
+            mesh=mesh,
             in_specs=(PartitionSpec(), batch_spec, batch_spec, batch_spec),
             out_specs=batch_spec))
 
     @classmethod
-    def from_embedder(cls, embedder: Embedder) -> "Explainer":
+    def from_embedder(cls, embedder: Embedder, stage=None) -> "Explainer":
         """An Explainer of the Embedder's model, with its variables and devices."""
-        return cls(embedder.config, embedder.variables, devices=embedder.devices)
+        return cls(embedder.config, embedder.variables, devices=embedder.devices, stage=stage)
 
     def explain_uint8(self, images_a: np.ndarray, images_b: np.ndarray):
         """(similarities float32 [n], heat_a [n, H', W'], heat_b [n, H', W']) for pairs of
@@ -236,18 +282,21 @@ def overlays(images, heatmaps) -> tuple:
 
 
 def explanation(images, similarity: float, heat_a, heat_b, method: str, *,
-                same=None, threshold=None) -> Explanation:
+                same=None, threshold=None, stage=None) -> Explanation:
     """An Explanation of one pair: its two model inputs, similarity and heatmaps."""
     heatmaps = (np.asarray(heat_a, np.float32), np.asarray(heat_b, np.float32))
     return Explanation(similarity=float(similarity), heatmaps=heatmaps,
                        overlays=overlays(images, heatmaps), method=method, same=same,
-                       threshold=threshold)
+                       threshold=threshold, stage=stage)
 
 
 def render(result: Explanation, *, side: int = 256, labels=("A", "B")) -> Image.Image:
-    """Both overlays side by side, each scaled to `side` pixels, under a line with the
-    similarity, the match decision and the method: what `jaxretrieval explain` writes."""
-    margin, text_height = 8, 44
+    """Both overlays side by side, each scaled to `side` pixels, under the labels, the
+    similarity with the match decision, and the method with the stage: what
+    `jaxretrieval explain` writes."""
+    lines = [f"{labels[0]}  |  {labels[1]}", *summary_lines(result)]
+    margin, line_height = 8, 20
+    text_height = line_height * len(lines) + 4
     canvas = Image.new("RGB", (3 * margin + 2 * side, 2 * margin + side + text_height),
                        "white")
     resample = (Image.Resampling.NEAREST if result.overlays[0].shape[0] * 2 <= side
@@ -259,16 +308,25 @@ def render(result: Explanation, *, side: int = 256, labels=("A", "B")) -> Image.
 
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=15)
-    draw.text((margin, margin), f"{labels[0]}  |  {labels[1]}", fill="black", font=font)
-    draw.text((margin, margin + 20), summary(result), fill="black", font=font)
+    for number, line in enumerate(lines):
+        draw.text((margin, margin + number * line_height), line, fill="black", font=font)
     return canvas
 
 
-def summary(result: Explanation) -> str:
-    """One line: the similarity, the match decision against its threshold, the method."""
+def summary_lines(result: Explanation) -> tuple:
+    """(the similarity and the match decision against its threshold, the method with the
+    stage and its map's size)."""
     if result.same is None:
         decision = "no calibrated threshold"
     else:
         decision = (f"{'same' if result.same else 'different'} "
                     f"(threshold {result.threshold:.3f})")
-    return f"similarity {result.similarity:.3f}: {decision}; {result.method}"
+    where = "x".join(map(str, result.heatmaps[0].shape))
+    if result.stage is not None:
+        where = f"{result.stage}, {where}"
+    return f"similarity {result.similarity:.3f}: {decision}", f"{result.method} ({where})"
+
+
+def summary(result: Explanation) -> str:
+    """`summary_lines` as one line."""
+    return "; ".join(summary_lines(result))

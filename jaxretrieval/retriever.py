@@ -18,7 +18,8 @@ from jaxretrieval.data.images import (InputSpec, decode_image_bytes, eight_bit, 
 from jaxretrieval.data.sources import read_source, roots_of_reference, resolve_within_roots
 from jaxretrieval.embed import Embedder
 from jaxretrieval.errors import JaxRetrievalError
-from jaxretrieval.explain import Explainer, Explanation, explanation
+from jaxretrieval.explain import (Explainer, Explanation, check_stage, explanation,
+                                  stage_shapes)
 from jaxretrieval.index import Index, ShardedIndex, open_index, stored_key
 from jaxretrieval.workdir import Workdir
 
@@ -80,7 +81,8 @@ class Retriever:
         self.index = index
         self._thumbnail_roots = tuple(os.path.abspath(os.fspath(root))
                                       for root in thumbnail_roots)
-        self._explainer = None  # compiled on the first `explain`
+        self._stages = None  # the backbone's stages, found on the first `explain`
+        self._explainers = {}  # stage name -> Explainer, compiled on its first use
         self._explainer_lock = threading.Lock()
 
     @classmethod
@@ -212,28 +214,41 @@ class Retriever:
         same = None if threshold is None else similarity >= threshold
         return Match(similarity=similarity, same=same, threshold=threshold)
 
-    def explain(self, image_a, image_b, *, threshold: float | None = None) -> Explanation:
+    def explain(self, image_a, image_b, *, threshold: float | None = None,
+                stage: str | None = None) -> Explanation:
         """Which parts of two images (HxWxC uint8 arrays, PIL images or file paths) carry
-        their similarity: the similarity, a heatmap per image at the feature map's
-        resolution, each heatmap as an RGB overlay on the image as the model sees it (a face
-        model's aligned chip), the method (`exact` or `grad_x_activation`, see
-        `jaxretrieval.explain`) and the match decision as `match` gives it."""
+        their similarity: the similarity, a heatmap per image over the positions of a
+        backbone stage's feature map, each heatmap as an RGB overlay on the image as the
+        model sees it (a face model's aligned chip), the method (`exact` or
+        `grad_x_activation`), the stage, and the match decision as `match` gives it.
+
+        `stage`: a stage's name (`explain_stages`), `final` for the map the head pools (the
+        exact decomposition, where the head allows it), or None for the default stage (see
+        `jaxretrieval.explain.default_stage`)."""
         a, b = load_images([image_a, image_b], InputSpec.of(self.embedder.config))
-        return self.explain_uint8(a, b, threshold=threshold)
+        return self.explain_uint8(a, b, threshold=threshold, stage=stage)
+
+    def explain_stages(self) -> dict:
+        """{stage name: (rows, columns) of its heatmaps}, in the backbone's order."""
+        return stage_shapes(self.embedder.config, self.embedder.variables)
 
     def explain_uint8(self, image_a: np.ndarray, image_b: np.ndarray, *,
-                      threshold: float | None = None) -> Explanation:
+                      threshold: float | None = None, stage: str | None = None
+                      ) -> Explanation:
         """As `explain`, for two uint8 [size, size, channels] model inputs (`decode_image`,
         `item_input`)."""
         with self._explainer_lock:
-            if self._explainer is None:
-                self._explainer = Explainer.from_embedder(self.embedder)
-        explainer = self._explainer
+            if self._stages is None:
+                self._stages = self.explain_stages()
+            name = check_stage(self._stages, stage)
+            if name not in self._explainers:  # one compiled function per stage, kept
+                self._explainers[name] = Explainer.from_embedder(self.embedder, stage=name)
+            explainer = self._explainers[name]
         similarities, heat_a, heat_b = explainer.explain_uint8(image_a[None], image_b[None])
         decision = self._decision(float(similarities[0]), threshold)
         return explanation((image_a, image_b), similarities[0], heat_a[0], heat_b[0],
                            explainer.method, same=decision.same,
-                           threshold=decision.threshold)
+                           threshold=decision.threshold, stage=name)
 
     # ------------------------------------------------------------------ changing the gallery
 

@@ -18,7 +18,9 @@ from jaxretrieval import cli
 from jaxretrieval.config import base_config
 from jaxretrieval.data.augment import preprocess
 from jaxretrieval.embed import embedding_function
-from jaxretrieval.explain import EXACT, GRAD_X_ACTIVATION, Explainer
+from jaxretrieval.errors import JaxRetrievalError
+from jaxretrieval.explain import (EXACT, FINAL, GRAD_X_ACTIVATION, Explainer, check_stage,
+                                  default_stage, stage_shapes)
 from jaxretrieval.models import build_model, embed_with_feature_map
 
 
@@ -76,8 +78,9 @@ def head_maths(config, variables, images_a, images_b):
 def test_exact_contributions_add_up_to_the_similarity_and_match_the_head_maths(pooling):
     config = small_config(pooling)
     variables = initial_variables(config)
-    explainer = Explainer(config, variables)  # four devices, two pairs on each
+    explainer = Explainer(config, variables, stage=FINAL)  # four devices, two pairs on each
     assert explainer.method == EXACT and explainer.feature_shape == (4, 4)
+    assert explainer.stage == "stage2"
     images_a, images_b = random_images(config, 7, 1), random_images(config, 7, 2)
     similarities, heat_a, heat_b = explainer.explain_uint8(images_a, images_b)
     embed = embedding_function(config)
@@ -96,11 +99,61 @@ def test_with_mirror_test_time_augmentation_the_heat_still_adds_up():
     config = small_config("avg", flip_test=True)
     variables = initial_variables(config, seed=3)
     images_a, images_b = random_images(config, 3, 4), random_images(config, 3, 5)
-    similarities, heat_a, heat_b = Explainer(config, variables).explain_uint8(images_a,
-                                                                              images_b)
+    similarities, heat_a, heat_b = Explainer(config, variables, stage=FINAL).explain_uint8(
+        images_a, images_b)
     embed = embedding_function(config)
     e_a, e_b = np.asarray(embed(variables, images_a)), np.asarray(embed(variables, images_b))
     np.testing.assert_allclose(similarities, np.sum(e_a * e_b, axis=-1), atol=1e-5)
+    for heat in (heat_a, heat_b):
+        np.testing.assert_allclose(heat.sum(axis=(1, 2)), similarities, atol=1e-5)
+
+
+# ----------------------------------------------------------------- stages inside the backbone
+
+def test_stages_come_in_order_and_the_default_is_the_deepest_of_16_or_more_a_side():
+    config = small_config("gem", image_size=64, widths=(4, 8, 8))
+    # Shapes alone: the variables need not exist.
+    abstract = jax.eval_shape(build_model(config).init, jax.random.key(0),
+                              jnp.zeros((1, 64, 64, 1)))
+    shapes = stage_shapes(config, abstract)
+    assert shapes == {"stage1": (32, 32), "stage2": (16, 16), "stage3": (8, 8)}
+    assert default_stage(shapes) == "stage2" and check_stage(shapes, None) == "stage2"
+    assert check_stage(shapes, FINAL) == "stage3" and check_stage(shapes, "stage1") == "stage1"
+    # When every map is smaller, the finest.
+    assert default_stage({"stage1": (8, 8), "stage2": (4, 4)}) == "stage1"
+    with pytest.raises(JaxRetrievalError, match="stage1, stage2, stage3"):
+        check_stage(shapes, "stage4")
+
+    dlib = base_config()
+    dlib.image_size, dlib.channels, dlib.model.name = 150, 3, "dlib_face_resnet"
+    dlib.model.input_norm, dlib.model.projection_bias, dlib.embedding_dim = "dlib", False, 128
+    model = build_model(dlib)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 150, 150, 3)))
+    shapes = stage_shapes(dlib, abstract)
+    assert shapes == {"stage0": (35, 35), "stage1": (35, 35), "stage2": (17, 17),
+                      "stage3": (8, 8), "stage4": (4, 4), "stage5": (2, 2)}
+    assert default_stage(shapes) == "stage2"
+    assert "intermediates" not in abstract  # recording the stages adds no variables
+
+
+def test_at_an_inner_stage_the_heat_of_a_homogeneous_model_adds_up_to_the_similarity():
+    # Without biases, a network of convolutions, ReLUs, max-pools, an average pool and a
+    # linear map is homogeneous of degree one in every stage's feature map, so gradient x
+    # activation there adds up to the similarity (Euler's theorem): a check that the heat
+    # is the gradient at that stage, times that stage's activation.
+    config = small_config("avg", batch_norm=False)
+    variables = initial_variables(config, seed=2)
+    for layer in variables["params"]["backbone"].values():
+        layer["bias"][:] = 0.0
+    variables["params"]["projection"]["bias"][:] = 0.0
+    images_a, images_b = random_images(config, 3, 6), random_images(config, 3, 7)
+    embed = embedding_function(config)
+    e_a, e_b = np.asarray(embed(variables, images_a)), np.asarray(embed(variables, images_b))
+    explainer = Explainer(config, variables, stage="stage1")
+    assert explainer.method == GRAD_X_ACTIVATION and explainer.feature_shape == (8, 8)
+    similarities, heat_a, heat_b = explainer.explain_uint8(images_a, images_b)
+    np.testing.assert_allclose(similarities, np.sum(e_a * e_b, axis=-1), atol=1e-5)
+    assert np.ptp(heat_a) > 1e-3
     for heat in (heat_a, heat_b):
         np.testing.assert_allclose(heat.sum(axis=(1, 2)), similarities, atol=1e-5)
 
@@ -165,13 +218,15 @@ def test_the_heat_peaks_on_the_patch_the_two_images_share(pooling, method):
             assert heat[patch].min() > 3 * heat[~patch].max()
 
 
-@pytest.mark.parametrize("pooling", ["avg", "gem"])
-def test_mirroring_the_input_mirrors_the_heat_for_a_model_with_symmetric_kernels(pooling):
+@pytest.mark.parametrize("pooling,stage", [("avg", FINAL), ("gem", None)])
+def test_mirroring_the_input_mirrors_the_heat_for_a_model_with_symmetric_kernels(pooling,
+                                                                                 stage):
     config = small_config(pooling, batch_norm=False)
     variables = initial_variables(config, seed=5)
     for conv in variables["params"]["backbone"].values():
         conv["kernel"][:] = (conv["kernel"] + conv["kernel"][:, ::-1]) / 2  # [h, w, in, out]
-    explainer = Explainer(config, variables)
+    explainer = Explainer(config, variables, stage=stage)
+    assert explainer.feature_shape == ((4, 4) if stage == FINAL else (8, 8))
     images_a, images_b = random_images(config, 3, 8), random_images(config, 3, 9)
     mirror = lambda images: images[:, :, ::-1]
     similarities, heat_a, heat_b = explainer.explain_uint8(images_a, images_b)
@@ -212,11 +267,19 @@ def test_retriever_explains_a_pair_as_it_matches_it(retriever):
     match = retriever.match(a, b)
     assert result.similarity == pytest.approx(match.similarity, abs=1e-5)
     assert (result.same, result.threshold) == (match.same, match.threshold)
-    assert result.method == GRAD_X_ACTIVATION  # the default head pools by GeM
-    assert [h.shape for h in result.heatmaps] == [(4, 4), (4, 4)]
+    # The finest stage by default (none of the 16x16 input's maps has 16 a side).
+    assert (result.method, result.stage) == (GRAD_X_ACTIVATION, "stage1")
+    assert [h.shape for h in result.heatmaps] == [(8, 8), (8, 8)]
     assert [o.shape for o in result.overlays] == [(16, 16, 3), (16, 16, 3)]
     assert all(o.dtype == np.uint8 for o in result.overlays)
     assert retriever.explain(a, b, threshold=2.0).same is False
+    assert retriever.explain_stages() == {"stage1": (8, 8), "stage2": (4, 4)}
+    final = retriever.explain(a, b, stage=FINAL)
+    assert final.stage == "stage2" and final.heatmaps[0].shape == (4, 4)
+    assert final.similarity == pytest.approx(result.similarity, abs=1e-5)
+    assert final.method == GRAD_X_ACTIVATION  # the default head pools by GeM
+    with pytest.raises(JaxRetrievalError, match="stage1, stage2"):
+        retriever.explain(a, b, stage="stage9")
 
 
 @pytest.fixture
@@ -237,6 +300,7 @@ def test_the_command_line_writes_both_overlays_with_the_verdict(
     assert code == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["method"] == GRAD_X_ACTIVATION and printed["output"] == output
+    assert printed["stage"] == "stage1" and printed["heatmap"] == [8, 8]
     assert -1.0 <= printed["similarity"] <= 1.0 and printed["same"] in (True, False)
     with Image.open(output) as picture:
         assert picture.format == "PNG" and picture.width == 3 * 8 + 2 * 128
@@ -248,6 +312,9 @@ def test_the_command_line_writes_both_overlays_with_the_verdict(
     assert cli.main(["explain", "--workdir", trained_workdir[0], paths[0],
                      str(tmp_path / "missing.png"), "--output", output]) == 1
     assert "not found" in capsys.readouterr().err
+    assert cli.main(["explain", "--workdir", trained_workdir[0], *paths, "--output", output,
+                     "--stage", "conv9"]) == 1
+    assert "stage1, stage2" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -290,8 +357,10 @@ def test_explain_endpoint_answers_two_images_and_an_image_with_a_gallery_id(clie
     matched = client.post("/match", files=files).json()
     assert body["similarity"] == pytest.approx(matched["similarity"], abs=1e-5)
     assert (body["same"], body["threshold"]) == (matched["same"], matched["threshold"])
-    assert np.asarray(body["heatmaps"]).shape == (2, 4, 4)
+    assert body["stage"] == "stage1" and np.asarray(body["heatmaps"]).shape == (2, 8, 8)
     decoded_overlays(body)
+    final = client.post("/explain?stage=final", files=files).json()
+    assert final["stage"] == "stage2" and np.asarray(final["heatmaps"]).shape == (2, 4, 4)
 
     # The digit as stored is train/5's own image: the pair is one image twice.
     by_id = client.post("/explain", data={"id": "train/5"},
@@ -319,6 +388,8 @@ def test_explain_endpoint_refuses_bad_input_in_the_error_shape(client):
                  400, "bad_image")
     assert_error(client.post("/explain", json={"image_a": "x"}), 400, "missing_field")
     assert_error(client.post("/explain", files={"id": (None, "train/1")}), 400, "missing_field")
+    assert_error(client.post("/explain?stage=stage7", files={"image_a": image, "image_b": image}),
+                 400, "bad_stage")
     schema = client.get("/openapi.json").json()["paths"]["/explain"]["post"]
     assert "overlays" in schema["description"] and schema["summary"]
 

@@ -10,10 +10,12 @@ there, so adding a backbone touches this package alone.
 pools, and projects. Anything a loss learns besides the model (classifier weights, proxies)
 belongs to the loss (`jaxretrieval.losses`), not to the model.
 
-Explanations (`jaxretrieval.explain`) see inside it through two public hooks:
-`embed_with_feature_map` returns the backbone's feature map beside the embedding, and a
+Explanations (`jaxretrieval.explain`) see inside it through public hooks:
+`embed_with_feature_map` returns the backbone's feature map beside the embedding; a
 `position_weights` variable in the `explain` collection, when given, weights each spatial
-position of that feature map before pooling.
+position of that feature map before pooling; and `stage_features` returns the feature map of
+each stage inside the backbone, where weights in the same collection act alike
+(`models.stages`).
 """
 
 import dataclasses
@@ -28,6 +30,7 @@ from jaxretrieval.models.face_resnet import INPUT_SIZE as DLIB_INPUT_SIZE
 from jaxretrieval.models.face_resnet import DlibFaceResNet, preprocess_dlib
 from jaxretrieval.models.heads import GeM, l2_normalize, pool_features
 from jaxretrieval.models.resnet import RESNET_DEPTHS, resnet
+from jaxretrieval.models.stages import EXPLAIN_COLLECTION, STAGE_COLLECTION, stage_number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,8 +186,7 @@ def check_backbone(config) -> None:
         raise JaxRetrievalError(f"bad config: {problem}")
 
 
-# The variable collection and name of the per-position weights of the feature map.
-EXPLAIN_COLLECTION = "explain"
+# The name of the per-position weights of the final feature map, in EXPLAIN_COLLECTION.
 POSITION_WEIGHTS = "position_weights"
 
 
@@ -234,6 +236,17 @@ def embed_with_feature_map(model: RetrievalModel, variables, x):
 
     embeddings, state = model.apply(variables, x, capture_intermediates=is_backbone)
     return embeddings, state["intermediates"]["backbone"]["__call__"][0]
+
+
+def stage_features(model: RetrievalModel, variables, x) -> dict:
+    """{stage name: feature map [B, H, W, C]}, in the backbone's order, for float32 images
+    `x` in [0, 1]: the output of each stage the backbone marks (`models.stages`). The last
+    is the feature map the head pools."""
+    _, state = model.apply(variables, x, mutable=[STAGE_COLLECTION])
+    recorded = state.get(STAGE_COLLECTION, {}).get("backbone", {})
+    names = sorted((name for name, values in recorded.items() if isinstance(values, tuple)),
+                   key=stage_number)
+    return {name: recorded[name][0] for name in names}
 
 
 def build_model(config, bn_axis_name: str | None = None) -> RetrievalModel:

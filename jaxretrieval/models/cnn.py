@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxretrieval.models.stages import stage_output
 from jaxretrieval.ops.conv import conv_general_dilated, conv_relu_pool
 
 
@@ -13,6 +14,7 @@ class SeedCNN(nn.Module):
     """Conv{w}-Pool per width, as in the seed's Keras model (3x3 convs, 2x2 max-pools).
 
     Returns the last feature map [B, H', W', widths[-1]]; the head pools and projects it.
+    Each conv/pool block is a stage (`stage1`, ...; `models.stages`).
     """
 
     widths: Sequence[int] = (32, 64, 128)
@@ -28,7 +30,7 @@ class SeedCNN(nn.Module):
         # nn.Conv still owns the parameters, so checkpoints are the same either way.
         fused = (not self.batch_norm and jnp.dtype(self.dtype) == jnp.float32
                  and not self.is_initializing())
-        for width in self.widths:
+        for index, width in enumerate(self.widths):
             conv = nn.Conv(width, (self.kernel_size, self.kernel_size), padding=self.padding,
                            use_bias=not self.batch_norm, dtype=self.dtype,
                            conv_general_dilated=conv_general_dilated)
@@ -36,6 +38,7 @@ class SeedCNN(nn.Module):
                 params = conv.variables["params"]
                 x = conv_relu_pool(x, params["kernel"], params["bias"], self.padding,
                                    max_pool_2x2)
+                x = stage_output(self, f"stage{index + 1}", x)
                 continue
             x = conv(x)
             if self.batch_norm:
@@ -44,6 +47,7 @@ class SeedCNN(nn.Module):
                                  dtype=self.dtype)(x)
             x = nn.relu(x)
             x = max_pool_2x2(x)
+            x = stage_output(self, f"stage{index + 1}", x)
         return x
 
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxretrieval.errors import JaxRetrievalError
+from jaxretrieval.models.stages import stage_output
 
 INPUT_SIZE = 150
 # input_rgb_image_sized: (pixel - channel mean) / 256, the means of dlib's default and file.
@@ -115,7 +116,9 @@ def block_names():
 class DlibFaceResNet(nn.Module):
     """The trunk of dlib's face ResNet: [B, 150, 150, 3] -> feature map [B, 2, 2, 256].
 
-    It takes `preprocess_dlib`'s input. There is no batch norm (dlib's is frozen into the
+    It takes `preprocess_dlib`'s input. Its stages (`models.stages`): `stage0` (the stem)
+    35x35x32, `stage1` 35x35x32, `stage2` 17x17x64, `stage3` 8x8x128, `stage4` 4x4x256 and `stage5`
+    2x2x256, the feature map itself. There is no batch norm (dlib's is frozen into the
     affine layers), so `train` changes nothing.
     """
 
@@ -127,11 +130,13 @@ class DlibFaceResNet(nn.Module):
                     kernel_init=conv_init, dtype=self.dtype, name="stem_conv")(x)
         x = nn.relu(Affine(self.dtype, name="stem_affine")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+        x = stage_output(self, "stage0", x)
         names = iter(block_names())
         for stage, (filters, blocks) in enumerate(STAGES):
             for index in range(blocks):
                 x = ResidualBlock(filters, down=stage > 0 and index == 0, dtype=self.dtype,
                                   name=next(names))(x)
+            x = stage_output(self, f"stage{stage + 1}", x)
         return x
 
 

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxretrieval.errors import JaxRetrievalError
+from jaxretrieval.models.stages import stage_output
 
 # He-normal over fan_out, as torchvision initialises its ResNets: the variance is kept
 # for the backward pass through each ReLU. A plain (untruncated) normal, as there.
@@ -119,6 +120,7 @@ class ResNet(nn.Module):
         x = nn.relu(norm(name="stem_bn")(x))
         if not self.small_stem:
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=PAD_1)
+        x = stage_output(self, "stage0", x)
 
         for stage, num_blocks in enumerate(self.stage_sizes):
             for index in range(num_blocks):
@@ -126,6 +128,7 @@ class ResNet(nn.Module):
                 strides = 2 if stage > 0 and index == 0 else 1
                 x = block_cls(self.num_filters * 2 ** stage, strides, conv, norm,
                               name=f"stage{stage + 1}_block{index + 1}")(x)
+            x = stage_output(self, f"stage{stage + 1}", x)
         return x
 
 

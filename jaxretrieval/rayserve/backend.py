@@ -257,7 +257,7 @@ class RayRetriever(Retriever):
 
     in_process = False
 
-    def explain_uint8(self, image_a, image_b, *, threshold=None):
+    def explain_uint8(self, image_a, image_b, *, threshold=None, stage=None):
         # Explaining needs the model's feature maps and gradients, which live in the
         # embedder's processes; the front end holds no model.
         raise ServiceError(501, "not_implemented", "explanations are served by the "

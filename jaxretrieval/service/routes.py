@@ -433,16 +433,22 @@ async def gallery_input(service: Service, item_id) -> np.ndarray:
     description="Multipart fields `image_a` and `image_b` (two files), or `image` (a file) "
                 "and `id` (a gallery item, whose image is read where its thumbnail is). "
                 "Answers `similarity`, `same` and `threshold` as /match does (`threshold` "
-                "in the query overrides the calibrated one); `method`: `exact` (the heat "
-                "of each image adds up to the similarity) or `grad_x_activation` (gradient "
-                "x activation of the similarity); `heatmaps`: per image, the heat of each "
-                "position of the model's last feature map, rows of floats (positive adds "
-                "to the similarity); `overlays`: per image, a base64 PNG of the heat drawn "
+                "in the query overrides the calibrated one); `stage`: the backbone stage "
+                "whose feature map the heat is over (`stage` in the query names one, e.g. "
+                "`stage2`, or `final` for the map the head pools; default: the deepest "
+                "stage of at least 16x16 positions, see docs/explain.md; an unknown one is "
+                "400 `bad_stage`, naming the model's stages); `method`: `exact` (the heat "
+                "of each image adds up to the similarity; the final stage of an "
+                "average-pooled linear head) or `grad_x_activation` (gradient x activation "
+                "of the similarity); `heatmaps`: per image, the heat of each position of "
+                "that feature map, rows of floats (positive adds to the similarity); "
+                "`overlays`: per image, a base64 PNG of the heat drawn "
                 "on the image as the model sees it (a face model's aligned chip), red above "
                 "the image's mean heat and blue below it, on one scale for the pair. Images "
                 "are in "
                 "the order a, b (`image` first when `id` is given).")
-async def explain(request: Request, service: ServiceDep, threshold: float | None = None):
+async def explain(request: Request, service: ServiceDep, threshold: float | None = None,
+                  stage: str | None = None):
     check_threshold(threshold)
     if not is_multipart(request):
         raise ServiceError(400, "missing_field",
@@ -454,9 +460,12 @@ async def explain(request: Request, service: ServiceDep, threshold: float | None
     else:
         images = [await read_upload(service, form.get("image_a")),
                   await read_upload(service, form.get("image_b"))]
-    result = await run_in_threadpool(service.retriever.explain_uint8, *images,
-                                     threshold=threshold)
+    try:
+        result = await run_in_threadpool(service.retriever.explain_uint8, *images,
+                                         threshold=threshold, stage=stage)
+    except JaxRetrievalError as err:  # the images are checked already: the stage is bad
+        raise ServiceError(400, "bad_stage", str(err)) from None
     overlays = await run_in_threadpool(lambda: [png_base64(o) for o in result.overlays])
     return {"similarity": result.similarity, "same": result.same,
-            "threshold": result.threshold, "method": result.method,
+            "threshold": result.threshold, "method": result.method, "stage": result.stage,
             "heatmaps": [heat.tolist() for heat in result.heatmaps], "overlays": overlays}
