@@ -390,11 +390,3 @@ def resolve_within_roots(reference: str, roots) -> str | None:
         if os.path.commonpath([root, path]) == root and path != root:
             return path
     return None
-    path = os.path.realpath(reference)
-    for root in roots:
-        if root.startswith(TFDS_REF_PREFIX) or not os.path.isabs(root):
-            continue
-        root = os.path.realpath(root)
-        if os.path.commonpath([root, path]) == root and path != root:
-            return True
-    return False
