@@ -31,6 +31,10 @@ class VideoDecodeError(JaxRetrievalError):
     """A video that cannot be opened or decoded, or breaks a limit."""
 
 
+class VideoLimitError(VideoDecodeError):
+    """A video longer, larger or with more sampled frames than its `Limits` allow."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     """Which frames of a video are taken: one every 1/rate seconds (rate 0: none), and with
@@ -88,6 +92,16 @@ def is_video_path(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS
 
 
+def pyav():
+    """The `av` module (PyAV), or one clear error saying how to install it."""
+    try:
+        import av
+    except ImportError:
+        raise JaxRetrievalError("videos need PyAV: pip install 'jaxretrieval[video]' (or "
+                                "pip install av)") from None
+    return av
+
+
 def sample_frames(source, sampling: Sampling = Sampling(), *, limits: Limits = Limits(),
                   keep_images: bool = True):
     """[(seconds, HxWx3 uint8 frame or None)] of a video file path or bytes, in time order.
@@ -96,7 +110,7 @@ def sample_frames(source, sampling: Sampling = Sampling(), *, limits: Limits = L
     changes are found in the pixels). Raises VideoDecodeError naming the video for one that
     cannot be opened or decoded, has no video stream, or breaks `limits`.
     """
-    import av
+    av = pyav()
 
     name = source if isinstance(source, str) else "the uploaded video"
     try:
@@ -110,11 +124,11 @@ def sample_frames(source, sampling: Sampling = Sampling(), *, limits: Limits = L
         stream.thread_type = "AUTO"
         width, height = stream.codec_context.width, stream.codec_context.height
         if width * height > limits.max_pixels:
-            raise VideoDecodeError(f"{name} has frames of {width}x{height} pixels; at most "
+            raise VideoLimitError(f"{name} has frames of {width}x{height} pixels; at most "
                                    f"{limits.max_pixels} pixels per frame are allowed")
         declared = _declared_seconds(container, stream)
         if declared is not None and declared > limits.max_seconds:
-            raise VideoDecodeError(f"{name} lasts {declared:.1f} s; at most "
+            raise VideoLimitError(f"{name} lasts {declared:.1f} s; at most "
                                    f"{limits.max_seconds:g} s are allowed")
         try:
             return _sample(container, stream, sampling, limits, keep_images, name)
@@ -144,7 +158,7 @@ def _sample(container, stream, sampling, limits, keep_images, name):
             seconds = count / float(stream.average_rate or 25)
         count += 1
         if seconds > limits.max_seconds:
-            raise VideoDecodeError(f"{name} lasts more than {limits.max_seconds:g} s")
+            raise VideoLimitError(f"{name} lasts more than {limits.max_seconds:g} s")
         # Rate samples due before this frame show the last one (the first frame stands
         # for the times before it).
         while next_due < seconds - EPSILON:
@@ -162,7 +176,7 @@ def _sample(container, stream, sampling, limits, keep_images, name):
             previous = miniature
         last = (seconds, frame)
         if len(frames) > limits.max_frames:
-            raise VideoDecodeError(f"{name} gives more than {limits.max_frames} frames")
+            raise VideoLimitError(f"{name} gives more than {limits.max_frames} frames")
     if count == 0:
         raise VideoDecodeError(f"{name} holds no decodable frame")
     return frames
@@ -177,7 +191,7 @@ def _take(frames, entry, keep_images):
 
 def read_frame_at(path: str, seconds: float) -> Image.Image:
     """The frame of a video file on screen at `seconds` (a frame key's time), as RGB."""
-    import av
+    av = pyav()
 
     try:
         with av.open(path) as container:

@@ -91,13 +91,15 @@ def vote(times, keys, scores, k: int, *, speeds=DEFAULT_SPEEDS) -> list:
         for query, vote_ in cells.get((video, s, cell + 1), {}).items():
             if query not in merged or merged[query][0] < vote_[0]:
                 merged[query] = vote_
-        total = sum(weight for weight, _, _ in merged.values())
-        # Among equal totals, the speed nearest 1 (a still clip agrees with every speed).
-        rank = (total, -abs(float(speeds[s]) - 1.0))
+        total = round(sum(weight for weight, _, _ in merged.values()), 9)
+        # Among equal totals (the same frames fit several speeds within a window), the
+        # tightest offsets, then the speed nearest 1 (a still clip fits every speed).
+        spread = round(float(np.std([offset for _, _, offset in merged.values()])), 3)
+        rank = (total, -spread, -abs(float(speeds[s]) - 1.0))
         if video not in best or rank > best[video][0]:
             best[video] = (rank, s, merged)
     matches = []
-    for video, ((total, _), s, merged) in best.items():
+    for video, ((total, _, _), s, merged) in best.items():
         weights = np.array([w for w, _, _ in merged.values()])
         offset = float(np.dot(weights, [o for _, _, o in merged.values()]) / weights.sum())
         frames = [merged[q][1] for q in sorted(merged)]
