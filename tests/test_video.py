@@ -204,8 +204,16 @@ def test_the_service_searches_by_clip_and_refuses_bad_uploads(video_workdir, tmp
         retriever.close()
 
 
-def test_an_undecodable_video_is_one_clear_error(tmp_path):
+def test_an_undecodable_or_oversized_video_is_one_clear_error(tmp_path):
+    from jaxretrieval.video.decode import Limits, VideoLimitError
+
     path = tmp_path / "junk.mp4"
     path.write_bytes(b"junk" * 100)
     with pytest.raises(VideoDecodeError, match="junk.mp4"):
         sample_frames(str(path))
+    video = write_video(tmp_path / "v.mp4", grey_frames([10] * 10))
+    with pytest.raises(VideoLimitError, match="at most 100 pixels") as refused:
+        sample_frames(video, limits=Limits(max_pixels=100))
+    assert refused.value.code == "too_large"
+    with pytest.raises(VideoLimitError, match="more than 1 frames"):
+        sample_frames(video, Sampling(rate=5), limits=Limits(max_frames=1))

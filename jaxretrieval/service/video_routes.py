@@ -3,8 +3,9 @@
 The clip is read up to the service's `max_video_bytes`, decoded in the decoding pool with
 its frames sampled as the gallery's were (refused past `max_video_seconds` or `max_pixels`
 a frame, before the rest is decoded), embedded in one call, and ranked by the voting of
-jaxretrieval.video.voting. Refusals: 413 for too many bytes or seconds, 400 for a body
-without a `video` file or one FFmpeg cannot decode.
+jaxretrieval.video.voting. Refusals: 413 for too many bytes, seconds, frames or pixels a
+frame, 400 for a body without a `video` file or one FFmpeg cannot decode, 415 for a body
+that is not multipart.
 """
 
 from fastapi import APIRouter, Request
@@ -64,7 +65,7 @@ async def search_video(request: Request, service: ServiceDep, k: int = 10):
     try:
         times, inputs = await decoded(service, retriever.decode_video, data, limits=limits)
     except VideoLimitError as err:
-        raise ServiceError(413, "too_long", str(err)) from None
+        raise ServiceError(413, err.code, str(err)) from None
     except VideoDecodeError as err:
         raise ServiceError(400, "bad_video", str(err)) from None
 

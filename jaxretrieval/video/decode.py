@@ -32,7 +32,12 @@ class VideoDecodeError(JaxRetrievalError):
 
 
 class VideoLimitError(VideoDecodeError):
-    """A video longer, larger or with more sampled frames than its `Limits` allow."""
+    """A video longer, larger or with more sampled frames than its `Limits` allow; `code`
+    says which: `too_long` (seconds, frames) or `too_large` (pixels a frame)."""
+
+    def __init__(self, message: str, code: str = "too_long"):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,11 +130,12 @@ def sample_frames(source, sampling: Sampling = Sampling(), *, limits: Limits = L
         width, height = stream.codec_context.width, stream.codec_context.height
         if width * height > limits.max_pixels:
             raise VideoLimitError(f"{name} has frames of {width}x{height} pixels; at most "
-                                   f"{limits.max_pixels} pixels per frame are allowed")
+                                  f"{limits.max_pixels} pixels per frame are allowed",
+                                  "too_large")
         declared = _declared_seconds(container, stream)
         if declared is not None and declared > limits.max_seconds:
             raise VideoLimitError(f"{name} lasts {declared:.1f} s; at most "
-                                   f"{limits.max_seconds:g} s are allowed")
+                                  f"{limits.max_seconds:g} s are allowed")
         try:
             return _sample(container, stream, sampling, limits, keep_images, name)
         except VideoDecodeError:
