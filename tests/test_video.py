@@ -217,3 +217,51 @@ def test_an_undecodable_or_oversized_video_is_one_clear_error(tmp_path):
     assert refused.value.code == "too_large"
     with pytest.raises(VideoLimitError, match="more than 1 frames"):
         sample_frames(video, Sampling(rate=5), limits=Limits(max_frames=1))
+
+
+def test_the_page_shows_a_clips_videos_as_frames_with_times_in_chromium(video_workdir,
+                                                                       tmp_path):
+    from service_helpers import ServerThread
+    from test_service_process import CHROMEDRIVER, CHROMIUM
+
+    from jaxretrieval.retriever import Retriever
+    from jaxretrieval.service.app import ServiceSettings
+
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)) and not os.environ.get(
+            "JAXRETRIEVAL_REQUIRE_BROWSER"):
+        pytest.skip("Debian's chromium and chromium-driver are not installed "
+                    "(apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as DriverService
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    workdir, _, clip, _ = video_workdir
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    # uvicorn in a thread of this process: no second start of JAX and the model.
+    retriever = Retriever.load(workdir)
+    server = ServerThread(retriever, ServiceSettings())
+    driver = webdriver.Chrome(service=DriverService(CHROMEDRIVER), options=options)
+    try:
+        driver.get(f"http://127.0.0.1:{server.port}/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: "items" in d.find_element(By.ID, "health").text)
+        driver.find_element(By.ID, "video-file").send_keys(clip)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#video-results .video"))
+        first = driver.find_elements(By.CSS_SELECTOR, "#video-results .video")[0]
+        assert "more/c.mp4" in first.text and "starts at 3.0 s" in first.text
+        captions = [c.text for c in first.find_elements(By.TAG_NAME, "figcaption")]
+        assert captions[:2] == ["3.0 s", "4.0 s"]
+        # The frames' thumbnails are decoded from the video.
+        wait.until(lambda d: d.execute_script(
+            "const imgs = [...document.querySelectorAll('#video-results .video img')];"
+            "return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0)"))
+    finally:
+        driver.quit()
+        server.stop()
+        retriever.close()
