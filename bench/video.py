@@ -319,7 +319,13 @@ def evaluate(queries, answer):
                      "correct": correct,
                      "offset_error": abs(best.offset - q["offset"]) if correct else None})
     threshold = calibrated_threshold(rows[0::2])
-    return {"threshold": threshold, "table": summarise(rows[1::2], threshold)}
+    test = rows[1::2]
+    right = [r["score"] for r in test if r["correct"]]
+    unrelated = [r["score"] for r in test if not r["correct"] and r["score"] is not None]
+    return {"threshold": threshold, "table": summarise(test, threshold),
+            # How far apart the two populations lie on the measured half.
+            "lowest_right_score": min(right) if right else None,
+            "highest_wrong_score": max(unrelated) if unrelated else None, "rows": rows}
 
 
 def run(out, count, steps):
@@ -366,18 +372,25 @@ def markdown(result):
              f"{result['gallery_frames']} frames at 1/s), {result['queries']} queries; "
              f"load average {result['load_average'][0]:.1f} on {os.cpu_count()} cores.", "",
              "| transformation | system | precision | recall | Recall@1 | median offset "
-             "error (s) |", "|---|---|---|---|---|---|"]
+             "error (s) | false detections |", "|---|---|---|---|---|---|---|"]
     for kind in (*TRANSFORMS, "distractor", "all"):
         for name in ("model", "phash"):
             row = result[name]["table"][kind]
             lines.append(f"| {kind} | {name} | {cell(row['precision'])} | "
                          f"{cell(row['recall'])} | {cell(row['recall@1'])} | "
-                         f"{cell(row['median_offset_error_s'], 2)} |")
+                         f"{cell(row['median_offset_error_s'], 2)} | "
+                         f"{row['false_detections']} |")
     lines += ["", f"thresholds: model {result['model']['threshold']:.3f}, "
               f"pHash {result['phash']['threshold']:.3f}; seconds of video per wall second: "
               f"model {result['model']['video_seconds_per_second']:.1f} (decode, sample, "
               f"embed), pHash {result['phash']['video_seconds_per_second']:.1f} "
-              "(decode, sample, hash)"]
+              "(decode, sample, hash)", "",
+              "on the measured half, the lowest score of a right best video and the highest "
+              "of a wrong one (a distractor's, or another video's): model "
+              f"{cell(result['model']['lowest_right_score'])} / "
+              f"{cell(result['model']['highest_wrong_score'])}, pHash "
+              f"{cell(result['phash']['lowest_right_score'])} / "
+              f"{cell(result['phash']['highest_wrong_score'])}"]
     return "\n".join(lines)
 
 
