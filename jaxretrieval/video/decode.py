@@ -154,8 +154,12 @@ def _declared_seconds(container, stream):
 
 def _sample(container, stream, sampling, limits, keep_images, name):
     frames = []
-    step = 1.0 / sampling.rate if sampling.rate > 0 else math.inf
-    next_due = 0.0  # the time of the next rate sample
+    rate = sampling.rate
+
+    def due_time(n):  # the time of the n-th rate sample, as a product: no drift from sums
+        return n / rate if rate > 0 else (0.0 if n == 0 else math.inf)
+
+    due = 0  # the next rate sample's number
     last = previous = None  # last: (seconds, frame) on screen before this one
     count = 0
     for frame in container.decode(stream):
@@ -166,13 +170,13 @@ def _sample(container, stream, sampling, limits, keep_images, name):
         if seconds > limits.max_seconds:
             raise VideoLimitError(f"{name} lasts more than {limits.max_seconds:g} s")
         # Rate samples due before this frame show the last one (the first frame stands
-        # for the times before it).
-        while next_due < seconds - EPSILON:
+        # for the times before it); a gap of many steps is one jump, not a loop.
+        if due_time(due) < seconds - EPSILON:
             _take(frames, last or (seconds, frame), keep_images)
-            next_due += step
-        if abs(seconds - next_due) <= EPSILON:
+            due = max(due + 1, math.ceil((seconds - EPSILON) * rate))
+        if abs(seconds - due_time(due)) <= EPSILON:
             _take(frames, (seconds, frame), keep_images)
-            next_due += step
+            due += 1
         if sampling.scene_threshold > 0:
             miniature = frame.reformat(width=SCENE_SIDE, height=SCENE_SIDE,
                                        format="gray").to_ndarray().astype(np.float32) / 255.0
