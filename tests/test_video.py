@@ -117,14 +117,15 @@ def video_workdir(trained_workdir, tmp_path_factory):
     workdir = root / "wd"
     shutil.copytree(trained_workdir[0], workdir,
                     ignore=shutil.ignore_patterns("embeddings", "index"))
-    meta = embed_corpus(str(workdir), dataset=f"video:{videos}")
+    # Chunks of 12 frames: ranges of a video's frames, some spanning two videos.
+    meta = embed_corpus(str(workdir), dataset=f"video:{videos}", chunk_size=12)
     rebuild_index(str(workdir))
     return str(workdir), meta, clip, str(videos)
 
 
 def test_a_video_collection_is_embedded_and_a_corrupt_video_is_skipped(video_workdir):
     workdir, meta, _, videos = video_workdir
-    assert meta["count"] == 4 * 8
+    assert (meta["count"], meta["num_chunks"]) == (4 * 8, 3)
     assert [s["path"] for s in meta["skipped_videos"]] == [os.path.join(videos, "broken.mp4")]
     assert meta["video"] == {"rate": 1.0, "scene_threshold": 0.0}
     with open(os.path.join(workdir, "embeddings", "keys.json")) as f:
