@@ -1,6 +1,7 @@
 """Near-duplicate video search on generated videos, beside per-frame pHash with the same voting.
 
-    python -m bench.video --out /tmp/video_bench [--videos 200] [--steps 800] [--repeats 3]
+    python -m bench.video --out /tmp/video_bench [--videos 200] [--steps 800] [--repeats 3] \
+        [--clip-seconds 8]
 
 One command does it all, each stage skipped when its output is already there:
 
@@ -35,7 +36,7 @@ import time
 
 import numpy as np
 
-SIDE, FPS, SECONDS, CLIP_SECONDS, HOST_SECONDS = 96, 10, 20.0, 8.0, 24.0
+SIDE, FPS, SECONDS, CLIP_SECONDS, HOST_SECONDS = 96, 10, 20.0, 8.0, 24.0  # CLIP: the default
 TRANSFORMS = ("reencode", "resize", "crop", "mirror", "speed", "embedded")
 SPEED = 1.25
 TARGET_PRECISION = 0.99
@@ -146,10 +147,10 @@ def resized(frames, side):
     return np.stack([np.asarray(Image.fromarray(f).resize((side, side))) for f in frames])
 
 
-def make_query(kind, source_frames, start, rng, host):
+def make_query(kind, source_frames, start, rng, host, clip_seconds):
     """(frames, offset) of a transformed clip of `source_frames` starting at `start` s."""
     first = int(round(start * FPS))
-    length = int(CLIP_SECONDS * FPS)
+    length = int(clip_seconds * FPS)
     clip = source_frames[first:first + length]
     if kind == "speed":
         picks = first + np.round(np.arange(length) * SPEED).astype(int)
@@ -168,9 +169,17 @@ def make_query(kind, source_frames, start, rng, host):
     return clip, start
 
 
-def generate(out, count, seed=0):
-    """The source videos, queries and distractors under `out`; queries.json lists them."""
-    listing = os.path.join(out, "queries.json")
+def query_names(clip_seconds):
+    """(listing, folder, result) file names of one clip length's queries."""
+    tail = "" if clip_seconds == CLIP_SECONDS else f"_{clip_seconds:g}s"
+    return f"queries{tail}.json", f"queries{tail}", f"result{tail}.json"
+
+
+def generate(out, count, clip_seconds=CLIP_SECONDS, seed=0):
+    """The source videos, and the queries and distractors of `clip_seconds` under `out`
+    (listed in `query_names`' listing); other clip lengths share the source videos."""
+    listing_name, folder_name, _ = query_names(clip_seconds)
+    listing = os.path.join(out, listing_name)
     if os.path.isfile(listing):
         return
     sprites = sprite_pool(os.environ.get("YALEFACES", "/work/shared/data/yalefaces"))
@@ -183,28 +192,28 @@ def generate(out, count, seed=0):
         if not os.path.isfile(path):
             write_video(path, render(shots, sprites, SECONDS, {}))
     other = np.random.default_rng(seed + 1)  # footage the gallery does not hold
-    queries, folder = [], os.path.join(out, "queries")
+    queries, folder = [], os.path.join(out, folder_name)
     os.makedirs(folder, exist_ok=True)
     per_kind = max(4, count // 7)
     for kind in TRANSFORMS:
         for n in range(per_kind):
             video = int(rng.integers(count))
             source = read_video(os.path.join(gallery, f"v{video:03d}.mp4"))
-            longest = SECONDS - CLIP_SECONDS * (SPEED if kind == "speed" else 1.0)
+            longest = SECONDS - clip_seconds * (SPEED if kind == "speed" else 1.0)
             start = round(float(rng.uniform(0, longest)), 1)
             host = None
             if kind == "embedded":
                 host = render(random_footage(other, sprites, HOST_SECONDS), sprites,
                               HOST_SECONDS, {})
-            frames, offset = make_query(kind, source, start, rng, host)
+            frames, offset = make_query(kind, source, start, rng, host, clip_seconds)
             path = os.path.join(folder, f"{kind}_{n:03d}.mp4")
             write_video(path, frames, **({"bitrate": 12_000} if kind == "reencode" else {}))
             queries.append({"path": path, "kind": kind, "video": f"v{video:03d}.mp4",
                             "offset": offset})
     for n in range(per_kind):
         path = os.path.join(folder, f"distractor_{n:03d}.mp4")
-        write_video(path, render(random_footage(other, sprites, CLIP_SECONDS), sprites,
-                                 CLIP_SECONDS, {}))
+        write_video(path, render(random_footage(other, sprites, clip_seconds), sprites,
+                                 clip_seconds, {}))
         queries.append({"path": path, "kind": "distractor", "video": None, "offset": None})
     with open(listing, "w") as f:
         json.dump(queries, f, indent=1)
@@ -350,12 +359,12 @@ def measure_speed(out, names, repeats):
     return statistics.median(model), statistics.median(phash_)
 
 
-def run(out, count, steps, repeats=3):
+def run(out, count, steps, repeats=3, clip_seconds=CLIP_SECONDS):
     from PIL import Image
 
-    generate(out, count)
+    generate(out, count, clip_seconds)
     embedded = train_and_index(out, steps)
-    with open(os.path.join(out, "queries.json")) as f:
+    with open(os.path.join(out, query_names(clip_seconds)[0])) as f:
         queries = json.load(f)
     from jaxretrieval.retriever import Retriever
     from jaxretrieval.video.decode import Sampling, sample_frames
@@ -377,11 +386,14 @@ def run(out, count, steps, repeats=3):
 
     baseline = evaluate(queries, by_phash)
     video_seconds = count * SECONDS
-    embed_seconds, hash_seconds = measure_speed(out, names, repeats)
+    embed_seconds, hash_seconds = (measure_speed(out, names, repeats) if repeats
+                                   else (None, None))
     return {"videos": count, "video_seconds": video_seconds, "queries": len(queries),
-            "gallery_frames": embedded["frames"],
-            "model": dict(model, video_seconds_per_second=video_seconds / embed_seconds),
-            "phash": dict(baseline, video_seconds_per_second=video_seconds / hash_seconds),
+            "gallery_frames": embedded["frames"], "clip_seconds": clip_seconds,
+            "model": dict(model, video_seconds_per_second=video_seconds / embed_seconds
+                          if embed_seconds else None),
+            "phash": dict(baseline, video_seconds_per_second=video_seconds / hash_seconds
+                          if hash_seconds else None),
             "train_command": " ".join(train_command(out, steps)[1:]),
             "speed_repeats": repeats,
             "load_average": os.getloadavg()}
@@ -392,7 +404,8 @@ def markdown(result):
         return "-" if value is None else f"{value:.{digits}f}"
 
     lines = [f"{result['videos']} source videos ({result['video_seconds']:.0f} s, "
-             f"{result['gallery_frames']} frames at 1/s), {result['queries']} queries; "
+             f"{result['gallery_frames']} frames at 1/s), {result['queries']} queries "
+             f"({result['clip_seconds']:g} s clips); "
              f"load average {result['load_average'][0]:.1f} on {os.cpu_count()} cores.", "",
              "| transformation | system | precision | recall | Recall@1 | median offset "
              "error (s) | false detections |", "|---|---|---|---|---|---|---|"]
@@ -406,8 +419,8 @@ def markdown(result):
     lines += ["", f"thresholds: model {result['model']['threshold']:.3f}, "
               f"pHash {result['phash']['threshold']:.3f}; seconds of video per wall second "
               f"(medians of {result['speed_repeats']}, alternating): "
-              f"model {result['model']['video_seconds_per_second']:.1f} (decode, sample, "
-              f"embed), pHash {result['phash']['video_seconds_per_second']:.1f} "
+              f"model {cell(result['model']['video_seconds_per_second'], 1)} (decode, "
+              f"sample, embed), pHash {cell(result['phash']['video_seconds_per_second'], 1)} "
               "(decode, sample, hash)", "",
               "on the measured half, the lowest score of a right best video and the highest "
               "of a wrong one (a distractor's, or another video's): model "
@@ -424,10 +437,14 @@ def main(argv=None):
     parser.add_argument("--videos", type=int, default=200)
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--repeats", type=int, default=3,
-                        help="rounds of the speed measurement (medians)")
+                        help="rounds of the speed measurement (medians; 0: not measured)")
+    parser.add_argument("--clip-seconds", type=float, default=CLIP_SECONDS,
+                        help="the queries' length; other lengths reuse the source videos "
+                             "and the model")
     args = parser.parse_args(argv)
-    result = run(os.path.abspath(args.out), args.videos, args.steps, args.repeats)
-    with open(os.path.join(args.out, "result.json"), "w") as f:
+    result = run(os.path.abspath(args.out), args.videos, args.steps, args.repeats,
+                 args.clip_seconds)
+    with open(os.path.join(args.out, query_names(args.clip_seconds)[2]), "w") as f:
         json.dump(result, f, indent=1)
     print(markdown(result))
 
