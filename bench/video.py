@@ -65,7 +65,7 @@ def sprite_pool(faces_folder):
 
 def random_footage(rng, sprites, seconds):
     """A description of a video: its shots, each a panning background and moving sprites."""
-    margin = min(2.0, seconds / 4)  # no cut in a shot's first or last 2 s (short clips less)
+    margin = min(2.0, seconds / 4)  # no cut in the first or last 2 s (short footage: less)
     cuts = np.sort(rng.uniform(margin, seconds - margin, size=rng.integers(2, 4)))
     bounds = [0.0, *cuts, seconds]
     shots = []
