@@ -364,7 +364,7 @@ def run_explain(argv, prog="jaxretrieval explain") -> int:
     if args.side < 16:
         raise JaxRetrievalError(f"--side={args.side}; use at least 16 pixels")
     from jaxretrieval.explain import render
-    from jaxretrieval.fileio import atomic_file
+    from jaxretrieval.fileio import atomic_file, give_ordinary_mode
     from jaxretrieval.retriever import Retriever
     retriever = Retriever.load(args.workdir)
     result = retriever.explain(*args.images, threshold=args.threshold)
@@ -372,9 +372,7 @@ def run_explain(argv, prog="jaxretrieval explain") -> int:
                      labels=[os.path.basename(path) for path in args.images])
     with atomic_file(args.output, "wb") as f:  # never a half-written PNG
         picture.save(f, format="PNG")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(args.output, 0o666 & ~umask)  # as an ordinary new file, not the temporary's 0600
+    give_ordinary_mode(args.output)
     print(json.dumps({"images": args.images, "similarity": round(result.similarity, 6),
                       "same": result.same, "threshold": result.threshold,
                       "method": result.method, "output": args.output}))

@@ -12,6 +12,7 @@ import os
 
 import ml_collections
 
+from jaxretrieval.data.input_pipeline import check_input_config
 from jaxretrieval.data.sources import parse_reference
 from jaxretrieval.data.splits import SPLITS
 from jaxretrieval.errors import JaxRetrievalError
@@ -57,6 +58,14 @@ def base_config() -> ml_collections.ConfigDict:
     # previous frame's by more than it (mean absolute difference of [0, 1] pixels; 0: off).
     c.video_rate = 1.0
     c.video_scene_threshold = 0.0
+    # How training batches are read (jaxretrieval.data.input_pipeline, docs/gpu.md):
+    # in_process decodes in the training process, kept in memory below cache_max_bytes;
+    # grain decodes ahead in worker processes (JPEGs with libjpeg-turbo) and prefetches to
+    # the devices. Both read the same rows for each (seed, step).
+    c.input_pipeline = "in_process"
+    c.input_workers = -1  # grain's decoding processes: -1 one per host core but one, 0 none
+    # grain: a JPEG is decoded at the smallest of 1/8, 1/4, 1/2, 1 scale still >= the input size
+    c.input_reduced_dct = True
     # Faces. These two belong to the model's input convention, so they live under `model`
     # and enter the model hash: an index is only searched with the embedding it was built by.
     c.model = ml_collections.ConfigDict()
@@ -274,6 +283,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.model.align_faces and config.channels != 3:
         fail(f"model.align_faces needs channels=3 (dlib's face chips are RGB); got "
              f"channels={config.channels}")
+    check_input_config(config)
     if config.model.pooling not in POOLINGS:
         fail(f"model.pooling={config.model.pooling!r}; use one of {', '.join(POOLINGS)}")
     if config.dtype not in DTYPES:

@@ -32,6 +32,14 @@ def atomic_file(path: str, mode: str = "w"):
         raise
 
 
+def give_ordinary_mode(path: str) -> None:
+    """Gives `path` the mode a plain open or mkdir would have under the current umask, for
+    files that others read: `mkstemp` and `mkdtemp` make theirs private to this user."""
+    umask = os.umask(0o022)  # reading the umask means setting it; it is put back at once
+    os.umask(umask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
+
+
 def cache_home() -> str:
     """The package's cache folder: $XDG_CACHE_HOME/jaxretrieval, else ~/.cache/jaxretrieval
     (an empty XDG_CACHE_HOME counts as unset, as the XDG base directory spec says)."""

@@ -36,7 +36,8 @@ import jax.numpy as jnp
 from jaxretrieval.config import model_config_hash
 from jaxretrieval.embed import embedding_function, restore_model
 from jaxretrieval.errors import JaxRetrievalError
-from jaxretrieval.fileio import atomic_file, new_sibling_directory, write_json_atomically
+from jaxretrieval.fileio import (atomic_file, give_ordinary_mode, new_sibling_directory,
+                               write_json_atomically)
 from jaxretrieval.ops.conv import xla_convolutions
 
 logger = logging.getLogger(__name__)
@@ -163,13 +164,11 @@ def _seal(directory: str) -> None:
     """Every file on disk before the folder is renamed into place, and the modes a plain
     mkdir and open would give: the temporary folder and files are private to this user,
     but an export is made to be read by others (a serving container's user)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
     for root, _, files in os.walk(directory):
-        os.chmod(root, 0o777 & ~umask)
+        give_ordinary_mode(root)
         for name in files:
             path = os.path.join(root, name)
-            os.chmod(path, 0o666 & ~umask)
+            give_ordinary_mode(path)
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from jaxretrieval.data.images import (InputSpec, decode_image_bytes, eight_bit, in_mode,
                                       load_images, to_model_input)
-from jaxretrieval.data.sources import read_source, roots_of_reference, within_roots
+from jaxretrieval.data.sources import read_source, roots_of_reference, resolve_within_roots
 from jaxretrieval.embed import Embedder
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.explain import Explainer, Explanation, explanation
@@ -377,13 +377,14 @@ class Retriever:
         source = self.index.source_of(stored)
         if not source:
             raise NoThumbnailError(NO_THUMBNAIL)
-        if not within_roots(source, self.source_roots):
+        readable = resolve_within_roots(source, self.source_roots)
+        if readable is None:
             logger.info("no thumbnail for %r: its source lies outside %s", stored,
                         self.source_roots)
             raise NoThumbnailError(NO_THUMBNAIL)
         try:
             image = eight_bit(read_source(
-                source, self.embedder.config.data_dir if data_dir is None else data_dir))
+                readable, self.embedder.config.data_dir if data_dir is None else data_dir))
             image = image if image.mode in ("L", "RGB") else in_mode(image, "RGB")
         except Exception as err:  # whatever fails to read it, there is no image to show
             logger.info("no thumbnail for %r: %s", stored, err)

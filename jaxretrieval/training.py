@@ -28,7 +28,8 @@ from jaxretrieval.config import (MODEL_KEYS, RUN_KEYS, config_to_json, model_con
                                  validate_config)
 from jaxretrieval.data.augment import augment_batch, preprocess
 from jaxretrieval.data.sources import load_dataset
-from jaxretrieval.data.splits import batch_rows, class_balanced_batch_rows, split_dataset
+from jaxretrieval.data.input_pipeline import TrainingBatches
+from jaxretrieval.data.splits import batch_plan, split_dataset
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.losses import gather_batch, get_loss, with_projection_head
 from jaxretrieval.models import build_model
@@ -251,23 +252,16 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
     check_workdir_config(wd, config, has_checkpoint=latest is not None)
 
     # ---------------------------------------------------------------- data
-    # Several processes: each decodes only the images of its own shares of the batches.
-    dataset = load_dataset(config, decode_now=jax.process_count() == 1)
+    # Several processes: each decodes only the images of its own shares of the batches. The
+    # grain pipeline decodes in its workers: nothing is decoded up front for it.
+    decode_now = jax.process_count() == 1 and config.input_pipeline == "in_process"
+    dataset = load_dataset(config, decode_now=decode_now)
     split = split_dataset(config, dataset)
     logger.info("%s: %d images, %d classes; %d for training (%d classes)", dataset.name,
                  len(dataset), dataset.num_classes, len(split.train_rows), split.num_train_classes)
-
-    def host_batch(step):
-        """This process's part of the global batch of `step`: the global rows are a function
-        of (seed, step) alone, so each process reads and decodes only its own."""
-        if config.sampler == "class_balanced":
-            rows = class_balanced_batch_rows(
-                split.train_rows, dataset.labels[split.train_rows], step,
-                config.global_batch_size, config.images_per_class, config.seed)
-        else:
-            rows = batch_rows(split.train_rows, step, config.global_batch_size, config.seed)
-        rows = rows[share]
-        return {"images": dataset.images(rows), "labels": dataset.labels[rows].astype(np.int32)}
+    # The global rows of every batch are a function of (seed, step) alone, so each process
+    # reads and decodes only its own share of them.
+    plan = batch_plan(config, split, dataset.labels)
 
     # ---------------------------------------------------------------- model and update step
     # A run that resumes continues from its own checkpoint: the init_from file is not read.
@@ -297,14 +291,16 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
     pending = []  # (step, metrics on device) not yet checked on the host
     last_saved = start_step
     interval_start, interval_steps = None, 0
+    batches = None
     try:
+        batches = TrainingBatches(config, dataset, plan, share, start_step, total_steps, devices)
         if total_steps == 0 and latest is None:
             # No training: the initial (pretrained) state is what gets evaluated and indexed.
             store.save(0, host_state)
             logger.info("num_train_steps=0: saved the initial state as the checkpoint of step 0")
         for step in range(start_step, total_steps):
             step_start = time.perf_counter()
-            state, metrics = training.step(state, parallel.shard_batch(host_batch(step), devices))
+            state, metrics = training.step(state, next(batches))
             done = step + 1
             pending.append((done, metrics))
             if interval_start is None:  # the first step compiles: images/s count from after it
@@ -346,6 +342,8 @@ def train(config, workdir: str, *, on_progress: Callable | None = None) -> None:
                 store.save(done, host_state)
                 last_saved = done
     finally:
+        if batches is not None:
+            batches.close()  # its worker processes end with the run
         store.wait()  # a checkpoint that was started is always finished
         store.close()
         writer.close()

@@ -138,3 +138,20 @@ def test_the_next_swap_recovers_an_interrupted_one_first(tmp_path):
     fill(new, "new")
     fileio.swap_in(new, final)
     assert read(final) == "new" and os.listdir(tmp_path) == ["index"]
+
+
+def test_give_ordinary_mode_undoes_the_private_modes_of_temporary_files(tmp_path):
+    umask = os.umask(0o027)
+    try:
+        with fileio.atomic_file(str(tmp_path / "shown.png"), "wb") as f:
+            f.write(b"png")
+        folder = fileio.new_sibling_directory(str(tmp_path / "export"))
+        assert os.stat(tmp_path / "shown.png").st_mode & 0o777 == 0o600
+        assert os.stat(folder).st_mode & 0o777 == 0o700
+        fileio.give_ordinary_mode(str(tmp_path / "shown.png"))
+        fileio.give_ordinary_mode(folder)
+        assert os.stat(tmp_path / "shown.png").st_mode & 0o777 == 0o640
+        assert os.stat(folder).st_mode & 0o777 == 0o750
+        assert os.umask(0o027) == 0o027  # the umask is as it was
+    finally:
+        os.umask(umask)

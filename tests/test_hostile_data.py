@@ -303,6 +303,34 @@ def test_thumbnails_come_only_from_the_dataset_roots_with_one_answer(tmp_path):
     assert trusting.thumbnail("outside-image").size == (40, 20)
 
 
+def test_a_link_changed_after_the_roots_check_is_not_followed_outside(tmp_path, monkeypatch):
+    import jaxretrieval.retriever as retriever_module
+    from jaxretrieval.data.sources import resolve_within_roots
+
+    root, outside = tmp_path / "dataset", tmp_path / "elsewhere"
+    root.mkdir()
+    outside.mkdir()
+    Image.new("RGB", (40, 20), "red").save(root / "tom.png")
+    Image.new("RGB", (40, 20), "blue").save(outside / "secret.png")
+    (root / "link.png").symlink_to(root / "tom.png")
+    index = Index.build(axis(0)[None], ["cat"], sources=[str(root / "link.png")],
+                        checkpoint_step=1, model_config_hash="abc",
+                        extra_manifest={"source_roots": [str(root)]})
+    retriever = Retriever(stand_in_retriever(index).embedder, index)
+
+    def check_then_swap(reference, roots):
+        # The link moves outside the roots between the check and the read.
+        readable = resolve_within_roots(reference, roots)
+        (root / "link.png").unlink()
+        (root / "link.png").symlink_to(outside / "secret.png")
+        return readable
+
+    monkeypatch.setattr(retriever_module, "resolve_within_roots", check_then_swap)
+    pixel = retriever.source_image("cat").convert("RGB").getpixel((0, 0))
+    assert pixel == (255, 0, 0)  # the image the check saw, not the secret one
+    assert resolve_within_roots(str(root / "link.png"), [str(root)]) is None
+
+
 def test_folder_datasets_record_their_root_turn_images_upright_and_check_keys(tmp_path):
     from jaxretrieval.data.sources import load_dataset
 

@@ -148,8 +148,18 @@ def test_search_video_finds_the_clip_and_where_it_starts(video_workdir):
         image = sample_frames(os.path.join(videos, "b.mp4"))[5][1]
         by_image = retriever.search_video(image, k=2)
         assert (by_image[0].video, by_image[0].offset) == ("b.mp4", 5.0)
-        # A frame's thumbnail is read from its video.
+        # A frame's thumbnail is read from its video, and only from inside the roots: the
+        # video's own real path is checked, not the frame reference's.
         assert retriever.thumbnail("more/c.mp4@4.0").size[0] >= 32
+        from jaxretrieval.data.sources import resolve_within_roots
+        outside = os.path.join(os.path.dirname(videos), "clip.mp4")
+        os.symlink(outside, os.path.join(videos, "link.mp4"))
+        try:
+            assert resolve_within_roots(os.path.join(videos, "link.mp4@1.0"), [videos]) is None
+            assert resolve_within_roots(os.path.join(videos, "a.mp4@1.0"), [videos]) == \
+                os.path.join(os.path.realpath(videos), "a.mp4@1.0")
+        finally:
+            os.remove(os.path.join(videos, "link.mp4"))
     finally:
         retriever.close()
 

@@ -10,7 +10,7 @@ a TFDS or digits example: `split/index`) and a source reference from which its i
 read again (`read_source`): an absolute file path, `tfds:NAME/split/index`, or a video
 frame's `/path/video.mp4@SECONDS`. A dataset's
 `source_roots` say where its sources may lie (the folder, or `tfds:NAME`); thumbnails are
-read only from there (`within_roots`).
+read only from there (`resolve_within_roots`).
 """
 
 import dataclasses
@@ -55,7 +55,7 @@ class ImageDataset:
     read_one: Callable[[int], np.ndarray]  # index -> uint8 [size, size, channels]
     # With config.model.align_faces: the images aligned as whole images, no face found in them.
     faces_not_found: int | None = None
-    # Where its sources lie: absolute folders and `tfds:NAME` entries (see `within_roots`).
+    # Where its sources lie: absolute folders and `tfds:NAME` entries (see `resolve_within_roots`).
     source_roots: tuple = ()
     # Entries for the embedding export's export.json (a video dataset's sampling and the
     # videos it skipped).
@@ -365,12 +365,23 @@ def read_source(reference: str, data_dir=None) -> Image.Image:
             source = tfds_data_source(tfds_name, split_name, data_dir or None)
             array = np.asarray(source[int(index)]["image"])
         return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-    from jaxretrieval.video.decode import is_video_path, parse_frame_key, read_frame_at
+    frame = video_frame_of(reference)
+    if frame is not None:
+        from jaxretrieval.video.decode import read_frame_at
 
-    frame = parse_frame_key(reference)
-    if frame is not None and is_video_path(frame[0]) and not os.path.isfile(reference):
         return read_frame_at(*frame)
     return read_image_file(reference)
+
+
+def video_frame_of(reference: str):
+    """(video path, seconds) of a video frame's source `path.mp4@SECONDS`, else None (a
+    file of that very name is a file)."""
+    from jaxretrieval.video.decode import is_video_path, parse_frame_key
+
+    frame = parse_frame_key(reference)
+    if frame is None or not is_video_path(frame[0]) or os.path.isfile(reference):
+        return None
+    return frame
 
 
 def roots_of_reference(reference: str) -> list:
@@ -386,16 +397,33 @@ def roots_of_reference(reference: str) -> list:
     return []
 
 
-def within_roots(reference: str, roots) -> bool:
-    """Whether the source `reference` lies under one of `roots`: a `tfds:NAME/split/index`
-    of a `tfds:NAME` root, or an absolute file path inside a root folder once symbolic
-    links and `..` are resolved."""
+def resolve_within_roots(reference: str, roots) -> str | None:
+    """The reference to read for the source `reference` when it lies under one of `roots`,
+    else None: a `tfds:NAME/split/index` of a `tfds:NAME` root as it is, or an absolute file
+    path inside a root folder as the real path the check saw, with symbolic links and `..`
+    resolved. Reading that real path, not `reference`, keeps a link changed after the check
+    from leading the read outside the roots."""
     if reference.startswith(TFDS_REF_PREFIX):
         parts = reference[len(TFDS_REF_PREFIX):].rsplit("/", 2)  # as read_source splits it
-        return (len(parts) == 3 and f"{TFDS_REF_PREFIX}{parts[0]}" in roots
-                and bool(parts[1]) and parts[2].isdigit() and parts[2].isascii())
+        inside = (len(parts) == 3 and f"{TFDS_REF_PREFIX}{parts[0]}" in roots
+                  and bool(parts[1]) and parts[2].isdigit() and parts[2].isascii())
+        return reference if inside else None
     if not os.path.isabs(reference) or "\0" in reference:
-        return False
+        return None
+    frame = video_frame_of(reference)
+    if frame is not None:  # a video's frame: the video file is what is checked, and read
+        from jaxretrieval.video.decode import frame_key
+
+        video = resolve_within_roots(frame[0], roots)
+        return None if video is None else frame_key(video, frame[1])
+    path = os.path.realpath(reference)
+    for root in roots:
+        if root.startswith(TFDS_REF_PREFIX) or not os.path.isabs(root):
+            continue
+        root = os.path.realpath(root)
+        if os.path.commonpath([root, path]) == root and path != root:
+            return path
+    return None
     path = os.path.realpath(reference)
     for root in roots:
         if root.startswith(TFDS_REF_PREFIX) or not os.path.isabs(root):

@@ -95,6 +95,31 @@ def split_dataset(config, dataset) -> Split:
                       keys=dataset.keys)
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """Which dataset rows make each global training batch: `rows(step)` is a function of
+    (seed, step) alone, so every loader, process and resumed run reads the same batches."""
+
+    train_rows: np.ndarray
+    train_labels: np.ndarray  # the labels of train_rows
+    sampler: str  # random | class_balanced
+    batch_size: int  # global
+    images_per_class: int
+    seed: int
+
+    def rows(self, step: int) -> np.ndarray:
+        if self.sampler == "class_balanced":
+            return class_balanced_batch_rows(self.train_rows, self.train_labels, step,
+                                             self.batch_size, self.images_per_class, self.seed)
+        return batch_rows(self.train_rows, step, self.batch_size, self.seed)
+
+
+def batch_plan(config, split: Split, labels: np.ndarray) -> BatchPlan:
+    """The training batches of `config` over `split` of a dataset with `labels`."""
+    return BatchPlan(split.train_rows, labels[split.train_rows], config.sampler,
+                     config.global_batch_size, config.images_per_class, config.seed)
+
+
 def batch_rows(train_rows: np.ndarray, step: int, batch_size: int, seed: int) -> np.ndarray:
     """The dataset rows of global batch `step`: a function of (seed, step) alone.
 
