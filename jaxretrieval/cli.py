@@ -168,14 +168,18 @@ def run_embed(argv, prog="jaxretrieval embed") -> int:
                     "chunks (an interrupted run resumes: finished chunks are kept). "
                     "`jaxretrieval index --workdir DIR` then builds the index from it.")
     _add_workdir_argument(parser)
-    parser.add_argument("--dataset", help="digits, tfds:NAME or folder:PATH (a folder of "
-                        "images, or of class sub-folders); default: the run's own dataset")
+    parser.add_argument("--dataset", help="digits, tfds:NAME, folder:PATH (a folder of "
+                        "images, or of class sub-folders) or video:PATH (a folder or list "
+                        "file of videos, docs/video.md); default: the run's own dataset")
     parser.add_argument("--data_dir", help="TFDS data directory (default: the run's)")
     parser.add_argument("--output", help="export directory (default: DIR/embeddings, the one "
                         "the index is built from)")
     from jaxretrieval.export import DEFAULT_CHUNK_SIZE
     parser.add_argument("--chunk_size", type=int, default=DEFAULT_CHUNK_SIZE,
                         help="items per chunk: the unit that is written, and kept when resumed")
+    parser.add_argument("--video_rate", type=float, help="video frames sampled per second")
+    parser.add_argument("--video_scenes", type=float, metavar="THRESHOLD",
+                        help="also sample video frames at scene changes (0..1, e.g. 0.15)")
     _add_distributed_arguments(parser)
     args = parser.parse_args(argv)
     from jaxretrieval import runtime
@@ -186,10 +190,13 @@ def run_embed(argv, prog="jaxretrieval embed") -> int:
     with ProgressBar("chunk", enabled=primary) as bar:
         meta = embed_corpus(args.workdir, dataset=args.dataset, data_dir=args.data_dir,
                             output=args.output, chunk_size=args.chunk_size,
-                            on_progress=bar.update_chunks)
+                            on_progress=bar.update_chunks, video_rate=args.video_rate,
+                            video_scene_threshold=args.video_scenes)
     if primary:
         print(json.dumps({key: meta[key] for key in ("dataset", "count", "embedding_dim",
-                                                     "num_chunks", "checkpoint_step")}))
+                                                     "num_chunks", "checkpoint_step")},
+                         **({"skipped_videos": meta["skipped_videos"]}
+                            if meta.get("skipped_videos") else {})))
     return 0
 
 
@@ -292,8 +299,11 @@ def run_recover_index(argv, prog="jaxretrieval recover-index") -> int:
 def run_search(argv, prog="jaxretrieval search") -> int:
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Search the workdir's index with image files; prints JSON lines.")
-    parser.add_argument("images", nargs="+", help="query image files")
+        description="Search the workdir's index with image files, or its videos with a "
+                    "clip or an image (--video, docs/video.md); prints JSON lines.")
+    parser.add_argument("images", nargs="*", help="query image files")
+    parser.add_argument("--video", metavar="PATH", help="the videos holding this clip (or "
+                        "image) and where: one JSON line of VideoMatch results")
     _add_workdir_argument(parser)
     parser.add_argument("--k", type=int, default=10,
                         help="results per query (default %(default)s)")
@@ -305,6 +315,10 @@ def run_search(argv, prog="jaxretrieval search") -> int:
                              "'{\"label\": \"cat\", \"year\": {\"in\": [2023, 2024]}}' "
                              "(docs/index.md#metadata-and-filters)")
     args = parser.parse_args(argv)
+    if bool(args.images) == bool(args.video):
+        parser.error("give query image files, or --video PATH")
+    if args.video and (args.filter is not None or args.threshold is not None):
+        parser.error("--filter and --threshold apply to image searches, not to --video")
     conditions = None
     if args.filter is not None:
         from jaxretrieval.index import checked_filter
@@ -316,6 +330,10 @@ def run_search(argv, prog="jaxretrieval search") -> int:
         checked_filter(conditions)  # before the model loads
     from jaxretrieval.retriever import Retriever
     retriever = Retriever.load(args.workdir)
+    if args.video:
+        matches = retriever.search_video(args.video, k=args.k)
+        print(json.dumps({"query": args.video, "results": [m.as_dict() for m in matches]}))
+        return 0
     keys, scores, metadata = retriever.search(args.images, k=args.k, threshold=args.threshold,
                                               filter=conditions, with_metadata=True)
     for path, row_keys, row_scores, row_metadata in zip(args.images, keys, scores, metadata):

@@ -53,6 +53,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.image_size = 32
     c.channels = 1
     c.cache_max_bytes = 1 << 30  # decoded images are kept in memory below this size
+    # A video:PATH dataset's frames: this many per second (0: none), and with a scene-change
+    # threshold in (0, 1) also each frame whose 16x16 grey miniature differs from the
+    # previous frame's by more than it (mean absolute difference of [0, 1] pixels; 0: off).
+    c.video_rate = 1.0
+    c.video_scene_threshold = 0.0
     # How training batches are read (jaxretrieval.data.input_pipeline, docs/gpu.md):
     # in_process decodes in the training process, kept in memory below cache_max_bytes;
     # grain decodes ahead in worker processes (JPEGs with libjpeg-turbo) and prefetches to

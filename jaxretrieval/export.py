@@ -7,7 +7,8 @@ Layout:
                      (checkpoint_step, model_config_hash), dataset, data_dir,
                      source_roots (where the sources lie: absolute folders or tfds:NAME;
                      absent from older exports), and match_thresholds once evaluation
-                     has calibrated them
+                     has calibrated them; for videos, `video` (the frame sampling) and
+                     `skipped_videos` (those that could not be decoded, and why)
     keys.json        str [count], the dataset's keys, in dataset order
     sources.json     str [count], where each image can be read again
     labels.json      int [count]
@@ -47,7 +48,7 @@ CHUNKS_DIR = "chunks"
 ARRAY_NAME = "embeddings"
 # What must match for a partial export to be resumed rather than started again.
 IDENTITY_KEYS = ("format", "count", "embedding_dim", "chunk_size", "checkpoint_step",
-                 "model_config_hash", "dataset", "data_dir")
+                 "model_config_hash", "dataset", "data_dir", "video")
 REWRITE_HINT = ("write it again with `python -m train --eval_only --workdir DIR` or "
                 "`jaxretrieval embed --workdir DIR`")
 
@@ -84,7 +85,7 @@ def write_embedding_export(directory: str, embedder, dataset, *, metadata: dict 
     # Every process embeds an equal block of each chunk: a multiple of the device count.
     chunk_size = -(-max(1, chunk_size) // len(devices)) * len(devices)
     count = len(dataset)
-    meta = dict(metadata or {}, format=FORMAT_VERSION, count=count,
+    meta = dict(dataset.export_metadata, **(metadata or {}), format=FORMAT_VERSION, count=count,
                 embedding_dim=embedder.embedding_dim, chunk_size=chunk_size,
                 num_chunks=-(-count // chunk_size), checkpoint_step=embedder.checkpoint_step,
                 model_config_hash=embedder.model_config_hash,

@@ -82,13 +82,16 @@ def evaluate_and_index(workdir: str, *, on_progress=None) -> dict:
 
 def embed_corpus(workdir: str, *, dataset: str | None = None, data_dir: str | None = None,
                  output: str | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 on_progress=None) -> dict:
+                 on_progress=None, video_rate: float | None = None,
+                 video_scene_threshold: float | None = None) -> dict:
     """Embeds a dataset of any size (default: the run's own) with the workdir's latest
     checkpoint into an export (default `DIR/embeddings/`, which `rebuild_index` reads), on
     every device of every process; an interrupted run resumes where it stopped.
 
     The match thresholds evaluation calibrated for this checkpoint are a property of the
-    model, so they are carried into the export. Returns the export's metadata.
+    model, so they are carried into the export. `video_rate` and `video_scene_threshold`
+    set how a `video:PATH` dataset's frames are sampled (default: the config's). Returns the
+    export's metadata.
     """
     wd = Workdir(workdir)
     runtime.setup(wd.read_config().embed_batch_size)
@@ -98,6 +101,10 @@ def embed_corpus(workdir: str, *, dataset: str | None = None, data_dir: str | No
         config.dataset = dataset
     if data_dir is not None:
         config.data_dir = data_dir
+    if video_rate is not None:
+        config.video_rate = float(video_rate)
+    if video_scene_threshold is not None:
+        config.video_scene_threshold = float(video_scene_threshold)
     config.cache_max_bytes = 0  # a corpus is read once: never hold it in memory
     corpus = load_dataset(config)
     thresholds = None
@@ -245,6 +252,7 @@ def rebuild_index(workdir: str, num_shards: int | None = None, export=None):
                      extra_manifest={"dataset": meta.get("dataset"),
                                      "data_dir": meta.get("data_dir", ""),
                                      "source_roots": meta.get("source_roots"),
+                                     "video": meta.get("video"),
                                      "match_thresholds": meta.get("match_thresholds")})
     if num_shards > 1:
         index = ShardedIndex.build(export.embeddings, export.keys, num_shards=num_shards,

@@ -250,6 +250,54 @@ class Retriever:
                            explainer.method, same=decision.same,
                            threshold=decision.threshold, stage=name)
 
+    # ------------------------------------------------------------------ video
+
+    @property
+    def video_sampling(self):
+        """How the gallery's video frames were sampled (a video.decode.Sampling; the
+        default rate for a gallery without videos)."""
+        from jaxretrieval.video.decode import Sampling
+
+        recorded = self.index.manifest.get("video")
+        return Sampling(**recorded) if isinstance(recorded, dict) else Sampling()
+
+    def decode_video(self, source, *, limits=None, sampling=None):
+        """(times, inputs): the frames of a video (a file path or its bytes) sampled as the
+        gallery's were (`video_sampling`, or `sampling`), as float64 [n] seconds and the
+        model's uint8 [n, size, size, channels] inputs. Raises video.decode.VideoDecodeError
+        for a video that cannot be decoded or breaks `limits` (a video.decode.Limits)."""
+        from jaxretrieval.video.decode import Limits, sample_frames
+
+        frames = sample_frames(source, sampling or self.video_sampling,
+                               limits=limits or Limits())
+        spec = InputSpec.of(self.embedder.config)
+        return (np.array([seconds for seconds, _ in frames], np.float64),
+                np.stack([to_model_input(Image.fromarray(image), spec)
+                          for _, image in frames]))
+
+    def search_video(self, query, k: int = 10, *, speeds=None, sampling=None) -> list:
+        """The k videos of the gallery that best hold `query`, best first, as
+        video.voting.VideoMatch(video, score, offset, frames, speed).
+
+        `query` is a clip (a video file's path, or its bytes), whose frames are sampled as
+        the gallery's were and voted on over (video, speed, offset) with speeds in
+        `speeds` (default 0.8x to 1.25x), or an image (an array, a PIL image or an image
+        file's path), for which each video scores its best frame (docs/video.md).
+        """
+        from jaxretrieval.video.decode import is_video_path
+        from jaxretrieval.video.voting import DEFAULT_SPEEDS, search_clip_embeddings
+
+        if isinstance(query, bytes) or (isinstance(query, (str, os.PathLike))
+                                        and is_video_path(os.fspath(query))):
+            times, inputs = self.decode_video(
+                os.fspath(query) if not isinstance(query, bytes) else query, sampling=sampling)
+            vectors = self.embed_uint8(inputs)
+        else:
+            times, vectors = np.zeros(1), self.embed([query])
+        return search_clip_embeddings(
+            lambda v, n: self.search_embeddings(v, min(n, max(1, self.count))), times,
+            vectors, k, speeds=DEFAULT_SPEEDS if speeds is None else speeds)
+
     # ------------------------------------------------------------------ changing the gallery
 
     def upsert_images(self, keys, images, *, sources=None, metadata=None) -> None:

@@ -77,9 +77,9 @@ def test_bad_overrides_name_the_key_and_the_fix():
 
 @pytest.mark.parametrize("key, value, message", [
     ("split", "random", "use one of held_out_images, unseen_classes, dataset_splits"),
-    ("dataset", "imagenet", "use digits, tfds:NAME or folder:PATH"),
-    ("dataset", "digits:mnist", "use digits, tfds:NAME or folder:PATH"),
-    ("dataset", "tfds:", "use digits, tfds:NAME or folder:PATH"),
+    ("dataset", "imagenet", "use digits, tfds:NAME, folder:PATH or video:PATH"),
+    ("dataset", "digits:mnist", "use digits, tfds:NAME, folder:PATH or video:PATH"),
+    ("dataset", "tfds:", "use digits, tfds:NAME, folder:PATH or video:PATH"),
     ("channels", 2, "use 1 .* or 3"),
     ("parallel", "vmap", "use one of pmap, shard_map"),
     ("dtype", "float16", "use one of float32, bfloat16"),
@@ -212,5 +212,6 @@ def test_a_registered_kind_of_dataset_is_validated_and_loaded(monkeypatch):
     np.testing.assert_array_equal(dataset.images([4, 1]), expected[[4, 1]])
 
     config.dataset = "noise"
-    with pytest.raises(JaxRetrievalError, match="use digits, tfds:NAME, folder:PATH or noise:SEED"):
+    with pytest.raises(JaxRetrievalError,
+                       match="use digits, tfds:NAME, folder:PATH, video:PATH or noise:SEED"):
         validate_config(config)

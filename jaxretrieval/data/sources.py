@@ -1,4 +1,5 @@
-"""Image sources: `digits`, `tfds:NAME` and `folder:PATH`, behind one ImageDataset.
+"""Image sources: `digits`, `tfds:NAME`, `folder:PATH` and `video:PATH` (the sampled frames
+of videos, jaxretrieval.video.source), behind one ImageDataset.
 
 `DATASETS` maps the kind of a reference (the part before ":") to its loader; the config's
 `dataset` is checked against it (`parse_reference`), so adding a kind of dataset touches
@@ -6,7 +7,8 @@ this file alone.
 
 Every item has a label index, a string key (a folder image: its path relative to the root;
 a TFDS or digits example: `split/index`) and a source reference from which its image can be
-read again (`read_source`): an absolute file path, or `tfds:NAME/split/index`. A dataset's
+read again (`read_source`): an absolute file path, `tfds:NAME/split/index`, or a video
+frame's `/path/video.mp4@SECONDS`. A dataset's
 `source_roots` say where its sources may lie (the folder, or `tfds:NAME`); thumbnails are
 read only from there (`resolve_within_roots`).
 """
@@ -55,6 +57,9 @@ class ImageDataset:
     faces_not_found: int | None = None
     # Where its sources lie: absolute folders and `tfds:NAME` entries (see `resolve_within_roots`).
     source_roots: tuple = ()
+    # Entries for the embedding export's export.json (a video dataset's sampling and the
+    # videos it skipped).
+    export_metadata: dict = dataclasses.field(default_factory=dict)
     _cache: np.ndarray = None  # filled as images are first read; see cache_in_memory
     _cached: np.ndarray = None  # bool [n]: which rows of _cache are decoded
 
@@ -296,6 +301,12 @@ def _image_files_dataset(root, class_names, files_per_class, config) -> ImageDat
                         config.image_size, config.channels, read_one, source_roots=(root,))
 
 
+def _video_dataset(argument, config) -> ImageDataset:
+    from jaxretrieval.video.source import load_video_dataset
+
+    return load_video_dataset(argument, config, ImageDataset, decoded_input_spec(config))
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetSource:
     """A kind of dataset reference: `KIND` alone, or `KIND:ARGUMENT` (a name, a path)."""
@@ -309,6 +320,7 @@ DATASETS = {
     "digits": DatasetSource(_digits_dataset),
     "tfds": DatasetSource(_tfds_dataset, "NAME"),
     "folder": DatasetSource(_folder_dataset, "PATH"),
+    "video": DatasetSource(_video_dataset, "PATH"),
 }
 
 
@@ -353,7 +365,23 @@ def read_source(reference: str, data_dir=None) -> Image.Image:
             source = tfds_data_source(tfds_name, split_name, data_dir or None)
             array = np.asarray(source[int(index)]["image"])
         return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    frame = video_frame_of(reference)
+    if frame is not None:
+        from jaxretrieval.video.decode import read_frame_at
+
+        return read_frame_at(*frame)
     return read_image_file(reference)
+
+
+def video_frame_of(reference: str):
+    """(video path, seconds) of a video frame's source `path.mp4@SECONDS`, else None (a
+    file of that very name is a file)."""
+    from jaxretrieval.video.decode import is_video_path, parse_frame_key
+
+    frame = parse_frame_key(reference)
+    if frame is None or not is_video_path(frame[0]) or os.path.isfile(reference):
+        return None
+    return frame
 
 
 def roots_of_reference(reference: str) -> list:
@@ -382,6 +410,12 @@ def resolve_within_roots(reference: str, roots) -> str | None:
         return reference if inside else None
     if not os.path.isabs(reference) or "\0" in reference:
         return None
+    frame = video_frame_of(reference)
+    if frame is not None:  # a video's frame: the video file is what is checked, and read
+        from jaxretrieval.video.decode import frame_key
+
+        video = resolve_within_roots(frame[0], roots)
+        return None if video is None else frame_key(video, frame[1])
     path = os.path.realpath(reference)
     for root in roots:
         if root.startswith(TFDS_REF_PREFIX) or not os.path.isabs(root):

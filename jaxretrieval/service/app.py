@@ -23,6 +23,7 @@ from jaxretrieval.service.errors import ServiceError, error_body
 from jaxretrieval.service.guards import RequestGuard, allowed_host_names
 from jaxretrieval.service.metrics import ObserveRequests, ServiceMetrics
 from jaxretrieval.service.routes import Service, router
+from jaxretrieval.service.video_routes import video_router
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +45,8 @@ class ServiceSettings:
     allowed_hosts: tuple[str, ...] = ()
     # Body caps, counted as the bytes arrive. 1 MiB of JSON holds about 50,000 numbers: a
     # batch of 32 embeddings of up to 1,500 dimensions. Multipart: one batch of uploads plus
-    # room for the other fields (0: max_upload_bytes * max_batch + 1 MiB).
+    # room for the other fields (0: the larger of max_upload_bytes * max_batch and
+    # max_video_bytes, plus 1 MiB).
     max_json_bytes: int = 1 << 20
     max_multipart_bytes: int = 0
     header_timeout_s: float = 10.0  # the request line and headers, from the first byte
@@ -53,10 +55,16 @@ class ServiceSettings:
     # for one; beyond that, 503.
     decode_threads: int = 0
     max_decode_queue: int = 64
+    # POST /search/video: the clip's bytes, its length in seconds, and the frames sampled
+    # from it (each is embedded and searched).
+    max_video_bytes: int = 64 * 1024 * 1024
+    max_video_seconds: float = 600.0
+    max_video_frames: int = 1200
 
     def __post_init__(self):
         for name in ("max_k", "max_batch", "max_queue", "max_upload_bytes", "max_pixels",
-                     "max_json_bytes", "max_decode_queue"):
+                     "max_json_bytes", "max_decode_queue", "max_video_bytes",
+                     "max_video_frames"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise JaxRetrievalError(f"{name} must be a whole number of at least 1, "
@@ -66,14 +74,14 @@ class ServiceSettings:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise JaxRetrievalError(f"{name} must be a whole number (0 for the default), "
                                         f"got {value!r}")
-        for name in ("header_timeout_s", "body_timeout_s"):
+        for name in ("header_timeout_s", "body_timeout_s", "max_video_seconds"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise JaxRetrievalError(f"{name} must be a positive number of seconds, "
                                         f"got {value!r}")
         if not self.max_multipart_bytes:
-            object.__setattr__(self, "max_multipart_bytes",
-                               self.max_upload_bytes * self.max_batch + (1 << 20))
+            object.__setattr__(self, "max_multipart_bytes", max(
+                self.max_upload_bytes * self.max_batch, self.max_video_bytes) + (1 << 20))
         if not self.decode_threads:
             object.__setattr__(self, "decode_threads", max(1, (os.cpu_count() or 2) // 2))
         object.__setattr__(self, "allowed_hosts", tuple(self.allowed_hosts))
@@ -122,6 +130,7 @@ def create_app(retriever: ServiceBackend,
     if settings.access_log:
         app.add_middleware(ObserveRequests, observe=log_request)
     app.include_router(router)
+    app.include_router(video_router)
     add_docs_pages(app)
     return app
 
