@@ -21,7 +21,7 @@ from service_helpers import ServerThread, exchange, multipart, request_bytes
 
 SETTINGS = dict(max_upload_bytes=200_000, max_pixels=1_000_000, max_queue=8,
                 max_multipart_bytes=300_000, header_timeout_s=1.0, body_timeout_s=2.0,
-                decode_threads=1, max_decode_queue=1)
+                decode_threads=1, max_decode_queue=1, max_solo_queue=1)
 
 
 def png(side=8, value=0):
@@ -102,6 +102,47 @@ def test_uploads_decode_in_a_bounded_pool_and_the_loop_keeps_answering(server, r
     assert sorted(a.status for a in answers) == [200, 200, 503], answers
     assert_error(next(a for a in answers if a.status == 503), 503, "overloaded")
     assert set(threads) and all(name.startswith("image-decode") for name in threads)
+
+
+def test_explanations_run_one_at_a_time_and_a_full_line_is_refused(server, retriever,
+                                                                   monkeypatch):
+    release, started = threading.Event(), threading.Event()
+    threads = []
+    explain = retriever.explain_uint8
+
+    def held_explain(*images, **kwargs):
+        threads.append(threading.current_thread().name)
+        started.set()
+        release.wait(20)
+        return explain(*images, **kwargs)
+
+    monkeypatch.setattr(retriever, "explain_uint8", held_explain)
+    body, content_type = multipart([("image_a", "a.png", png(value=40)),
+                                    ("image_b", "b.png", png(value=200))])
+    answers = []
+
+    def ask():
+        answers.append(call(server, "POST", "/explain", body, content_type=content_type))
+
+    asks = [threading.Thread(target=ask) for _ in range(3)]
+    asks[0].start()
+    try:
+        assert started.wait(20)
+        # One explanation runs and one may wait (max_solo_queue=1): of two more, one is
+        # refused at once.
+        for thread in asks[1:]:
+            thread.start()
+        deadline = time.monotonic() + 20
+        while not any(a.status == 503 for a in answers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert call(server, "GET", "/healthz").status == 200
+    finally:
+        release.set()
+        for thread in asks:
+            thread.join()
+    assert sorted(a.status for a in answers) == [200, 200, 503], answers
+    assert_error(next(a for a in answers if a.status == 503), 503, "overloaded")
+    assert len(threads) == 2 and all(name.startswith("solo-model") for name in threads)
 
 
 # ---------------------------------------------------------------------- body caps

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.service.backend import ServiceBackend
 from jaxretrieval.service.batching import MicroBatcher
-from jaxretrieval.service.decoding import DecodePool
+from jaxretrieval.service.decoding import BoundedPool
 from jaxretrieval.service.docs_pages import add_docs_pages
 from jaxretrieval.service.errors import ServiceError, error_body
 from jaxretrieval.service.guards import RequestGuard, allowed_host_names
@@ -55,6 +55,9 @@ class ServiceSettings:
     # for one; beyond that, 503.
     decode_threads: int = 0
     max_decode_queue: int = 64
+    # Requests that run the model outside the shared batcher (/explain, /search/video) run
+    # one at a time; this many more may wait, beyond which 503.
+    max_solo_queue: int = 8
     # POST /search/video: the clip's bytes, its length in seconds, and the frames sampled
     # from it (each is embedded and searched).
     max_video_bytes: int = 64 * 1024 * 1024
@@ -63,7 +66,7 @@ class ServiceSettings:
 
     def __post_init__(self):
         for name in ("max_k", "max_batch", "max_queue", "max_upload_bytes", "max_pixels",
-                     "max_json_bytes", "max_decode_queue", "max_video_bytes",
+                     "max_json_bytes", "max_decode_queue", "max_solo_queue", "max_video_bytes",
                      "max_video_frames"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -115,11 +118,15 @@ def create_app(retriever: ServiceBackend,
     batcher = MicroBatcher(retriever.embed_uint8, max_batch=settings.max_batch,
                            max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
                            on_batch=metrics.batch_size.observe)
-    decoder = DecodePool(settings.decode_threads, settings.max_decode_queue)
+    decoder = BoundedPool(settings.decode_threads, settings.max_decode_queue, "image-decode")
+    # Explanations and clips run the model one request at a time: each is already a batch
+    # that takes the cores, and running two at once only splits them.
+    solo = BoundedPool(1, settings.max_solo_queue, "solo-model")
     app.state.batcher = batcher
-    app.state.service = Service(retriever, settings, batcher, metrics, decoder)
+    app.state.service = Service(retriever, settings, batcher, metrics, decoder, solo)
     app.router.add_event_handler("shutdown", batcher.close)
     app.router.add_event_handler("shutdown", decoder.close)
+    app.router.add_event_handler("shutdown", solo.close)
     add_error_handlers(app)
     app.add_middleware(RequestGuard, hosts=allowed_host_names(settings.host,
                                                               settings.allowed_hosts),

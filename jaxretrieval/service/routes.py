@@ -28,7 +28,7 @@ from jaxretrieval.index import (BadFilterError, BadMetadataError, check_keys, ch
 from jaxretrieval.retriever import NoThumbnailError, UnknownItemError
 from jaxretrieval.service.backend import ServiceBackend, searches_inline
 from jaxretrieval.service.batching import MicroBatcher, QueueFull
-from jaxretrieval.service.decoding import DecodePool, PoolFull
+from jaxretrieval.service.decoding import BoundedPool, PoolFull
 from jaxretrieval.service.errors import ServiceError
 from jaxretrieval.service.metrics import ServiceMetrics
 
@@ -46,7 +46,8 @@ class Service:
     settings: "ServiceSettings"
     batcher: MicroBatcher
     metrics: ServiceMetrics
-    decoder: DecodePool
+    decoder: BoundedPool
+    solo: BoundedPool  # model work outside the batcher: explanations, clips
 
 
 def service_of(request: Request) -> Service:
@@ -85,6 +86,16 @@ async def decoded(service: Service, read, *args, **kwargs) -> np.ndarray:
     except PoolFull:
         raise ServiceError(503, "overloaded",
                            "too many images are being decoded; retry in a moment") from None
+
+
+async def run_solo(service: Service, fn, *args, **kwargs):
+    """`fn(*args, **kwargs)`, model work outside the shared batcher, in the service's
+    one-at-a-time pool."""
+    try:
+        return await service.solo.run(fn, *args, **kwargs)
+    except PoolFull:
+        raise ServiceError(503, "overloaded", "too many explanations or video searches are "
+                           "waiting; retry in a moment") from None
 
 
 def check_image_count(service: Service, count: int) -> None:
@@ -461,8 +472,8 @@ async def explain(request: Request, service: ServiceDep, threshold: float | None
         images = [await read_upload(service, form.get("image_a")),
                   await read_upload(service, form.get("image_b"))]
     try:
-        result = await run_in_threadpool(service.retriever.explain_uint8, *images,
-                                         threshold=threshold, stage=stage)
+        result = await run_solo(service, service.retriever.explain_uint8, *images,
+                                threshold=threshold, stage=stage)
     except JaxRetrievalError as err:  # the images are checked already: the stage is bad
         raise ServiceError(400, "bad_stage", str(err)) from None
     overlays = await run_in_threadpool(lambda: [png_base64(o) for o in result.overlays])

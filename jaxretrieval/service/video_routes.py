@@ -9,10 +9,9 @@ that is not multipart.
 """
 
 from fastapi import APIRouter, Request
-from fastapi.concurrency import run_in_threadpool
 
 from jaxretrieval.service.errors import ServiceError
-from jaxretrieval.service.routes import ServiceDep, check_k, decoded, is_multipart
+from jaxretrieval.service.routes import ServiceDep, check_k, decoded, is_multipart, run_solo
 from jaxretrieval.video.decode import Limits, VideoDecodeError, VideoLimitError
 from jaxretrieval.video.voting import search_clip_embeddings
 
@@ -74,5 +73,5 @@ async def search_video(request: Request, service: ServiceDep, k: int = 10):
         return search_clip_embeddings(
             lambda v, n: retriever.search_embeddings(v, min(n, max(1, retriever.count))),
             times, vectors, k)
-    matches = await run_in_threadpool(answer)
+    matches = await run_solo(service, answer)
     return {"results": [match.as_dict() for match in matches]}
