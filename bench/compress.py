@@ -8,7 +8,8 @@ with MAP@R, the stored model's bytes and embedding images/s at batch 1 and 32.
 A compressed workdir already in `--output` is reused (delete it to compress again). The
 speeds of all the models of one source are measured side by side in one process on one CPU
 device: ROUNDS rounds, each timing every model in turn, and the median per model, so that
-the load of other processes on a shared machine falls on all of them alike. Prints a
+the load of other processes on a shared machine falls on all of them alike (each round
+starts at the next model). Prints a
 markdown table (also written to OUTPUT/table.md, the raw numbers to OUTPUT/results.json),
 each row with the command that reproduces it.
 """
@@ -38,7 +39,7 @@ SETTINGS = {
     "short": [("prune", {"sparsity": 0.8}), ("channels", {"keep": 0.5}),
               ("share", {"bits": 4})],
 }
-ROUNDS = 7
+ROUNDS = 9
 BATCH_SIZES = (1, 32)
 # Each timing runs about this long.
 SECONDS_PER_TIMING = 1.0
@@ -90,10 +91,12 @@ def measure(rows):
     batches = {b: rng.integers(0, 256, (b, config.image_size, config.image_size,
                                         config.channels), dtype=np.uint8) for b in BATCH_SIZES}
     timings = {(i, b): [] for i in range(len(rows)) for b in BATCH_SIZES}
-    for _ in range(ROUNDS):
-        for i, embedder in enumerate(embedders):
+    for r in range(ROUNDS):
+        # Each round starts at another model, so no model is always timed just after the
+        # same neighbour (the load of a shared machine comes and goes).
+        for i in np.roll(np.arange(len(embedders)), -r):
             for b in BATCH_SIZES:
-                timings[i, b].append(images_per_second(embedder, batches[b]))
+                timings[i, b].append(images_per_second(embedders[i], batches[b]))
     for i, row in enumerate(rows):
         with open(os.path.join(row["workdir"], "metrics.json")) as f:
             row["map@r"] = json.load(f)["map@r"]

@@ -206,13 +206,17 @@ def run_compress(argv, prog="jaxretrieval compress") -> int:
     parser.add_argument("--output", required=True, help="the new workdir (absent or empty)")
     flags = {}  # option name -> the methods taking it
     for method in METHODS.values():
+        for name in method.options:
+            flags.setdefault(name, []).append(method.name)
+    for method in METHODS.values():
         group = parser.add_argument_group(f"--method {method.name}", method.summary)
         for name, option in method.options.items():
-            if name not in flags:
+            if flags[name][0] == method.name:  # a shared option is listed once
+                defaults = ", ".join(f"{METHODS[m].options[name].default} for {m}"
+                                     for m in flags[name])
                 group.add_argument(f"--{name}", type=option.kind, default=None,
                                    help=f"{option.help}; {option.valid_values()} (default "
-                                        f"{option.default} for {method.name})")
-            flags.setdefault(name, []).append(method.name)
+                                        f"{defaults})")
     args = parser.parse_args(argv)
     given = {name: getattr(args, name) for name in flags if getattr(args, name) is not None}
     for name in given:

@@ -47,6 +47,8 @@ class Option:
         kind = "an integer" if self.integer else "a number"
         if self.low is None and self.high is None:
             return kind
+        if self.high is None:
+            return f"{kind} {'>' if self.open_low else '>='} {_number(self.low)}"
         left = "(" if self.open_low else "["
         right = ")" if self.open_high else "]"
         low = "-inf" if self.low is None else _number(self.low)

@@ -185,7 +185,7 @@ class ChannelPruning(Method):
     summary = ("structured pruning: removes whole channels and rewrites the model with "
                "smaller widths (faster), then fine-tunes")
     options = {
-        "keep": Option(0.5, "share of each pruned layer's channels kept", low=0.0, high=1.0,
+        "keep": Option(0.65, "share of each pruned layer's channels kept", low=0.0, high=1.0,
                        open_low=True),
         **fine_tune_options(steps=300, learning_rate=1e-3),
     }

@@ -145,7 +145,7 @@ class Prune(Method):
     summary = ("unstructured gradual magnitude pruning (optax mask); stored as bitmask + "
                "kept values; not faster with dense XLA kernels")
     options = {
-        "sparsity": Option(0.8, "share of kernel weights set to zero", low=0.0, high=1.0,
+        "sparsity": Option(0.5, "share of kernel weights set to zero", low=0.0, high=1.0,
                            open_high=True),
         "scope": Option("global", "rank weights over all kernels (global) or within each "
                         "(layer)", choices=SCOPES),
