@@ -27,6 +27,7 @@ COMMANDS = {
     "explain": "show which parts of two images carry their similarity, as a PNG",
     "serve": "serve search, match and item updates over HTTP, with a web page",
     "export-model": "export the model (StableHLO or TF SavedModel) to run without this package",
+    "compress": "write a smaller, faster model of a workdir into a new workdir, evaluated",
     "config": "list every config key with its value and meaning",
     "recover-index": "keep an index's updates logged before damage to its log; reports losses",
 }
@@ -52,7 +53,7 @@ def main(argv=None, prog: str = "jaxretrieval") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": run_train, "embed": run_embed, "index": run_index,
                 "search": run_search, "explain": run_explain, "serve": run_serve,
-                "export-model": run_export_model,
+                "export-model": run_export_model, "compress": run_compress,
                 "config": run_config, "recover-index": run_recover_index}
     if argv and argv[0] in ("-h", "--help"):
         print(usage(prog))
@@ -197,6 +198,47 @@ def run_embed(argv, prog="jaxretrieval embed") -> int:
                                                      "num_chunks", "checkpoint_step")},
                          **({"skipped_videos": meta["skipped_videos"]}
                             if meta.get("skipped_videos") else {})))
+    return 0
+
+
+def run_compress(argv, prog="jaxretrieval compress") -> int:
+    from jaxretrieval.compress import METHODS, compress_workdir
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Compress the workdir's model into a new workdir (pruning, "
+        "channel pruning, weight sharing, ...), then embed, evaluate the run's split and "
+        "index there, as training does (docs/compression.md). Method options not given "
+        "take the method's default.")
+    _add_workdir_argument(parser)
+    parser.add_argument("--method", required=True, choices=list(METHODS))
+    parser.add_argument("--output", required=True, help="the new workdir (absent or empty)")
+    flags = {}  # option name -> the methods taking it
+    for method in METHODS.values():
+        for name in method.options:
+            flags.setdefault(name, []).append(method.name)
+    for method in METHODS.values():
+        group = parser.add_argument_group(f"--method {method.name}", method.summary)
+        for name, option in method.options.items():
+            if flags[name][0] == method.name:  # a shared option is listed once
+                defaults = ", ".join(f"{METHODS[m].options[name].default} for {m}"
+                                     for m in flags[name])
+                group.add_argument(f"--{name}", type=option.kind, default=None,
+                                   help=f"{option.help}; {option.valid_values()} (default "
+                                        f"{defaults})")
+    args = parser.parse_args(argv)
+    given = {name: getattr(args, name) for name in flags if getattr(args, name) is not None}
+    for name in given:
+        if args.method not in flags[name]:
+            raise JaxRetrievalError(f"--{name} is an option of --method "
+                                    f"{' or '.join(flags[name])}, not of {args.method}")
+    with ProgressBar("step") as steps, ProgressBar("chunk") as chunks:
+        record = compress_workdir(args.workdir, args.output, args.method, given,
+                                  on_progress=steps.update_steps,
+                                  on_export_progress=chunks.update_chunks)
+    from jaxretrieval.pipeline import metrics_table
+    print(f"\n{args.method} {json.dumps(record['options'])}: {record['model_bytes']} bytes "
+          f"(source {record['source_model_bytes']})")
+    print(metrics_table(record["metrics"]))
+    print(f"\nworkdir: {os.path.abspath(args.output)}")
     return 0
 
 

@@ -362,7 +362,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 # value that means "as before". At that value a key stays out of the hash, so a checkpoint,
 # export or index written before the key existed still belongs to its model.
 NEUTRAL_MODEL_KEYS = {"input_norm": "centred", "projection_bias": True, "align_faces": False,
-                      "flip_test": False, "crop_fraction": 1.0}
+                      "flip_test": False, "crop_fraction": 1.0, "block_widths": ()}
 
 
 def model_config_hash(config: ml_collections.ConfigDict, keys=MODEL_KEYS) -> str:

@@ -7,6 +7,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxretrieval import parallel
 from jaxretrieval.checkpoint import open_for_reading
+from jaxretrieval.compress.stored import read_compression, unpack_variables, wrap_model
 from jaxretrieval.config import model_config_hash
 from jaxretrieval.data.augment import preprocess
 from jaxretrieval.data.images import InputSpec, load_images
@@ -28,8 +29,12 @@ class Embedder:
     compiles a handful of programs, not one per size.
     """
 
-    def __init__(self, config, variables, *, checkpoint_step: int, devices=None):
+    def __init__(self, config, variables, *, checkpoint_step: int, devices=None,
+                 compression: dict | None = None):
+        """`compression`: the record of a compressed workdir (`DIR/compression.json`),
+        whose method may embed with another module than the plain model."""
         self.config = config
+        self.compression = compression
         self.checkpoint_step = checkpoint_step
         self.model_config_hash = model_config_hash(config)
         self.embedding_dim = config.embedding_dim
@@ -42,15 +47,17 @@ class Embedder:
         # the CPU convolution is a custom call XLA would otherwise run whole on every device).
         batch_spec = PartitionSpec(parallel.DEVICE_AXIS)
         self._embed_fn = jax.jit(jax.shard_map(
-            embedding_function(config), mesh=mesh, in_specs=(PartitionSpec(), batch_spec),
+            embedding_function(config, compression=compression), mesh=mesh, in_specs=(PartitionSpec(), batch_spec),
             out_specs=batch_spec))
         self._buckets = _bucket_sizes(config.embed_batch_size, len(self.devices))
 
     @classmethod
     def from_workdir(cls, workdir: str, step: int | None = None, devices=None) -> "Embedder":
-        """Loads `DIR/config.json` and the checkpoint at `step` (default: the latest)."""
+        """Loads `DIR/config.json` and the checkpoint at `step` (default: the latest), as
+        its compression method stored it when the workdir is a compressed one."""
         config, variables, step = restore_model(workdir, step)
-        return cls(config, variables, checkpoint_step=step, devices=devices)
+        return cls(config, variables, checkpoint_step=step, devices=devices,
+                   compression=read_compression(workdir))
 
     @property
     def variables(self):
@@ -96,7 +103,7 @@ class Embedder:
         return self.embed_uint8(load_images(images, InputSpec.of(self.config)))
 
 
-def embedding_function(config, *, fixed_norm: bool = False):
+def embedding_function(config, *, fixed_norm: bool = False, compression: dict | None = None):
     """The model's whole computation from pixels to embeddings, for one batch on one device:
     `(variables, uint8 [n, size, size, channels]) -> float32 [n, embedding_dim]`, unit norm.
 
@@ -104,9 +111,9 @@ def embedding_function(config, *, fixed_norm: bool = False):
     `model_export` traces it into a program that runs without this package. `fixed_norm`:
     the same values, with every normalisation's norm a constant to differentiation
     (`heads.l2_normalize`); with `flip_test` the model's batch is the images, then their
-    mirrors.
+    mirrors. `compression`: a compressed workdir's record, whose method decides the module.
     """
-    model = build_model(config)
+    model = wrap_model(compression, build_model(config))
     if fixed_norm:
         model = model.clone(fixed_norm=True)
     flip_test = bool(config.model.flip_test)
@@ -125,8 +132,9 @@ def embedding_function(config, *, fixed_norm: bool = False):
 
 def restore_model(workdir: str, step: int | None = None):
     """(config, variables, step): `DIR/config.json` and the model's variables (host arrays)
-    from the checkpoint at `step` (default: the latest). Raises JaxRetrievalError for a
-    directory that is not a workdir or holds no checkpoint."""
+    from the checkpoint at `step` (default: the latest); a compressed workdir's are
+    unpacked from their stored form (`jaxretrieval.compress`). Raises JaxRetrievalError
+    for a directory that is not a workdir or holds no checkpoint."""
     config = Workdir(workdir).read_config()
     store = open_for_reading(workdir)
     try:
@@ -135,6 +143,9 @@ def restore_model(workdir: str, step: int | None = None):
     finally:
         store.close()
     variables = {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}
+    compression = read_compression(workdir)
+    if compression is not None:
+        variables = unpack_variables(compression, variables)
     return config, variables, int(step)
 
 

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from jaxretrieval import parallel, plots, runtime
+from jaxretrieval.compress.stored import manifest_entry, read_compression
 from jaxretrieval.data.sources import load_dataset
 from jaxretrieval.data.splits import split_dataset
 from jaxretrieval.embed import Embedder
@@ -247,13 +248,14 @@ def rebuild_index(workdir: str, num_shards: int | None = None, export=None):
     if export is None:
         export = load_embedding_export(wd.embeddings)
     meta = export.metadata
+    extra = {"dataset": meta.get("dataset"), "data_dir": meta.get("data_dir", ""),
+             "source_roots": meta.get("source_roots"), "video": meta.get("video"),
+             "match_thresholds": meta.get("match_thresholds")}
+    compression = read_compression(workdir)
+    if compression is not None:  # what the model embedding this index was made of
+        extra["compression"] = manifest_entry(compression)
     arguments = dict(sources=export.sources, checkpoint_step=meta["checkpoint_step"],
-                     model_config_hash=meta["model_config_hash"],
-                     extra_manifest={"dataset": meta.get("dataset"),
-                                     "data_dir": meta.get("data_dir", ""),
-                                     "source_roots": meta.get("source_roots"),
-                                     "video": meta.get("video"),
-                                     "match_thresholds": meta.get("match_thresholds")})
+                     model_config_hash=meta["model_config_hash"], extra_manifest=extra)
     if num_shards > 1:
         index = ShardedIndex.build(export.embeddings, export.keys, num_shards=num_shards,
                                    **arguments)

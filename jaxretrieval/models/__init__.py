@@ -80,13 +80,22 @@ SEED_CNN_OPTIONS = {
 
 def _resnet(name):
     return lambda m, bn_axis_name, dtype: resnet(
-        name, num_filters=m.num_filters, small_stem=m.small_stem, bn_axis_name=bn_axis_name,
-        dtype=dtype)
+        name, num_filters=m.num_filters, small_stem=m.small_stem,
+        block_widths=tuple(int(w) for w in m.block_widths), bn_axis_name=bn_axis_name, dtype=dtype)
 
 
 def _check_resnet(config):
-    if config.model.num_filters < 1:
-        return f"model.num_filters={config.model.num_filters}; use a positive integer"
+    m = config.model
+    if m.num_filters < 1:
+        return f"model.num_filters={m.num_filters}; use a positive integer"
+    blocks = sum(RESNET_DEPTHS[m.name][0])
+    try:  # from the command line, a width is text until checked here
+        widths = [int(w) for w in m.block_widths]
+    except ValueError:
+        widths = [0]
+    if widths and (len(widths) != blocks or min(widths) < 1):
+        return (f"model.block_widths has {len(m.block_widths)} widths; {m.name} needs one "
+                f"positive width per block ({blocks}), or () for the standard widths")
     return None
 
 
@@ -95,6 +104,9 @@ RESNET_OPTIONS = {  # always with BatchNorm
     # 3x3 stride-1 stem, no max-pool: for inputs under ~100 pixels. False: the ImageNet
     # stem (7x7/2 conv, 3x3/2 max-pool), which torchvision's and timm's weights need.
     "small_stem": True,
+    # Each residual block's inner width, one per block in order (channel pruning sets
+    # them: `jaxretrieval compress --method channels`); (): each stage's standard width.
+    "block_widths": (),
 }
 
 def _dlib_face_resnet(m, bn_axis_name, dtype):

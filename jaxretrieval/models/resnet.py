@@ -30,18 +30,20 @@ PAD_3 = ((3, 3), (3, 3))
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs; the block's output has `filters` channels."""
+    """Two 3x3 convs; the block's output has `filters` channels, the first conv's `inner`
+    (default `filters`: fewer after channel pruning, `jaxretrieval.compress.channels`)."""
 
     filters: int
     strides: int
     conv: Callable[..., nn.Module]  # nn.Conv with the trunk's settings bound
     norm: Callable[..., nn.Module]  # nn.BatchNorm with the trunk's settings bound
+    inner: int | None = None
 
     @nn.compact
     def __call__(self, x):
         residual = x
-        y = self.conv(self.filters, (3, 3), (self.strides, self.strides), padding=PAD_1,
-                      name="conv1")(x)
+        y = self.conv(self.inner or self.filters, (3, 3), (self.strides, self.strides),
+                      padding=PAD_1, name="conv1")(x)
         y = nn.relu(self.norm(name="bn1")(y))
         y = self.conv(self.filters, (3, 3), padding=PAD_1, name="conv2")(y)
         # Zero scale: each block starts out passing on just its shortcut, so a deep net
@@ -52,21 +54,24 @@ class BasicBlock(nn.Module):
 
 
 class BottleneckBlock(nn.Module):
-    """1x1 reduce, 3x3 (strided), 1x1 expand to 4 * `filters` channels."""
+    """1x1 reduce, 3x3 (strided), 1x1 expand to 4 * `filters` channels; the first two convs
+    have `inner` channels (default `filters`)."""
 
     filters: int
     strides: int
     conv: Callable[..., nn.Module]  # nn.Conv with the trunk's settings bound
     norm: Callable[..., nn.Module]  # nn.BatchNorm with the trunk's settings bound
+    inner: int | None = None
     expansion = 4
 
     @nn.compact
     def __call__(self, x):
         residual = x
-        y = self.conv(self.filters, (1, 1), name="conv1")(x)
+        inner = self.inner or self.filters
+        y = self.conv(inner, (1, 1), name="conv1")(x)
         y = nn.relu(self.norm(name="bn1")(y))
         # v1.5: striding the 3x3 rather than the first 1x1 loses no input pixels.
-        y = self.conv(self.filters, (3, 3), (self.strides, self.strides), padding=PAD_1,
+        y = self.conv(inner, (3, 3), (self.strides, self.strides), padding=PAD_1,
                       name="conv2")(y)
         y = nn.relu(self.norm(name="bn2")(y))
         y = self.conv(self.filters * self.expansion, (1, 1), name="conv3")(y)
@@ -91,12 +96,15 @@ class ResNet(nn.Module):
 
     `small_stem` swaps the ImageNet 7x7/2 conv + 3x3/2 max-pool for one 3x3/1 conv, so
     small inputs (32x32, 64x64) are not shrunk 4x before the first block.
+    `block_widths`, one per block in order, sets each block's inner width (channel pruning
+    narrows the convs inside the blocks; what the shortcuts add up keeps its width).
     """
 
     stage_sizes: Sequence[int]
     block: str  # "basic" (ResNet-18/34) or "bottleneck" (ResNet-50/101/152)
     num_filters: int = 64
     small_stem: bool = False
+    block_widths: Sequence[int] = ()
     bn_axis_name: str | None = None  # averages BatchNorm statistics across devices
     dtype: jnp.dtype = jnp.float32  # compute dtype; params stay float32
 
@@ -122,11 +130,17 @@ class ResNet(nn.Module):
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=PAD_1)
         x = stage_output(self, "stage0", x)
 
+        if self.block_widths and len(self.block_widths) != sum(self.stage_sizes):
+            raise JaxRetrievalError(
+                f"block_widths gives {len(self.block_widths)} widths for "
+                f"{sum(self.stage_sizes)} blocks; give one per block, or none")
+        widths = iter(self.block_widths)
         for stage, num_blocks in enumerate(self.stage_sizes):
             for index in range(num_blocks):
                 # The first stage keeps the stem's resolution; each later one halves it.
                 strides = 2 if stage > 0 and index == 0 else 1
                 x = block_cls(self.num_filters * 2 ** stage, strides, conv, norm,
+                              inner=next(widths, None),
                               name=f"stage{stage + 1}_block{index + 1}")(x)
             x = stage_output(self, f"stage{stage + 1}", x)
         return x
