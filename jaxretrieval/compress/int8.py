@@ -37,13 +37,13 @@ QUANTISED_LEAVES = ("qvalue", "scale")
 
 
 def _qwix():
-    # Imported when used: the [compress] extra brings it, and only this method needs it.
+    # Imported when used: only this method needs it, and importing it patches nothing.
     try:
         import qwix
     except ImportError:
         raise JaxRetrievalError(
-            "compress --method int8 needs Qwix: pip install 'jaxretrieval[compress]' "
-            "(or pip install -r requirements-compress.txt)") from None
+            "the int8 method needs Qwix, a dependency of jaxretrieval: pip install "
+            "'qwix>=0.1.8,<0.2'") from None
     return qwix
 
 
