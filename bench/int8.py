@@ -8,15 +8,17 @@ For each pair (a float32 workdir and `jaxretrieval compress --method int8` of it
 
 - the stored model's bytes (compression.json), MAP@R (each workdir's metrics.json);
 - embedding images/s of each workdir's Embedder (the float32 model on its oneDNN
-  convolutions, the int8 model on XLA's int8 ones) at batch 1 and batch 32, on the
-  source's own images; the two alternate `--repeats` rounds after one untimed round
-  (which compiles), and the table gives medians and their ratio (int8 / float32);
+  convolutions and, as a third peer, on XLA's; the int8 model on XLA's int8 ones) at
+  batch 1 and batch 32, on the source's own images; the three alternate `--repeats`
+  rounds after one untimed round (which compiles), and the table gives medians and the
+  ratio int8 / float32 (oneDNN);
 - the source's embedding export indexed in float32, float16 and int8: the index's bytes
   on disk (its rows and ScaNN's copy, without keys and sources) and recall@10 of the
   float16 and int8 indexes against the float32 one's results, every item a query.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -27,7 +29,7 @@ import numpy as np
 
 from bench.report import emit
 
-ROUND_IMAGES = 128  # images embedded per round and batch size
+ROUND_IMAGES = 256  # images embedded per round and batch size
 K = 10
 
 
@@ -41,16 +43,19 @@ def images_of(workdir, count):
 
 
 def embedding_rates(embedders, images, repeats):
-    """{name: {batch: median images/s}} with the embedders alternating each round."""
+    """{name: {batch: median images/s}} with the embedders alternating each round;
+    `embedders`: {name: (Embedder, the context it embeds in)}."""
     rates = {name: {1: [], 32: []} for name in embedders}
     for round_ in range(repeats + 1):
-        for name, embedder in embedders.items():
+        for name, (embedder, context) in embedders.items():
             for batch in (1, 32):
-                start = time.perf_counter()
-                for i in range(0, len(images), batch):
-                    embedder.embed_uint8(images[i:i + batch])
+                with context():
+                    start = time.perf_counter()
+                    for i in range(0, len(images), batch):
+                        embedder.embed_uint8(images[i:i + batch])
+                    seconds = time.perf_counter() - start
                 if round_:  # the first round compiles
-                    rates[name][batch].append(len(images) / (time.perf_counter() - start))
+                    rates[name][batch].append(len(images) / seconds)
     return {name: {b: statistics.median(v) for b, v in by_batch.items()}
             for name, by_batch in rates.items()}
 
@@ -90,6 +95,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from jaxretrieval.embed import Embedder
+    from jaxretrieval.ops.conv import xla_convolutions
 
     lines = [f"load average before: {os.getloadavg()[0]:.1f}", "",
              "| workdir | model | MAP@R | model bytes | img/s batch 1 | img/s batch 32 |",
@@ -99,11 +105,17 @@ def main(argv=None):
     for source, int8 in args.pair:
         with open(os.path.join(int8, "compression.json")) as f:
             record = json.load(f)
-        embedders = {"float32": Embedder.from_workdir(source),
-                     "int8": Embedder.from_workdir(int8)}
+        # The float32 model twice: on oneDNN's convolutions (as it embeds) and on XLA's
+        # (what the int8 model's convolutions are compiled by).
+        embedders = {"float32": (Embedder.from_workdir(source), contextlib.nullcontext),
+                     "float32, XLA convolutions": (Embedder.from_workdir(source),
+                                                   xla_convolutions),
+                     "int8": (Embedder.from_workdir(int8), contextlib.nullcontext)}
         rates = embedding_rates(embedders, images_of(source, ROUND_IMAGES), args.repeats)
-        for name, workdir, size in (("float32", source, record["source_model_bytes"]),
-                                    ("int8", int8, record["model_bytes"])):
+        for name, workdir, size in (
+                ("float32", source, record["source_model_bytes"]),
+                ("float32, XLA convolutions", source, record["source_model_bytes"]),
+                ("int8", int8, record["model_bytes"])):
             with open(os.path.join(workdir, "metrics.json")) as f:
                 map_r = json.load(f)["map@r"]
             lines.append(f"| {os.path.basename(source)} | {name} | {map_r:.4f} | {size} | "
