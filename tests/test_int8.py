@@ -71,6 +71,28 @@ def test_int8_workdir_loads_and_searches(int8_workdir):
     assert np.all(np.asarray(scores)[:, 0] > 0.99)
 
 
+def test_int8_model_exports_and_refuses_explanations(int8_workdir, tmp_path):
+    from jax import export
+
+    from jaxretrieval.embed import Embedder
+    from jaxretrieval.errors import JaxRetrievalError
+    from jaxretrieval.explain import Explainer
+    from jaxretrieval.model_export import export_model
+
+    output, _ = int8_workdir
+    embedder = Embedder.from_workdir(output)
+    with pytest.raises(JaxRetrievalError, match="not available for an int8 model"):
+        Explainer.from_embedder(embedder)
+    path = str(tmp_path / "exported")
+    export_model(output, "stablehlo", path)
+    with open(os.path.join(path, "model.stablehlo"), "rb") as f:
+        exported = export.deserialize(bytearray(f.read()))
+    assert "xi8>" in exported.mlir_module()  # int8 arithmetic in the exported program
+    images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 1), dtype=np.uint8)
+    np.testing.assert_allclose(np.asarray(exported.call(images)),
+                               embedder.embed_uint8(images), atol=1e-5)
+
+
 def _leaves(tree, path=()):
     for name, node in tree.items():
         if isinstance(node, dict) and "qvalue" not in node:
