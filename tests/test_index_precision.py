@@ -105,3 +105,19 @@ def test_tree_search_reorders_in_the_compact_type(gallery, monkeypatch, tmp_path
     index.save(str(tmp_path / "index"))
     scann_files = os.listdir(os.path.join(snapshot_directory(str(tmp_path / "index")), "scann"))
     assert "int8_dataset.npy" in scann_files and "dataset.npy" not in scann_files
+
+
+def test_sharded_index_keeps_every_shard_in_the_dtype(gallery, tmp_path):
+    from jaxretrieval.index import ShardedIndex, open_index, save_index
+
+    vectors, keys, queries = gallery
+    index = ShardedIndex.build(vectors, keys, checkpoint_step=1, model_config_hash="h",
+                               num_shards=2, embedding_dtype="int8")
+    save_index(index, str(tmp_path / "index"))
+    loaded = open_index(str(tmp_path / "index"))
+    try:
+        assert [shard.manifest["scann"]["embedding_dtype"] for shard in loaded.shards] == [
+            "int8", "int8"]
+        assert loaded.search(queries, 10)[0] == index.search(queries, 10)[0]
+    finally:
+        loaded.close()
