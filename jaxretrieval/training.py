@@ -24,6 +24,7 @@ import optax
 
 from jaxretrieval import parallel, runtime
 from jaxretrieval.checkpoint import CheckpointStore, latest_checkpoint_step
+from jaxretrieval.compress.stored import COMPRESSION_FILE
 from jaxretrieval.config import (MODEL_KEYS, RUN_KEYS, config_to_json, model_config_hash,
                                  validate_config)
 from jaxretrieval.data.augment import augment_batch, preprocess
@@ -396,6 +397,10 @@ def check_workdir_config(wd, config, *, has_checkpoint: bool) -> None:
     """Refuses to train `config` in a workdir whose checkpoints belong to another run (its
     config.json differs in RUN_KEYS). A workdir with no checkpoint takes any config: its
     config.json, if any, is from a run that stopped before its first checkpoint."""
+    if os.path.isfile(os.path.join(wd.path, COMPRESSION_FILE)):
+        raise JaxRetrievalError(
+            f"workdir {wd.path!r} holds a compressed model (compression.json), which is not "
+            "trained further; train its source workdir, then compress it again")
     if not has_checkpoint or not os.path.isfile(wd.config_path):
         return
     saved = wd.read_config()

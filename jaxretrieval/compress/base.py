@@ -56,9 +56,11 @@ class Option:
     def checked(self, method: str, name: str, value):
         """`value` as this option's type; JaxRetrievalError naming the option and its range
         when it is not one of the values this option takes."""
+        given = value
+
         def refuse():
             return JaxRetrievalError(
-                f"compress --method {method}: {name}={value!r} is not valid; use "
+                f"compress --method {method}: {name}={given!r} is not valid; use "
                 f"{self.valid_values()} (default {self.default!r})")
 
         if self.choices:

@@ -11,6 +11,7 @@ import numpy as np
 
 from jaxretrieval import parallel
 from jaxretrieval.data.splits import batch_rows, class_balanced_batch_rows
+from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.losses import get_loss, with_projection_head
 from jaxretrieval.models import build_model
 from jaxretrieval.training import TrainState, make_optimizer, make_train_step
@@ -72,6 +73,11 @@ def fine_tuner(dataset, split, loss_params, *, first_step: int, on_progress=None
                              "images_per_sec": done * config.global_batch_size
                              / (time.perf_counter() - started)})
         host = parallel.unreplicate(state)
-        return {"params": host.params["model"], "batch_stats": host.batch_stats}
+        variables = {"params": host.params["model"], "batch_stats": host.batch_stats}
+        if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables)):
+            raise JaxRetrievalError(
+                f"fine-tuning diverged (the model is not finite after {steps} steps at "
+                f"learning rate {learning_rate}); pass a lower --learning_rate, or --steps 0")
+        return variables
 
     return fine_tune

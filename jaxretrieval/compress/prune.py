@@ -57,14 +57,20 @@ class PruningState(NamedTuple):
     masks: dict  # name (base.path_name of the params tree) -> bool mask
 
 
+def mask_schedule(steps: int) -> tuple:
+    """(ramp, every): the mask rises over the first `ramp` of `steps` steps, updated at
+    every multiple of `every` and at `ramp` itself."""
+    ramp = max(1, int(steps * PRUNE_SHARE))
+    return ramp, max(1, ramp // UPDATES_PER_RAMP)
+
+
 def gradual_pruning(targets, sparsity: float, scope: str, steps: int
                     ) -> optax.GradientTransformation:
     """The last transformation of an optimiser chain: the updates of the kernels named in
     `targets` become those that leave the pruned weights at zero, with the mask raised
     along the cubic schedule to `sparsity` over PRUNE_SHARE of `steps`."""
     targets = tuple(targets)
-    ramp = max(1, int(steps * PRUNE_SHARE))
-    every = max(1, ramp // UPDATES_PER_RAMP)
+    ramp, every = mask_schedule(steps)
 
     def picked(tree):
         found = {}
