@@ -120,3 +120,29 @@ def test_sharded_index_keeps_every_shard_in_the_dtype(gallery, tmp_path):
         assert loaded.search(queries, 10)[0] == index.search(queries, 10)[0]
     finally:
         loaded.close()
+
+
+def test_index_command_rebuilds_a_workdir_index_in_int8(trained_workdir, tmp_path, capsys):
+    import shutil
+
+    from jaxretrieval import cli
+    from jaxretrieval.export import load_embedding_export
+    from jaxretrieval.retriever import Retriever
+    from jaxretrieval.workdir import Workdir
+
+    workdir = str(tmp_path / "wd")
+    shutil.copytree(trained_workdir[0], workdir)
+    assert cli.main(["index", "--workdir", workdir, "--embedding-dtype", "int8"]) == 0
+    capsys.readouterr()
+    export = load_embedding_export(Workdir(workdir).embeddings)
+    retriever = Retriever.load(workdir)
+    try:
+        assert retriever.index.manifest["scann"]["embedding_dtype"] == "int8"
+        _, scores = retriever.search_embeddings(export.embeddings[:20], k=10)
+    finally:
+        retriever.close()
+    # The tests' barely trained model embeds many items almost alike, so int8's rounding
+    # may reorder near-ties: the scores of the best ten are what must agree.
+    _, reference = Index.build(export.embeddings, export.keys, checkpoint_step=1,
+                               model_config_hash="h").search(export.embeddings[:20], 10)
+    assert np.abs(np.asarray(scores) - np.asarray(reference)).max() < 0.02
