@@ -309,9 +309,15 @@ def run_index(argv, prog="jaxretrieval index") -> int:
                         help="split the index into this many ScaNN shards by key (1: one "
                              "flat index; default: as many as the index there has, else 1); "
                              "replaces either layout in place")
+    parser.add_argument("--embedding-dtype", choices=("float32", "float16", "int8"),
+                        default="float32",
+                        help="the precision the index stores and scores its rows in: "
+                             "float16 halves and int8 quarters their bytes, for a small loss "
+                             "of recall (docs/compression.md)")
     args = parser.parse_args(argv)
     from jaxretrieval.pipeline import rebuild_index
-    index = rebuild_index(args.workdir, num_shards=args.shards)
+    index = rebuild_index(args.workdir, num_shards=args.shards,
+                          embedding_dtype=args.embedding_dtype)
     print(json.dumps(index.manifest, indent=2, sort_keys=True))
     return 0
 

@@ -209,6 +209,13 @@ class Explainer:
     @classmethod
     def from_embedder(cls, embedder: Embedder, stage=None) -> "Explainer":
         """An Explainer of the Embedder's model, with its variables and devices."""
+        compression = getattr(embedder, "compression", None)
+        if compression is not None and compression.get("method") == "int8":
+            # Explanations are gradients, and the int8 model's rounding has none.
+            raise JaxRetrievalError(
+                "explanations are not available for an int8 model (its rounding has no "
+                "gradient): explain with its source workdir, which compression.json names "
+                f"({compression.get('source_workdir')})")
         return cls(embedder.config, embedder.variables, devices=embedder.devices, stage=stage)
 
     def explain_uint8(self, images_a: np.ndarray, images_b: np.ndarray):

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxretrieval.config import model_config_hash
+from jaxretrieval.compress.stored import read_compression
 from jaxretrieval.embed import embedding_function, restore_model
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.fileio import (atomic_file, give_ordinary_mode, new_sibling_directory,
@@ -88,7 +89,9 @@ def export_model(workdir: str, format: str, output: str, *,
                                 "choose an output path in a folder you can write to") from None
     try:
         with xla_convolutions():
-            writer(partial, embedding_function(config), variables,
+            # A compressed workdir's model as it embeds (the int8 one quantised).
+            writer(partial, embedding_function(config, compression=read_compression(workdir)),
+                   variables,
                    _input_shape(config), platforms)
         write_json_atomically(os.path.join(partial, METADATA_FILE), metadata)
         _seal(partial)

@@ -232,13 +232,16 @@ def write_result_grid(path: str, dataset, split, neighbours, *,
     return rows
 
 
-def rebuild_index(workdir: str, num_shards: int | None = None, export=None):
+def rebuild_index(workdir: str, num_shards: int | None = None, export=None,
+                  embedding_dtype: str = "float32"):
     """Builds `DIR/index/` from the embedding export alone (no model needed) and returns it:
     an Index, or with `num_shards` > 1 a ShardedIndex; it replaces the index there,
     whichever layout.
     `num_shards=None` keeps the shard count of the index there (1 when there is none), so
     re-evaluating a run does not undo its sharding. `export`: that export, when the caller
-    has already read it (evaluation), so it is not read twice."""
+    has already read it (evaluation), so it is not read twice. `embedding_dtype`: float32,
+    float16 or int8, the precision the index stores and scores its rows in
+    (jaxretrieval.index.precision)."""
     from jaxretrieval.index import (ShardedIndex, checked_num_shards, num_shards_on_disk,
                                     save_index)
 
@@ -255,7 +258,8 @@ def rebuild_index(workdir: str, num_shards: int | None = None, export=None):
     if compression is not None:  # what the model embedding this index was made of
         extra["compression"] = manifest_entry(compression)
     arguments = dict(sources=export.sources, checkpoint_step=meta["checkpoint_step"],
-                     model_config_hash=meta["model_config_hash"], extra_manifest=extra)
+                     model_config_hash=meta["model_config_hash"], extra_manifest=extra,
+                     embedding_dtype=embedding_dtype)
     if num_shards > 1:
         index = ShardedIndex.build(export.embeddings, export.keys, num_shards=num_shards,
                                    **arguments)

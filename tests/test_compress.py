@@ -185,7 +185,7 @@ def test_shared_weights_stay_shared_through_fine_tuning():
 # ---------------------------------------------------------------- compressed workdirs
 
 FAST = {"prune": {"sparsity": 0.5, "steps": 4}, "channels": {"keep": 0.5, "steps": 2},
-        "share": {"bits": 3, "steps": 2}}
+        "share": {"bits": 3, "steps": 2}, "int8": {"calibration_images": 64}}
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ line here. Its options appear on the command line by themselves (`--NAME VALUE`,
 
 from jaxretrieval.compress.base import Method
 from jaxretrieval.compress.channels import CHANNELS
+from jaxretrieval.compress.int8 import INT8
 from jaxretrieval.compress.prune import PRUNE
 from jaxretrieval.compress.share import SHARE
 from jaxretrieval.errors import JaxRetrievalError
@@ -16,6 +17,7 @@ METHODS: dict[str, Method] = {
     "prune": PRUNE,
     "channels": CHANNELS,
     "share": SHARE,
+    "int8": INT8,
 }
 
 

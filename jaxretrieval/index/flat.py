@@ -46,7 +46,8 @@ class Index:
 
     @classmethod
     def build(cls, embeddings, keys, *, sources=None, checkpoint_step,
-              model_config_hash, extra_manifest=None, scann_overrides=None, metadata=None):
+              model_config_hash, extra_manifest=None, scann_overrides=None, metadata=None,
+              embedding_dtype="float32"):
         """Indexes L2-normalised float32 `embeddings` [n, d] under `keys`.
 
         `sources` optionally names where each row came from, `metadata` gives
@@ -54,6 +55,8 @@ class Index:
         more than EXACT_SEARCH_MAX_COUNT items get approximate search, whose
         automatic settings `scann_overrides` may replace in part (see
         `scann_settings`; for benchmarks); the manifest records them.
+        `embedding_dtype` (float32, float16 or int8) is the precision the index stores
+        and scores its rows in (jaxretrieval.index.precision).
         """
         embeddings, keys, sources = checks.checked_rows(embeddings, keys, sources)
         count, dim = embeddings.shape
@@ -70,7 +73,8 @@ class Index:
         metadata = checked_metadata_list(metadata, count)
 
         state = State.from_rows(embeddings, keys, sources, has_sources=sources is not None,
-                                settings=scann_settings(count, scann_overrides),
+                                settings=scann_settings(count, scann_overrides,
+                                                        embedding_dtype),
                                 metadata=metadata)
         manifest = {
             "format_version": storage.FORMAT_VERSION,

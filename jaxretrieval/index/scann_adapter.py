@@ -18,6 +18,8 @@ import os
 
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.index.checks import json_normalised
+from jaxretrieval.index.precision import DEFAULT as DEFAULT_EMBEDDING_DTYPE
+from jaxretrieval.index.precision import checked_dtype, dtype_of
 
 EXACT_SEARCH_MAX_COUNT = 20_000  # above this, tree + asymmetric hashing + reordering
 
@@ -87,15 +89,18 @@ def checked_overrides(overrides):
     return json_normalised(overrides, "scann_overrides")
 
 
-def scann_settings(count, overrides=None):
+def scann_settings(count, overrides=None, embedding_dtype=DEFAULT_EMBEDDING_DTYPE):
     """The ScaNN settings for a gallery of `count` items.
 
     Galleries of up to EXACT_SEARCH_MAX_COUNT items are searched exactly; larger ones
     with a tree, asymmetric hashing and exact reordering, where `overrides` (see
     TREE_SETTING_KEYS) replace the automatic values. Given overrides are recorded under
     "overrides", so settings derived from these (`carried_settings`) apply them again.
+    An `embedding_dtype` other than float32 (jaxretrieval.index.precision) is recorded
+    as "embedding_dtype".
     """
     overrides = checked_overrides(overrides)
+    embedding_dtype = checked_dtype(embedding_dtype)
     if count <= EXACT_SEARCH_MAX_COUNT:
         settings = {"mode": "exact"}
     else:
@@ -118,6 +123,8 @@ def scann_settings(count, overrides=None):
         }
     if overrides:
         settings["overrides"] = overrides
+    if embedding_dtype != DEFAULT_EMBEDDING_DTYPE:
+        settings["embedding_dtype"] = embedding_dtype
     return settings
 
 
@@ -128,7 +135,7 @@ def carried_settings(settings, count):
     count that `Index.tune` chose carry over to the new tree, along with the
     record of the tuning. Recall can drift after many changes: tune again.
     """
-    fresh = scann_settings(count, settings.get("overrides"))
+    fresh = scann_settings(count, settings.get("overrides"), dtype_of(settings))
     tuned = settings.get("tuned")
     if tuned is None or settings.get("mode") != "tree_ah" or fresh["mode"] != "tree_ah":
         return fresh
@@ -140,10 +147,17 @@ def carried_settings(settings, count):
     return fresh
 
 
+def _scoring_type(settings):
+    """ScaNN's type for scoring rows kept in the settings' embedding dtype."""
+    from scann.scann_ops.py.scann_builder import ReorderType
+    return {"float32": ReorderType.FLOAT32, "float16": ReorderType.BFLOAT16,
+            "int8": ReorderType.INT8}[dtype_of(settings)]
+
+
 def build_searcher(embeddings, settings):
     builder = scann_ops_pybind().builder(embeddings, 10, DISTANCE)
     if settings["mode"] == "exact":
-        builder = builder.score_brute_force()
+        builder = builder.score_brute_force(quantize=_scoring_type(settings))
     else:
         # Keys added after format 2's first release are optional: indexes
         # saved without them were built without them.
@@ -158,7 +172,7 @@ def build_searcher(embeddings, settings):
             settings["dimensions_per_block"],
             anisotropic_quantization_threshold=settings[
                 "anisotropic_quantization_threshold"],
-        ).reorder(settings["reorder_num_neighbors"])
+        ).reorder(settings["reorder_num_neighbors"], quantize=_scoring_type(settings))
     # No docids: ScaNN would pickle them on serialize(); rows are its ids.
     return builder.build()
 

@@ -369,10 +369,12 @@ class ShardedIndex:
 
     @classmethod
     def build(cls, embeddings, keys, *, sources=None, checkpoint_step, model_config_hash,
-              extra_manifest=None, scann_overrides=None, num_shards, metadata=None):
+              extra_manifest=None, scann_overrides=None, num_shards, metadata=None,
+              embedding_dtype="float32"):
         """As `Index.build`, split into `num_shards` shards by `shard_of(key, num_shards)`.
 
-        Each shard chooses its ScaNN settings for its own size (with `scann_overrides`).
+        Each shard chooses its ScaNN settings for its own size (with `scann_overrides`),
+        and stores its rows in `embedding_dtype`.
         """
         # Checked here with the very checks Index.build runs, so errors number rows across
         # the whole gallery; each shard's Index.build checks the rest.
@@ -381,7 +383,8 @@ class ShardedIndex:
         num_shards = checked_num_shards(num_shards)
         _refuse_sharded_keys(extra_manifest or {}, "extra_manifest")
         identity = {"checkpoint_step": checkpoint_step, "model_config_hash": model_config_hash,
-                    "extra_manifest": extra_manifest, "scann_overrides": scann_overrides}
+                    "extra_manifest": extra_manifest, "scann_overrides": scann_overrides,
+                    "embedding_dtype": embedding_dtype}
         shards = [_build_shard(embeddings, keys, sources, metadata, rows, identity)
                   for rows in _rows_by_shard(keys, num_shards)]
         common = {key: value for key, value in shards[0].manifest.items()

@@ -9,6 +9,7 @@ import numpy as np
 
 from jaxretrieval.index.checks import row_by_key
 from jaxretrieval.index.metadata import Postings
+from jaxretrieval.index.precision import dtype_of, rounded
 from jaxretrieval.index.scann_adapter import build_searcher, carried_settings, scann_settings
 
 # Every search over-fetches one ScaNN result per tombstone and scans the
@@ -77,8 +78,11 @@ class State:
             metadata = None
         if settings is None:
             settings = scann_settings(len(vectors))
-        if searcher is None and len(vectors):
-            searcher = build_searcher(vectors, settings)
+        if searcher is None:
+            # Searched as they will be stored (rows read from a snapshot already are).
+            vectors = rounded(vectors, dtype_of(settings))
+            if len(vectors):
+                searcher = build_searcher(vectors, settings)
         return cls(
             searcher=searcher, settings=settings, has_sources=has_sources,
             base_vectors=vectors, base_keys=keys, base_sources=sources,

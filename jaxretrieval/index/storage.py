@@ -13,7 +13,10 @@ On-disk layout of a flat index directory (format 2):
                               (absent when no row has any: indexes written before
                               metadata existed load as items without it; versions
                               before it ignore the file)
-        embeddings.npy        float32 [count, dim], so the index can be rebuilt
+        embeddings.npy        [count, dim] in the settings' embedding_dtype (float32,
+                              float16 or int8: jaxretrieval.index.precision), so
+                              the index can be rebuilt
+        embedding_scales.npy  float32 [count], each int8 row's scale (int8 only)
         scann/                ScaNN's serialized searcher (absent when count is 0)
         wal.jsonl             write-ahead log of changes made since the snapshot
                               (format: jaxretrieval.index.wal)
@@ -49,6 +52,8 @@ import numpy as np
 from jaxretrieval.errors import JaxRetrievalError, WriterBusyError
 from jaxretrieval.index.checks import CORE_MANIFEST_KEYS
 from jaxretrieval.index.metadata import BadMetadataError, checked_metadata_list
+from jaxretrieval.index.precision import (EMBEDDING_DTYPES, SCALES_FILE, decode, dtype_of,
+                                          encode)
 from jaxretrieval.index.scann_adapter import SCANN_ASSETS_FILE, load_searcher
 from jaxretrieval.index.state import State
 from jaxretrieval.index.wal import (LOG_FILE, RECOVER_COMMAND, DamagedLogError, read_log,
@@ -336,7 +341,10 @@ def write_snapshot_files(folder, state, manifest):
         os.mkdir(scann_dir)
         # Relative asset paths, so the index still loads once renamed.
         state.searcher.serialize(scann_dir, relative_path=True)
-    np.save(os.path.join(folder, EMBEDDINGS_FILE), state.base_vectors)
+    stored, scales = encode(state.base_vectors, dtype_of(state.settings))
+    np.save(os.path.join(folder, EMBEDDINGS_FILE), stored)
+    if scales is not None:
+        np.save(os.path.join(folder, SCALES_FILE), scales)
     write_json(os.path.join(folder, KEYS_FILE), state.base_keys)
     if state.has_sources:
         write_json(os.path.join(folder, SOURCES_FILE), state.base_sources)
@@ -479,14 +487,27 @@ def read_snapshot(directory, version):
         embeddings = np.load(embeddings_path, allow_pickle=False)
     except ValueError as error:
         raise corrupt(directory, f"unreadable {EMBEDDINGS_FILE}: {error}") from None
-    expected_shape = (count, manifest["embedding_dim"])
-    if embeddings.dtype != np.float32 or embeddings.shape != expected_shape:
-        raise corrupt(directory,
-                      f"{EMBEDDINGS_FILE} is {embeddings.dtype} {embeddings.shape}, "
-                      f"expected float32 {expected_shape}")
     settings = manifest["scann"]
     if not isinstance(settings, dict) or settings.get("mode") not in ("exact", "tree_ah"):
         raise corrupt(directory, f"unknown ScaNN settings {settings!r}")
+    dtype = dtype_of(settings)
+    if dtype not in EMBEDDING_DTYPES:
+        raise corrupt(directory, f"unknown embedding_dtype {dtype!r} in the ScaNN settings")
+    expected_shape = (count, manifest["embedding_dim"])
+    if embeddings.dtype != np.dtype(dtype) or embeddings.shape != expected_shape:
+        raise corrupt(directory,
+                      f"{EMBEDDINGS_FILE} is {embeddings.dtype} {embeddings.shape}, "
+                      f"expected {dtype} {expected_shape}")
+    scales = None
+    if dtype == "int8":
+        try:
+            scales = np.load(require(SCALES_FILE), allow_pickle=False)
+        except ValueError as error:
+            raise corrupt(directory, f"unreadable {SCALES_FILE}: {error}") from None
+        if scales.dtype != np.float32 or scales.shape != (count,):
+            raise corrupt(directory, f"{SCALES_FILE} is {scales.dtype} {scales.shape}, "
+                                     f"expected float32 ({count},)")
+    embeddings = decode(embeddings, scales)
 
     searcher = None
     # Every change can be deleted away; an empty snapshot has no searcher.

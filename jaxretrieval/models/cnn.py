@@ -23,12 +23,15 @@ class SeedCNN(nn.Module):
     batch_norm: bool = False
     bn_axis_name: str | None = None  # averages BatchNorm statistics across devices
     dtype: jnp.dtype = jnp.float32
+    # False: every block is Flax layers when evaluated too, for tools that intercept them
+    # (int8 quantisation, `jaxretrieval.compress.int8`).
+    fused: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         # Without BatchNorm a block is one fused call when evaluated (ops.conv_relu_pool);
         # nn.Conv still owns the parameters, so checkpoints are the same either way.
-        fused = (not self.batch_norm and jnp.dtype(self.dtype) == jnp.float32
+        fused = (self.fused and not self.batch_norm and jnp.dtype(self.dtype) == jnp.float32
                  and not self.is_initializing())
         for index, width in enumerate(self.widths):
             conv = nn.Conv(width, (self.kernel_size, self.kernel_size), padding=self.padding,
