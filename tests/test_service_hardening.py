@@ -63,85 +63,61 @@ def assert_error(response, status, code=None):
 
 # ---------------------------------------------------------------------- blocking work
 
-def test_uploads_decode_in_a_bounded_pool_and_the_loop_keeps_answering(server, retriever,
-                                                                       monkeypatch):
+def crowd_a_held_pool(server, retriever, monkeypatch, held, path, fields):
+    """Holds `retriever.<held>` on its first call and sends three requests to `path`: one
+    runs, one may wait (a pool of one thread with one place in its line), one is refused at
+    once. The event loop must answer meanwhile. Returns the answers and the names of the
+    threads the held work ran in."""
     release, started = threading.Event(), threading.Event()
     threads = []
-    decode = retriever.decode_image
+    work = getattr(retriever, held)
 
-    def held_decode(data, *, max_pixels):
+    def held_work(*args, **kwargs):
         threads.append(threading.current_thread().name)
         started.set()
         release.wait(20)
-        return decode(data, max_pixels=max_pixels)
+        return work(*args, **kwargs)
 
-    monkeypatch.setattr(retriever, "decode_image", held_decode)
-    body, content_type = multipart([("image", "q.png", png())])
+    monkeypatch.setattr(retriever, held, held_work)
+    body, content_type = multipart(fields)
     answers = []
 
-    def upload():
-        answers.append(call(server, "POST", "/search?k=1", body, content_type=content_type))
+    def send():
+        answers.append(call(server, "POST", path, body, content_type=content_type))
 
-    uploads = [threading.Thread(target=upload) for _ in range(3)]
-    uploads[0].start()
+    senders = [threading.Thread(target=send) for _ in range(3)]
+    senders[0].start()
     try:
         assert started.wait(20)
-        # One upload decodes and one may wait (decode_threads=1, max_decode_queue=1): of
-        # two more, one is refused at once.
-        for thread in uploads[1:]:
+        for thread in senders[1:]:
             thread.start()
         deadline = time.monotonic() + 20
         while not any(a.status == 503 for a in answers) and time.monotonic() < deadline:
             time.sleep(0.05)
-        # The event loop answers while the decoding thread is held.
         assert call(server, "GET", "/healthz").status == 200
     finally:
         release.set()
-        for thread in uploads:
+        for thread in senders:
             thread.join()
     assert sorted(a.status for a in answers) == [200, 200, 503], answers
     assert_error(next(a for a in answers if a.status == 503), 503, "overloaded")
+    return answers, threads
+
+
+def test_uploads_decode_in_a_bounded_pool_and_the_loop_keeps_answering(server, retriever,
+                                                                       monkeypatch):
+    # decode_threads=1, max_decode_queue=1
+    _, threads = crowd_a_held_pool(server, retriever, monkeypatch, "decode_image",
+                                   "/search?k=1", [("image", "q.png", png())])
     assert set(threads) and all(name.startswith("image-decode") for name in threads)
 
 
 def test_explanations_run_one_at_a_time_and_a_full_line_is_refused(server, retriever,
                                                                    monkeypatch):
-    release, started = threading.Event(), threading.Event()
-    threads = []
-    explain = retriever.explain_uint8
-
-    def held_explain(*images, **kwargs):
-        threads.append(threading.current_thread().name)
-        started.set()
-        release.wait(20)
-        return explain(*images, **kwargs)
-
-    monkeypatch.setattr(retriever, "explain_uint8", held_explain)
-    body, content_type = multipart([("image_a", "a.png", png(value=40)),
-                                    ("image_b", "b.png", png(value=200))])
-    answers = []
-
-    def ask():
-        answers.append(call(server, "POST", "/explain", body, content_type=content_type))
-
-    asks = [threading.Thread(target=ask) for _ in range(3)]
-    asks[0].start()
-    try:
-        assert started.wait(20)
-        # One explanation runs and one may wait (max_solo_queue=1): of two more, one is
-        # refused at once.
-        for thread in asks[1:]:
-            thread.start()
-        deadline = time.monotonic() + 20
-        while not any(a.status == 503 for a in answers) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert call(server, "GET", "/healthz").status == 200
-    finally:
-        release.set()
-        for thread in asks:
-            thread.join()
-    assert sorted(a.status for a in answers) == [200, 200, 503], answers
-    assert_error(next(a for a in answers if a.status == 503), 503, "overloaded")
+    # max_solo_queue=1
+    _, threads = crowd_a_held_pool(server, retriever, monkeypatch, "explain_uint8",
+                                   "/explain", [("image_a", "a.png", png(value=40)),
+                                                ("image_b", "b.png", png(value=200))])
     assert len(threads) == 2 and all(name.startswith("solo-model") for name in threads)
 
 
