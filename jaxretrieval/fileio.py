@@ -35,9 +35,23 @@ def atomic_file(path: str, mode: str = "w"):
 def give_ordinary_mode(path: str) -> None:
     """Gives `path` the mode a plain open or mkdir would have under the current umask, for
     files that others read: `mkstemp` and `mkdtemp` make theirs private to this user."""
-    umask = os.umask(0o022)  # reading the umask means setting it; it is put back at once
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~current_umask())
+
+
+def current_umask() -> int:
+    """The process's umask, read from /proc where Linux shows it: the portable way, setting
+    it and putting it back, leaves a moment in which another thread's new file would get
+    the temporary mask."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
     os.umask(umask)
-    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
+    return umask
 
 
 def cache_home() -> str:

@@ -155,3 +155,13 @@ def test_give_ordinary_mode_undoes_the_private_modes_of_temporary_files(tmp_path
         assert os.umask(0o027) == 0o027  # the umask is as it was
     finally:
         os.umask(umask)
+
+
+def test_the_umask_is_read_without_changing_it(tmp_path, monkeypatch):
+    umask = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda mask: pytest.fail("the umask was set"))
+        assert fileio.current_umask() == 0o027
+    finally:
+        monkeypatch.undo()
+        os.umask(umask)
