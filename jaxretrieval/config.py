@@ -29,8 +29,10 @@ DTYPES = ("float32", "bfloat16")
 MODEL_KEYS = ("image_size", "channels", "embedding_dim", "model")
 # With the model keys, the keys that make a checkpoint this run's: another dataset, split or
 # seed trains on other images (and often another number of classes).
+# A video dataset's sampling decides which frames exist and in what order, so it is part of
+# what a resumed run must share.
 RUN_KEYS = MODEL_KEYS + ("dataset", "label_key", "split", "query_fraction", "seed", "loss",
-                         "projection_head")
+                         "projection_head", "video_rate", "video_scene_threshold")
 
 
 # A recipe that cannot run without pretrained weights sets init_from to this prefix and

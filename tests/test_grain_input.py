@@ -192,3 +192,10 @@ def test_face_alignment_stays_with_the_in_process_pipeline():
     config.input_pipeline, config.channels, config.model.align_faces = "grain", 3, True
     with pytest.raises(JaxRetrievalError, match="use input_pipeline=in_process"):
         validate_config(config)
+
+
+def test_video_datasets_stay_with_the_in_process_pipeline():
+    config = base_config()
+    config.input_pipeline, config.dataset = "grain", "video:/data/videos"
+    with pytest.raises(JaxRetrievalError, match="video:PATH.*use input_pipeline=in_process"):
+        validate_config(config)

@@ -149,6 +149,9 @@ def test_a_workdir_of_another_run_is_refused(tmp_path, data_dir):
     with pytest.raises(JaxRetrievalError, match=r"another configuration \(projection_head"):
         train(tiny_config(data_dir, num_train_steps=2, projection_head=8),
               str(tmp_path / "wd"))
+    # A video dataset's sampling decides which frames the rows of each step are.
+    with pytest.raises(JaxRetrievalError, match=r"another configuration \(video_rate"):
+        train(tiny_config(data_dir, num_train_steps=2, video_rate=2.0), str(tmp_path / "wd"))
     assert open(Workdir(tmp_path / "wd").config_path).read() == config_before
 
 

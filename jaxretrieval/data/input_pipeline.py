@@ -50,6 +50,10 @@ def check_input_config(config) -> None:
         raise JaxRetrievalError(
             "bad config: input_pipeline=grain decodes whole images, and model.align_faces "
             "trains on face chips cut once in memory; use input_pipeline=in_process")
+    if config.input_pipeline == "grain" and str(config.dataset).startswith("video:"):
+        raise JaxRetrievalError(
+            "bad config: input_pipeline=grain reads image files, and a video:PATH dataset's "
+            "items are frames decoded from videos; use input_pipeline=in_process")
 
 
 def worker_count(config) -> int:
