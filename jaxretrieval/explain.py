@@ -168,6 +168,25 @@ def default_stage(stages: dict) -> str:
     return fine[-1] if fine else next(iter(stages))
 
 
+class UnknownStageError(JaxRetrievalError):
+    """A stage name the model does not have."""
+
+
+class NotExplainableError(JaxRetrievalError):
+    """A model whose similarity has no useful gradient to explain it with."""
+
+
+def check_explainable(embedder: Embedder) -> None:
+    """Raises NotExplainableError for a model explanations cannot be computed for."""
+    compression = getattr(embedder, "compression", None)
+    if compression is not None and compression.get("method") == "int8":
+        # Explanations are gradients, and the int8 model's rounding has none.
+        raise NotExplainableError(
+            "explanations are not available for an int8 model (its rounding has no "
+            "gradient): explain with its source workdir, which compression.json names "
+            f"({compression.get('source_workdir')})")
+
+
 def check_stage(stages: dict, stage) -> str:
     """The stage to explain at, by name: one of `stages`, `final` (the last one, the map the
     head pools), or None for `default_stage`."""
@@ -176,7 +195,7 @@ def check_stage(stages: dict, stage) -> str:
     if stage == FINAL:
         return list(stages)[-1]
     if stage not in stages:
-        raise JaxRetrievalError(f"stage={stage!r}; this model's stages are "
+        raise UnknownStageError(f"stage={stage!r}; this model's stages are "
                                 f"{', '.join(stages)} (or {FINAL}, the last)")
     return stage
 
@@ -209,13 +228,7 @@ class Explainer:
     @classmethod
     def from_embedder(cls, embedder: Embedder, stage=None) -> "Explainer":
         """An Explainer of the Embedder's model, with its variables and devices."""
-        compression = getattr(embedder, "compression", None)
-        if compression is not None and compression.get("method") == "int8":
-            # Explanations are gradients, and the int8 model's rounding has none.
-            raise JaxRetrievalError(
-                "explanations are not available for an int8 model (its rounding has no "
-                "gradient): explain with its source workdir, which compression.json names "
-                f"({compression.get('source_workdir')})")
+        check_explainable(embedder)
         return cls(embedder.config, embedder.variables, devices=embedder.devices, stage=stage)
 
     def explain_uint8(self, images_a: np.ndarray, images_b: np.ndarray):

@@ -18,8 +18,8 @@ from jaxretrieval.data.images import (InputSpec, decode_image_bytes, eight_bit, 
 from jaxretrieval.data.sources import read_source, roots_of_reference, resolve_within_roots
 from jaxretrieval.embed import Embedder
 from jaxretrieval.errors import JaxRetrievalError
-from jaxretrieval.explain import (Explainer, Explanation, check_stage, explanation,
-                                  stage_shapes)
+from jaxretrieval.explain import (Explainer, Explanation, check_explainable, check_stage,
+                                  explanation, stage_shapes)
 from jaxretrieval.index import Index, ShardedIndex, open_index, stored_key
 from jaxretrieval.workdir import Workdir
 
@@ -238,6 +238,7 @@ class Retriever:
         """As `explain`, for two uint8 [size, size, channels] model inputs (`decode_image`,
         `item_input`)."""
         with self._explainer_lock:
+            check_explainable(self.embedder)
             if self._stages is None:
                 self._stages = self.explain_stages()
             name = check_stage(self._stages, stage)

@@ -78,3 +78,31 @@ def _leaves(tree, path=()):
             yield from _leaves(node, path + (name,))
         else:
             yield path + (name,), node
+
+
+def test_the_service_answers_501_for_an_int8_models_explanation(int8_workdir):
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from jaxretrieval.retriever import Retriever
+    from jaxretrieval.service.app import ServiceSettings, create_app
+
+    def png(value):
+        out = io.BytesIO()
+        Image.new("L", (16, 16), value).save(out, format="PNG")
+        return out.getvalue()
+
+    retriever = Retriever.load(int8_workdir[0])
+    try:
+        settings = ServiceSettings(allowed_hosts=("testserver",))  # TestClient's Host
+        with TestClient(create_app(retriever, settings)) as client:
+            files = {"image_a": ("a.png", png(40), "image/png"),
+                     "image_b": ("b.png", png(200), "image/png")}
+            answer = client.post("/explain", files=files)
+            assert answer.status_code == 501, answer.text
+            assert answer.json()["error"]["code"] == "not_implemented"
+            assert "int8" in answer.json()["error"]["message"]
+    finally:
+        retriever.close()

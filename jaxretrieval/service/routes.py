@@ -23,6 +23,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, Response
 
 from jaxretrieval.errors import JaxRetrievalError
+from jaxretrieval.explain import NotExplainableError, UnknownStageError
 from jaxretrieval.index import (BadFilterError, BadMetadataError, check_keys, checked_filter,
                                 checked_metadata, normalised_vector, shown_key)
 from jaxretrieval.retriever import NoThumbnailError, UnknownItemError
@@ -474,8 +475,10 @@ async def explain(request: Request, service: ServiceDep, threshold: float | None
     try:
         result = await run_solo(service, service.retriever.explain_uint8, *images,
                                 threshold=threshold, stage=stage)
-    except JaxRetrievalError as err:  # the images are checked already: the stage is bad
+    except UnknownStageError as err:
         raise ServiceError(400, "bad_stage", str(err)) from None
+    except NotExplainableError as err:
+        raise ServiceError(501, "not_implemented", str(err)) from None
     overlays = await run_in_threadpool(lambda: [png_base64(o) for o in result.overlays])
     return {"similarity": result.similarity, "same": result.same,
             "threshold": result.threshold, "method": result.method, "stage": result.stage,
