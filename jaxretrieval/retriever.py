@@ -15,7 +15,7 @@ from PIL import Image
 
 from jaxretrieval.data.images import (InputSpec, decode_image_bytes, eight_bit, in_mode,
                                       load_images, to_model_input)
-from jaxretrieval.data.sources import read_source, roots_of_reference, resolve_within_roots
+from jaxretrieval.data.sources import read_resolved, resolve_within_roots, roots_of_reference
 from jaxretrieval.embed import Embedder
 from jaxretrieval.errors import JaxRetrievalError
 from jaxretrieval.explain import (Explainer, Explanation, check_explainable, check_stage,
@@ -399,7 +399,7 @@ class Retriever:
                         self.source_roots)
             raise NoThumbnailError(NO_THUMBNAIL)
         try:
-            image = eight_bit(read_source(
+            image = eight_bit(read_resolved(
                 readable, self.embedder.config.data_dir if data_dir is None else data_dir))
             image = image if image.mode in ("L", "RGB") else in_mode(image, "RGB")
         except Exception as err:  # whatever fails to read it, there is no image to show

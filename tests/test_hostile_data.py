@@ -331,6 +331,27 @@ def test_a_link_changed_after_the_roots_check_is_not_followed_outside(tmp_path, 
     assert resolve_within_roots(str(root / "link.png"), [str(root)]) is None
 
 
+def test_a_video_frame_checked_as_such_is_read_from_its_video_whatever_appears_later(
+        tmp_path, monkeypatch):
+    import jaxretrieval.video.decode as decode_module
+    from jaxretrieval.data.sources import read_resolved, resolve_within_roots
+
+    root, outside = tmp_path / "videos", tmp_path / "elsewhere"
+    root.mkdir()
+    outside.mkdir()
+    (root / "a.mp4").write_bytes(b"a video")  # only its path matters here
+    Image.new("RGB", (40, 20), "blue").save(outside / "secret.png")
+    readable = resolve_within_roots(str(root / "a.mp4@1.0"), [str(root)])
+    assert readable.frame == (str((root / "a.mp4").resolve()), 1.0)
+    # A file named like the frame appears after the check, linking outside the roots.
+    (root / "a.mp4@1.0").symlink_to(outside / "secret.png")
+    read = []
+    monkeypatch.setattr(decode_module, "read_frame_at", lambda path, seconds: (
+        read.append((path, seconds)) or Image.new("RGB", (8, 8), "red")))
+    assert read_resolved(readable).getpixel((0, 0)) == (255, 0, 0)
+    assert read == [readable.frame]
+
+
 def test_folder_datasets_record_their_root_turn_images_upright_and_check_keys(tmp_path):
     from jaxretrieval.data.sources import load_dataset
 

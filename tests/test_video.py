@@ -156,8 +156,9 @@ def test_search_video_finds_the_clip_and_where_it_starts(video_workdir):
         os.symlink(outside, os.path.join(videos, "link.mp4"))
         try:
             assert resolve_within_roots(os.path.join(videos, "link.mp4@1.0"), [videos]) is None
-            assert resolve_within_roots(os.path.join(videos, "a.mp4@1.0"), [videos]) == \
-                os.path.join(os.path.realpath(videos), "a.mp4@1.0")
+            inside = resolve_within_roots(os.path.join(videos, "a.mp4@1.0"), [videos])
+            assert inside.reference == os.path.join(os.path.realpath(videos), "a.mp4@1.0")
+            assert inside.frame == (os.path.join(os.path.realpath(videos), "a.mp4"), 1.0)
         finally:
             os.remove(os.path.join(videos, "link.mp4"))
     finally:

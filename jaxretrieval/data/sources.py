@@ -397,17 +397,27 @@ def roots_of_reference(reference: str) -> list:
     return []
 
 
-def resolve_within_roots(reference: str, roots) -> str | None:
-    """The reference to read for the source `reference` when it lies under one of `roots`,
-    else None: a `tfds:NAME/split/index` of a `tfds:NAME` root as it is, or an absolute file
-    path inside a root folder as the real path the check saw, with symbolic links and `..`
-    resolved. Reading that real path, not `reference`, keeps a link changed after the check
-    from leading the read outside the roots."""
+@dataclasses.dataclass(frozen=True)
+class ResolvedSource:
+    """A source checked against the roots, with what it is decided once: `reference` is a
+    `tfds:` reference, or the real path of an image file, or for a video's frame
+    `frame_key(real video path, seconds)` with `frame` = (real video path, seconds)."""
+
+    reference: str
+    frame: tuple | None = None
+
+
+def resolve_within_roots(reference: str, roots) -> ResolvedSource | None:
+    """What to read for the source `reference` when it lies under one of `roots`, else None:
+    a `tfds:NAME/split/index` of a `tfds:NAME` root as it is, or an absolute file (or a
+    video's frame) inside a root folder at the real path the check saw, with symbolic links
+    and `..` resolved. Reading that (`read_resolved`), not `reference`, keeps a link changed
+    after the check from leading the read outside the roots."""
     if reference.startswith(TFDS_REF_PREFIX):
         parts = reference[len(TFDS_REF_PREFIX):].rsplit("/", 2)  # as read_source splits it
         inside = (len(parts) == 3 and f"{TFDS_REF_PREFIX}{parts[0]}" in roots
                   and bool(parts[1]) and parts[2].isdigit() and parts[2].isascii())
-        return reference if inside else None
+        return ResolvedSource(reference) if inside else None
     if not os.path.isabs(reference) or "\0" in reference:
         return None
     frame = video_frame_of(reference)
@@ -415,12 +425,27 @@ def resolve_within_roots(reference: str, roots) -> str | None:
         from jaxretrieval.video.decode import frame_key
 
         video = resolve_within_roots(frame[0], roots)
-        return None if video is None else frame_key(video, frame[1])
+        if video is None:
+            return None
+        return ResolvedSource(frame_key(video.reference, frame[1]),
+                              (video.reference, frame[1]))
     path = os.path.realpath(reference)
     for root in roots:
         if root.startswith(TFDS_REF_PREFIX) or not os.path.isabs(root):
             continue
         root = os.path.realpath(root)
         if os.path.commonpath([root, path]) == root and path != root:
-            return path
+            return ResolvedSource(path)
     return None
+
+
+def read_resolved(source: ResolvedSource, data_dir=None) -> Image.Image:
+    """Reads what `resolve_within_roots` checked, as it decided: a video's frame from its
+    video, anything else as `read_source` reads it."""
+    if source.frame is not None:
+        from jaxretrieval.video.decode import read_frame_at
+
+        return read_frame_at(*source.frame)
+    if source.reference.startswith(TFDS_REF_PREFIX):
+        return read_source(source.reference, data_dir)
+    return read_image_file(source.reference)
