@@ -26,6 +26,9 @@ from jaxretrieval.video.decode import parse_frame_key
 DEFAULT_SPEEDS = tuple(round(s, 3) for s in np.arange(0.8, 1.2501, 0.025))
 OFFSET_WINDOW = 1.0  # seconds: the offsets one cell gathers (bins of this width, pairs)
 DEFAULT_FRAME_HITS = 64  # gallery frames searched per query frame
+# At most this many hits a clip's frame votes with, whatever k: voting costs frames x hits x
+# speeds, and a copy's frames rank near the top of their frame's hits.
+MAX_FRAME_HITS = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,10 +114,15 @@ def search_clip_embeddings(search, times, vectors, k: int, *, speeds=DEFAULT_SPE
                            frame_hits: int = DEFAULT_FRAME_HITS) -> list:
     """Searches each of a clip's frame embeddings (`vectors`, at `times`) with
     `search(vectors, n) -> (keys, scores)` and ranks the videos: by `vote`, or for a clip of
-    one frame (an image) by `videos_for_image`."""
+    one frame (an image) by `videos_for_image`. A clip's frames each get max(frame_hits,
+    4 k) hits, at most MAX_FRAME_HITS."""
     if len(vectors) == 0:
         return []
-    keys, scores = search(np.asarray(vectors, np.float32), max(frame_hits, 4 * k))
     if len(vectors) == 1:
+        keys, scores = search(np.asarray(vectors, np.float32), max(frame_hits, 4 * k))
         return videos_for_image(keys[0], scores[0], k)
-    return vote(times, keys, scores, k, speeds=speeds)
+    keys, scores = search(np.asarray(vectors, np.float32),
+                          min(MAX_FRAME_HITS, max(frame_hits, 4 * k)))
+    # The clip starts at its first frame, whatever time its container starts at.
+    times = np.asarray(times, np.float64)
+    return vote(times - times[0], keys, scores, k, speeds=speeds)
