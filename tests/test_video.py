@@ -333,13 +333,15 @@ def test_a_playlist_naming_a_local_file_is_refused(video_workdir, monkeypatch):
 def test_a_frame_size_change_midway_is_held_to_the_pixel_limit(tmp_path):
     from jaxretrieval.video.decode import Limits, VideoLimitError
 
-    small = write_stream(tmp_path / "small.h264", grey_frames([40] * 3, side=64), format="h264")
+    # Enough small frames that the stream opens declaring 64x64 (FFmpeg probes its start).
+    small = write_stream(tmp_path / "small.h264", grey_frames(np.arange(30) * 5, side=64),
+                         format="h264")
     large = write_stream(tmp_path / "large.h264", grey_frames([90] * 2, side=1024),
                          format="h264")
     with open(small, "rb") as f, open(large, "rb") as g:
         joined = f.read() + g.read()
     limits = Limits(max_pixels=64 * 64 * 4)
-    assert len(sample_frames(open(small, "rb").read(), limits=limits)) == 1
+    assert len(sample_frames(open(small, "rb").read(), limits=limits)) == 2  # 1.2 s at 25 fps
     with pytest.raises(VideoLimitError, match="1024x1024") as refused:
         sample_frames(joined, limits=limits)
     assert refused.value.code == "too_large"
