@@ -75,7 +75,9 @@ class Sampling:
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """What a video may hold before it is refused (a service's uploads)."""
+    """What a video may hold before it is refused (a service's uploads): its length from
+    its first frame, every frame's pixels, the frames sampled, and (`max_decoded`) the
+    frames decoded."""
 
     max_seconds: float = math.inf
     max_pixels: int = 40_000_000  # per frame
@@ -150,8 +152,8 @@ def sample_frames(source, sampling: Sampling = Sampling(), *, limits: Limits = L
     except JaxRetrievalError:
         raise
     except Exception as err:  # FFmpeg raises many types for files it cannot read
-        raise VideoDecodeError(f"cannot open {name} as a video: it is not a file of a "
-                               f"supported format ({FORMAT_WHITELIST}) ({err})") from None
+        raise VideoDecodeError(f"cannot open {name} as a video in a supported format "
+                               f"({FORMAT_WHITELIST}): {err}") from None
     with container:
         if not container.streams.video:
             raise VideoDecodeError(f"{name} has no video stream")
