@@ -269,12 +269,12 @@ class Retriever:
         for a video that cannot be decoded or breaks `limits` (a video.decode.Limits)."""
         from jaxretrieval.video.decode import Limits, sample_frames
 
-        frames = sample_frames(source, sampling or self.video_sampling,
-                               limits=limits or Limits())
         spec = InputSpec.of(self.embedder.config)
+        frames = sample_frames(source, sampling or self.video_sampling,
+                               limits=limits or Limits(),
+                               convert=lambda image: to_model_input(image, spec))
         return (np.array([seconds for seconds, _ in frames], np.float64),
-                np.stack([to_model_input(Image.fromarray(image), spec)
-                          for _, image in frames]))
+                np.stack([inputs for _, inputs in frames]))
 
     def search_video(self, query, k: int = 10, *, speeds=None, sampling=None) -> list:
         """The k videos of the gallery that best hold `query`, best first, as

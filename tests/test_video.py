@@ -277,3 +277,108 @@ def test_the_page_shows_a_clips_videos_as_frames_with_times_in_chromium(video_wo
         driver.quit()
         server.stop()
         retriever.close()
+
+
+def write_stream(path, frames, fps=FPS, start=0, format=None, options=None):
+    """H.264 frames with presentation times from `start` frames on, in `format` (None: from
+    the extension) muxed with `options`."""
+    import fractions
+
+    import av
+
+    with av.open(str(path), "w", format=format, container_options=options or {}) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = fractions.Fraction(1, fps)
+        stream.options = {"preset": "ultrafast"}
+        for i, array in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts, frame.time_base = start + i, fractions.Fraction(1, fps)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return str(path)
+
+
+def test_a_playlist_naming_a_local_file_is_refused(video_workdir, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from jaxretrieval.retriever import Retriever
+    from jaxretrieval.service.app import ServiceSettings, create_app
+
+    workdir, _, clip, _ = video_workdir
+    # An ffconcat playlist naming the clip beside it (relative to the working folder): FFmpeg
+    # would open that local file and decode it as the upload.
+    monkeypatch.chdir(os.path.dirname(clip))
+    playlist = f"ffconcat version 1.0\nfile {os.path.basename(clip)}\n".encode()
+    with pytest.raises(VideoDecodeError, match="supported format"):
+        sample_frames(playlist)
+    with open(clip, "rb") as f:
+        data = f.read()
+    assert [t for t, _ in sample_frames(data)] == [0.0, 1.0, 2.0, 3.0]
+    retriever = Retriever.load(workdir)
+    try:
+        with TestClient(create_app(retriever, ServiceSettings(
+                allowed_hosts=("testserver",)))) as client:
+            refused = client.post("/search/video", files={"video": ("p.mp4", playlist)})
+            assert (refused.status_code, refused.json()["error"]["code"]) == (
+                400, "bad_video"), refused.text
+            found = client.post("/search/video?k=1", files={"video": ("c.mp4", data)})
+            assert found.json()["results"][0]["video"] == "more/c.mp4", found.text
+    finally:
+        retriever.close()
+
+
+def test_a_frame_size_change_midway_is_held_to_the_pixel_limit(tmp_path):
+    from jaxretrieval.video.decode import Limits, VideoLimitError
+
+    # Enough small frames that the stream opens declaring 64x64 (FFmpeg probes its start).
+    small = write_stream(tmp_path / "small.h264", grey_frames(np.arange(30) * 5, side=64),
+                         format="h264")
+    large = write_stream(tmp_path / "large.h264", grey_frames([90] * 2, side=1024),
+                         format="h264")
+    with open(small, "rb") as f, open(large, "rb") as g:
+        joined = f.read() + g.read()
+    limits = Limits(max_pixels=64 * 64 * 4)
+    assert len(sample_frames(open(small, "rb").read(), limits=limits)) == 2  # 1.2 s at 25 fps
+    with pytest.raises(VideoLimitError, match="1024x1024") as refused:
+        sample_frames(joined, limits=limits)
+    assert refused.value.code == "too_large"
+
+
+def test_a_clips_frames_vote_with_a_bounded_number_of_hits():
+    from jaxretrieval.video.voting import MAX_FRAME_HITS, search_clip_embeddings
+
+    asked = []
+
+    def search(vectors, n):
+        asked.append(n)
+        keys = [[frame_key("a.mp4", float(t + j)) for j in range(3)] for t in range(3)]
+        return keys, [[0.9, 0.5, 0.1]] * 3
+
+    # A clip whose container starts at 100 s: its offsets count from its first frame.
+    matches = search_clip_embeddings(search, [100.0, 101.0, 102.0], np.zeros((3, 4)), k=1000)
+    assert asked == [MAX_FRAME_HITS] and MAX_FRAME_HITS <= 256
+    assert (matches[0].video, matches[0].offset) == ("a.mp4", 0.0)
+
+
+def test_decoding_is_bounded_and_times_count_from_the_first_frame(tmp_path):
+    from jaxretrieval.video.decode import Limits, VideoLimitError, read_frame_at
+
+    # 2 s starting at 100 s: its length is 2 s, and its frames keep their own times.
+    late = write_stream(tmp_path / "late.ts", grey_frames(np.arange(10) * 10), start=500)
+    assert [t for t, _ in sample_frames(late, limits=Limits(max_seconds=5))] == [100.0, 101.0]
+    # 30 frames in 0.12 s: within 0.2 s, but more frames than 0.2 s may decode.
+    with pytest.raises(VideoLimitError, match="more than 24 frames") as refused:
+        sample_frames(write_stream(tmp_path / "fast.mp4", grey_frames([50] * 30), fps=250),
+                      limits=Limits(max_seconds=0.2))
+    assert refused.value.code == "too_long"
+    # Every frame before 0 s (-4 s .. -2.2 s): times count from the first frame, and a
+    # key's frame is read back at the same time.
+    early = write_stream(tmp_path / "early.ts", grey_frames(np.arange(10) * 10), start=-20,
+                         options={"avoid_negative_ts": "disabled"})
+    sampled = sample_frames(early)
+    assert [(t, round(f.mean() / 10)) for t, f in sampled] == [(0.0, 0), (1.0, 5)]
+    assert round(np.asarray(read_frame_at(early, 1.0)).mean() / 10) == 5

@@ -4,8 +4,8 @@ The clip is read up to the service's `max_video_bytes`, decoded in the decoding 
 its frames sampled as the gallery's were (refused past `max_video_seconds` or `max_pixels`
 a frame, before the rest is decoded), embedded in one call, and ranked by the voting of
 jaxretrieval.video.voting. Refusals: 413 for too many bytes, seconds, frames or pixels a
-frame, 400 for a body without a `video` file or one FFmpeg cannot decode, 415 for a body
-that is not multipart.
+frame, 400 for a body without a `video` file or one FFmpeg cannot decode as one of the
+formats of jaxretrieval.video.decode.FORMAT_WHITELIST, 415 for a body that is not multipart.
 """
 
 from fastapi import APIRouter, Request

@@ -62,28 +62,28 @@ class VideoFrames:
         kept = 0
         for path in paths:
             try:
-                sampled = sample_frames(path, sampling)
+                sampled = sample_frames(path, sampling, convert=self._input)
             except VideoDecodeError as err:
                 logger.warning("skipping video %s: %s", path, err)
                 self.skipped.append({"path": path, "reason": str(err)})
                 self.times.append(None)
                 continue
-            inputs = np.stack([self._input(image) for _, image in sampled])
+            inputs = np.stack([inputs for _, inputs in sampled])
             self.times.append([seconds for seconds, _ in sampled])
             if kept + inputs.nbytes <= cache_bytes:
                 self._frames[len(self.times) - 1] = inputs
                 kept += inputs.nbytes
         self._current = (None, None)  # the one re-decoded video kept past the cache
 
-    def _input(self, image: np.ndarray) -> np.ndarray:
-        return to_model_input(Image.fromarray(image), self.spec)
+    def _input(self, image: Image.Image) -> np.ndarray:
+        return to_model_input(image, self.spec)
 
     def frame(self, video: int, position: int) -> np.ndarray:
         frames = self._frames.get(video)
         if frames is None:
             if self._current[0] != video:
-                sampled = sample_frames(self.paths[video], self.sampling)
-                self._current = (video, np.stack([self._input(image) for _, image in sampled]))
+                sampled = sample_frames(self.paths[video], self.sampling, convert=self._input)
+                self._current = (video, np.stack([inputs for _, inputs in sampled]))
             frames = self._current[1]
         return frames[position]
 
