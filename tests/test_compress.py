@@ -259,7 +259,7 @@ def test_a_compressed_workdir_loads_and_searches(method, compressed, trained_wor
             assert max(distinct_values(jax.device_get(params)).values()) <= 8
     finally:
         retriever.close()
-    assert not any(name.endswith(".partial") for name in os.listdir(os.path.dirname(workdir)))
+    assert not any(name.startswith(".") for name in os.listdir(os.path.dirname(workdir)))
 
 
 def test_the_compress_command_writes_a_workdir_and_refuses_a_used_output(
@@ -289,6 +289,34 @@ def test_a_failed_compression_leaves_no_workdir(trained_workdir, tmp_path, monke
     with pytest.raises(RuntimeError, match="disk full"):
         compress_workdir(trained_workdir[0], str(tmp_path / "out"), "prune", {"steps": 0})
     assert os.listdir(tmp_path) == []
+
+
+def test_two_compressions_to_one_output_do_not_remove_each_others_files(
+        trained_workdir, tmp_path, monkeypatch):
+    # The second compression runs to its end while the first is being indexed: the first
+    # then finds the output taken and says so, and the second's workdir stays whole.
+    from jaxretrieval.compress import run
+
+    output = str(tmp_path / "out")
+    index = run.evaluate_and_index
+    calls = []
+
+    def index_after_another(workdir, **kwargs):
+        calls.append(workdir)
+        if len(calls) == 1:
+            compress_workdir(trained_workdir[0], output, "prune", {"steps": 0})
+        return index(workdir, **kwargs)
+
+    monkeypatch.setattr(run, "evaluate_and_index", index_after_another)
+    with pytest.raises(JaxRetrievalError, match="exists and is not empty"):
+        compress_workdir(trained_workdir[0], output, "prune", {"steps": 0})
+    assert calls[0] != calls[1]
+    assert os.listdir(tmp_path) == ["out"]
+    retriever = Retriever.load(output)
+    try:
+        assert retriever.index.manifest["compression"]["method"] == "prune"
+    finally:
+        retriever.close()
 
 
 def test_a_compressed_workdir_is_not_compressed_again(compressed, tmp_path):
