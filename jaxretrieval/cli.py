@@ -309,11 +309,12 @@ def run_index(argv, prog="jaxretrieval index") -> int:
                         help="split the index into this many ScaNN shards by key (1: one "
                              "flat index; default: as many as the index there has, else 1); "
                              "replaces either layout in place")
-    parser.add_argument("--embedding-dtype", choices=("float32", "float16", "int8"),
-                        default="float32",
+    parser.add_argument("--embedding_dtype", "--embedding-dtype",
+                        choices=("float32", "float16", "int8"), default=None,
                         help="the precision the index stores and scores its rows in: "
                              "float16 halves and int8 quarters their bytes, for a small loss "
-                             "of recall (docs/compression.md)")
+                             "of recall (default: as the index there has, else float32; "
+                             "docs/compression.md)")
     args = parser.parse_args(argv)
     from jaxretrieval.pipeline import rebuild_index
     index = rebuild_index(args.workdir, num_shards=args.shards,

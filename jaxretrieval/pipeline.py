@@ -233,7 +233,7 @@ def write_result_grid(path: str, dataset, split, neighbours, *,
 
 
 def rebuild_index(workdir: str, num_shards: int | None = None, export=None,
-                  embedding_dtype: str = "float32"):
+                  embedding_dtype: str | None = None):
     """Builds `DIR/index/` from the embedding export alone (no model needed) and returns it:
     an Index, or with `num_shards` > 1 a ShardedIndex; it replaces the index there,
     whichever layout.
@@ -241,13 +241,16 @@ def rebuild_index(workdir: str, num_shards: int | None = None, export=None,
     re-evaluating a run does not undo its sharding. `export`: that export, when the caller
     has already read it (evaluation), so it is not read twice. `embedding_dtype`: float32,
     float16 or int8, the precision the index stores and scores its rows in
-    (jaxretrieval.index.precision)."""
-    from jaxretrieval.index import (ShardedIndex, checked_num_shards, num_shards_on_disk,
-                                    save_index)
+    (jaxretrieval.index.precision); None keeps that of the index there (float32 when there
+    is none), so re-evaluating or resharding a run does not undo its compact rows."""
+    from jaxretrieval.index import (ShardedIndex, checked_num_shards, embedding_dtype_on_disk,
+                                    num_shards_on_disk, save_index)
 
     wd = Workdir(workdir)
     num_shards = checked_num_shards(num_shards_on_disk(wd.index) if num_shards is None
                                     else num_shards)
+    if embedding_dtype is None:
+        embedding_dtype = embedding_dtype_on_disk(wd.index)
     if export is None:
         export = load_embedding_export(wd.embeddings)
     meta = export.metadata

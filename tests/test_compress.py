@@ -33,6 +33,10 @@ from jaxretrieval.retriever import Retriever
     ("prune", {"scope": "net"}, "scope='net' is not valid; use one of global, layer"),
     ("share", {"bits": 9}, "bits=9 is not valid; use an integer in [2, 8]"),
     ("share", {"bits": 2.5}, "bits=2.5 is not valid"),
+    ("share", {"bits": float("inf")}, "bits=inf is not valid; use an integer in [2, 8]"),
+    ("share", {"bits": float("nan")}, "bits=nan is not valid; use an integer in [2, 8]"),
+    ("share", {"bits": np.float32("inf")}, "is not valid; use an integer in [2, 8]"),
+    ("prune", {"sparsity": float("nan")}, "sparsity=nan is not valid"),
     ("channels", {"keep": 0}, "keep=0 is not valid; use a number in (0, 1]"),
     ("channels", {"steps": -1}, "steps=-1 is not valid"),
     ("channels", {"sparsity": 0.5}, "takes no option 'sparsity'; its options are keep, "),
@@ -159,8 +163,21 @@ def test_a_shared_kernel_holds_at_most_two_to_the_bits_values_and_packs_exactly(
     assert distinct_values(shared)["conv/kernel"] <= 2 ** bits
     packed = pack_kernel(shared["conv"]["kernel"], bits)
     assert packed["indices"].nbytes == -(-3 * 3 * 8 * 16 * bits // 8)
-    np.testing.assert_array_equal(unpack_kernel(packed), shared["conv"]["kernel"])
+    np.testing.assert_array_equal(unpack_kernel(packed, bits), shared["conv"]["kernel"])
     np.testing.assert_array_equal(shared["conv"]["bias"], params["conv"]["bias"])
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_tiny_kernels_round_trip_at_every_width(bits):
+    # A few weights, where the packed bytes' padding bits may outnumber the weights.
+    share = get_method("share")
+    options = share.checked_options({"bits": bits})
+    rng = np.random.default_rng(bits)
+    for size in range(1, 10):
+        kernel = rng.integers(0, 2 ** bits, size=(size, 1)).astype(np.float32)
+        variables = {"params": {"dense": {"kernel": kernel}}, "batch_stats": {}}
+        restored = share.unpack(share.pack(variables, options), options)
+        np.testing.assert_array_equal(restored["params"]["dense"]["kernel"], kernel)
 
 
 def test_shared_weights_stay_shared_through_fine_tuning():
@@ -180,6 +197,30 @@ def test_shared_weights_stay_shared_through_fine_tuning():
     after = np.asarray(params["model"]["dense"]["kernel"])
     assert len(np.unique(after)) <= 4
     assert not np.array_equal(after, before)  # the centroids did move
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+
+def test_fine_tuning_does_not_freeze_the_backbone_again(data_dir, monkeypatch):
+    # The source run froze its backbone for its first steps only; fine-tuning starts
+    # its own step count at 0, so it must not take those steps over.
+    from jaxretrieval.compress import finetune
+
+    built = []
+
+    def stop(config):
+        built.append(config)
+        raise RuntimeError("optimizer built")
+
+    monkeypatch.setattr(finetune, "make_optimizer", stop)
+    config = tiny_config(data_dir, frozen_backbone_steps=200)
+    fine_tune = finetune.fine_tuner(None, None, {}, first_step=8)
+    with pytest.raises(RuntimeError, match="optimizer built"):
+        fine_tune(config, {}, steps=4, learning_rate=1e-3)
+    assert built[0].frozen_backbone_steps == 0
+    assert built[0].num_train_steps == 4
+    assert config.frozen_backbone_steps == 200  # the source's config is not changed
 
 
 # ---------------------------------------------------------------- compressed workdirs
@@ -218,7 +259,7 @@ def test_a_compressed_workdir_loads_and_searches(method, compressed, trained_wor
             assert max(distinct_values(jax.device_get(params)).values()) <= 8
     finally:
         retriever.close()
-    assert not any(name.endswith(".partial") for name in os.listdir(os.path.dirname(workdir)))
+    assert not any(name.startswith(".") for name in os.listdir(os.path.dirname(workdir)))
 
 
 def test_the_compress_command_writes_a_workdir_and_refuses_a_used_output(
@@ -248,6 +289,34 @@ def test_a_failed_compression_leaves_no_workdir(trained_workdir, tmp_path, monke
     with pytest.raises(RuntimeError, match="disk full"):
         compress_workdir(trained_workdir[0], str(tmp_path / "out"), "prune", {"steps": 0})
     assert os.listdir(tmp_path) == []
+
+
+def test_two_compressions_to_one_output_do_not_remove_each_others_files(
+        trained_workdir, tmp_path, monkeypatch):
+    # The second compression runs to its end while the first is being indexed: the first
+    # then finds the output taken and says so, and the second's workdir stays whole.
+    from jaxretrieval.compress import run
+
+    output = str(tmp_path / "out")
+    index = run.evaluate_and_index
+    calls = []
+
+    def index_after_another(workdir, **kwargs):
+        calls.append(workdir)
+        if len(calls) == 1:
+            compress_workdir(trained_workdir[0], output, "prune", {"steps": 0})
+        return index(workdir, **kwargs)
+
+    monkeypatch.setattr(run, "evaluate_and_index", index_after_another)
+    with pytest.raises(JaxRetrievalError, match="exists and is not empty"):
+        compress_workdir(trained_workdir[0], output, "prune", {"steps": 0})
+    assert calls[0] != calls[1]
+    assert os.listdir(tmp_path) == ["out"]
+    retriever = Retriever.load(output)
+    try:
+        assert retriever.index.manifest["compression"]["method"] == "prune"
+    finally:
+        retriever.close()
 
 
 def test_a_compressed_workdir_is_not_compressed_again(compressed, tmp_path):

@@ -146,3 +146,38 @@ def test_index_command_rebuilds_a_workdir_index_in_int8(trained_workdir, tmp_pat
     _, reference = Index.build(export.embeddings, export.keys, checkpoint_step=1,
                                model_config_hash="h").search(export.embeddings[:20], 10)
     assert np.abs(np.asarray(scores) - np.asarray(reference)).max() < 0.02
+
+
+def test_a_rebuild_keeps_the_dtype_of_the_index_there_unless_told(trained_workdir, tmp_path,
+                                                                 capsys):
+    import shutil
+
+    from jaxretrieval import cli
+    from jaxretrieval.index import embedding_dtype_on_disk, open_index
+    from jaxretrieval.pipeline import rebuild_index
+    from jaxretrieval.workdir import Workdir
+
+    workdir = str(tmp_path / "wd")
+    shutil.copytree(trained_workdir[0], workdir)
+    index_dir = Workdir(workdir).index
+
+    def stored_dtypes():
+        index = open_index(index_dir)
+        try:
+            shards = getattr(index, "shards", [index])
+            return [shard.manifest["scann"].get("embedding_dtype", "float32")
+                    for shard in shards]
+        finally:
+            index.close()
+
+    assert cli.main(["index", "--workdir", workdir, "--embedding_dtype", "int8"]) == 0
+    assert cli.main(["index", "--workdir", workdir, "--shards", "2"]) == 0  # no dtype given
+    assert stored_dtypes() == ["int8", "int8"]
+    rebuild_index(workdir, num_shards=1)  # as re-evaluation and compress rebuild
+    assert stored_dtypes() == ["int8"]
+    assert embedding_dtype_on_disk(index_dir) == "int8"
+    assert cli.main(["index", "--workdir", workdir, "--embedding-dtype", "float16"]) == 0
+    assert stored_dtypes() == ["float16"]
+    capsys.readouterr()
+    shutil.rmtree(index_dir)
+    assert embedding_dtype_on_disk(index_dir) == "float32"  # no index: float32

@@ -71,14 +71,15 @@ class Option:
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
             raise refuse()
+        # Before any conversion: int() of inf or nan raises its own error, not this one.
+        if not np.isfinite(value):
+            raise refuse()
         if self.integer:
             if float(value) != int(value):
                 raise refuse()
             value = int(value)
         else:
             value = float(value)
-        if not np.isfinite(value):
-            raise refuse()
         if self.low is not None and (value < self.low or (self.open_low and value == self.low)):
             raise refuse()
         if self.high is not None and (value > self.high

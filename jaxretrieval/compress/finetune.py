@@ -36,6 +36,9 @@ def fine_tuner(dataset, split, loss_params, *, first_step: int, on_progress=None
         config.num_train_steps = steps
         config.learning_rate = learning_rate
         config.warmup_steps = int(steps * WARMUP_SHARE)
+        # The source run unfroze its backbone already; `make_optimizer` counts the frozen
+        # steps from this run's step 0, so keeping them would freeze it again.
+        config.frozen_backbone_steps = 0
         devices = parallel.global_devices()
         loss = get_loss(config.loss)
         if config.projection_head:

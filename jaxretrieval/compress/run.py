@@ -1,8 +1,9 @@
 """`compress_workdir`: a trained workdir -> a new workdir holding its compressed model,
 embedded, evaluated and indexed like any other (what `jaxretrieval compress` runs).
 
-The new workdir is written in `.NAME.partial/` beside it and renamed into place only once
-evaluated and indexed, so a failure leaves no half-written workdir behind.
+The new workdir is written in a temporary folder of its own beside it (`.NAME.tmp-*/`) and
+renamed into place only once evaluated and indexed, so a failure leaves no half-written
+workdir behind, and two compressions to one output do not remove each other's files.
 """
 
 import logging
@@ -22,7 +23,8 @@ from jaxretrieval.config import config_to_json, validate_config
 from jaxretrieval.data.sources import load_dataset
 from jaxretrieval.data.splits import split_dataset
 from jaxretrieval.errors import JaxRetrievalError
-from jaxretrieval.fileio import write_file_atomically, write_json_atomically
+from jaxretrieval.fileio import (give_ordinary_mode, new_sibling_directory,
+                               write_file_atomically, write_json_atomically)
 from jaxretrieval.pipeline import evaluate_and_index
 from jaxretrieval.workdir import Workdir
 
@@ -75,14 +77,20 @@ def compress_workdir(source_dir: str, output_dir: str, method: str, options: dic
               "source_workdir": source, "source_checkpoint_step": step,
               "facts": compressed.facts}
 
-    partial = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.partial")
-    if os.path.exists(partial):
-        shutil.rmtree(partial)  # an earlier attempt that failed: nothing of it is kept
+    # A folder of its own, so that another compression to the same output at the same time
+    # neither removes this one's files nor has its own removed.
     try:
+        partial = new_sibling_directory(output)
+    except OSError as err:
+        raise JaxRetrievalError(f"cannot write the workdir beside {output!r} ({err.strerror}); "
+                                "choose an output path in a folder you can write to") from None
+    try:
+        give_ordinary_mode(partial)  # a workdir like any other, not private to this user
         _write_workdir(partial, compressed.config, stored, step, record)
         metrics = evaluate_and_index(partial, on_progress=on_export_progress)
+        _check_output(source, output)  # nothing was written there in the meantime
         if os.path.isdir(output):
-            os.rmdir(output)  # empty: checked above
+            os.rmdir(output)  # empty: checked just now
         os.rename(partial, output)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -117,7 +125,6 @@ def _restore_source(source: str):
 def _write_workdir(directory: str, config, stored: dict, step: int, record: dict) -> None:
     """config.json, compression.json and the stored model as the checkpoint of `step`."""
     wd = Workdir(directory)
-    os.makedirs(directory)
     write_file_atomically(wd.config_path, config_to_json(config))
     write_json_atomically(compression_path(directory), record)
     state = {"params": {"model": stored["params"]}, "batch_stats": stored["batch_stats"]}

@@ -116,20 +116,15 @@ def pack_kernel(kernel: np.ndarray, bits: int) -> dict:
             "shape": np.asarray(kernel.shape, np.int32)}
 
 
-def unpack_kernel(packed: dict) -> np.ndarray:
+def unpack_kernel(packed: dict, bits: int) -> np.ndarray:
+    """The kernel `pack_kernel(kernel, bits)` packed. `bits` is the method's option: the
+    packed bytes alone do not tell it, since their padding may outnumber the weights."""
     codebook = np.asarray(packed["codebook"])
     shape = tuple(int(s) for s in np.asarray(packed["shape"]))
     size = int(np.prod(shape))
-    bits = bits_of(packed)
     index_bits = np.unpackbits(np.asarray(packed["indices"]), count=size * bits)
     index = index_bits.reshape(size, bits).astype(np.int64) @ (1 << np.arange(bits - 1, -1, -1))
     return codebook[index].reshape(shape)
-
-
-def bits_of(packed: dict) -> int:
-    """The index width of a packed kernel: its bytes hold `size * bits` bits, padded."""
-    size = int(np.prod(np.asarray(packed["shape"])))
-    return int(np.asarray(packed["indices"]).size * 8 // size) if size else 1
 
 
 def is_packed_kernel(node) -> bool:
@@ -168,8 +163,9 @@ class Share(Method):
                                                   variables["params"]))
 
     def unpack(self, stored: dict, options: dict) -> dict:
-        return dict(stored, params=map_kernels(unpack_kernel, stored["params"],
-                                               is_leaf=is_packed_kernel))
+        bits = options["bits"]
+        return dict(stored, params=map_kernels(lambda k: unpack_kernel(k, bits),
+                                               stored["params"], is_leaf=is_packed_kernel))
 
 
 SHARE = Share()

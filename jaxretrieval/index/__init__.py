@@ -21,8 +21,8 @@ from jaxretrieval.index.protocol import SearchIndex
 from jaxretrieval.index.recovery import recover
 from jaxretrieval.index.scann_adapter import EXACT_SEARCH_MAX_COUNT, scann_settings
 from jaxretrieval.index.sharded import (MAX_NUM_SHARDS, ShardedIndex, checked_num_shards,
-                                        merge_results, num_shards_on_disk, open_index,
-                                        save_index, shard_of)
+                                        embedding_dtype_on_disk, merge_results,
+                                        num_shards_on_disk, open_index, save_index, shard_of)
 from jaxretrieval.index.storage import (FORMAT_VERSION, UnreadableIndexError, rebuild_hint,
                                         snapshot_directory)
 from jaxretrieval.index.tuning import exact_kth_scores, recall_per_query
@@ -31,7 +31,7 @@ __all__ = [
     "EXACT_SEARCH_MAX_COUNT", "FORMAT_VERSION", "MAX_KEY_BYTES", "MAX_METADATA_BYTES",
     "MAX_NUM_SHARDS", "BadFilterError", "BadMetadataError", "Index", "SearchIndex",
     "ShardedIndex", "UnreadableIndexError", "check_key", "check_keys", "checked_filter",
-    "checked_metadata", "checked_num_shards", "exact_kth_scores", "merge_results",
+    "checked_metadata", "checked_num_shards", "embedding_dtype_on_disk", "exact_kth_scores", "merge_results",
     "normalised_vector", "num_shards_on_disk", "open_index", "rebuild_hint",
     "recall_per_query", "recover", "save_index", "scann_settings", "shard_of", "shown_key",
     "snapshot_directory", "stored_key",

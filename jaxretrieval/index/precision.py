@@ -1,10 +1,14 @@
 """The precision an index keeps its embeddings in: float32, float16 or int8.
 
 An index built with `embedding_dtype` other than float32 stores its snapshot rows in that
-type (`embeddings.npy`; for int8 also `embedding_scales.npy`) and has ScaNN score them in
-its compact types: int8 rows are ScaNN's fixed-point int8 (one multiplier per dimension),
-float16 rows bfloat16, ScaNN's 16-bit type (it has no float16). Both apply to the exact
-search and to the reordering of the approximate one; the settings record the choice as
+type (`embeddings.npy`; for int8 also `embedding_scales.npy`). ScaNN is given those rows
+decoded to float32 and keeps its own compact copy: for int8 it quantises them again with
+its own fixed-point int8, one multiplier per dimension (not the per-row scales stored
+here); float16 rows it keeps in bfloat16, its 16-bit type (it has no float16). ScaNN
+scores that copy in the exact search and in the reordering of the approximate one. A
+filtered search that takes its exact strategy (jaxretrieval.index.filtered) scores the
+decoded float32 rows with numpy instead, and rows not yet compacted (the delta and the
+write-ahead log) are scored in float32 as upserted. The settings record the choice as
 `embedding_dtype` (absent: float32, as every index built before the option).
 
 int8 rows carry one float32 scale each (the row's largest magnitude / 127): every row
@@ -14,7 +18,6 @@ a row; a 64-dimensional row is 68 bytes instead of 256.
 
 Rows are searched as they are stored: a base row is rounded to its stored precision
 when the searcher is built, so an index searches the same before and after a reload.
-Rows not yet compacted (the delta and the write-ahead log) stay float32.
 """
 
 import numpy as np
@@ -66,7 +69,3 @@ def rounded(vectors: np.ndarray, dtype: str) -> np.ndarray:
         return vectors
     return decode(*encode(vectors, dtype))
 
-
-def stored_bytes(count: int, dim: int, dtype: str) -> int:
-    """The bytes of `count` rows of `dim` numbers stored in `dtype`, scales included."""
-    return count * (dim * np.dtype(dtype).itemsize + (4 if dtype == "int8" else 0))

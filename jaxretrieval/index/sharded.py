@@ -66,6 +66,8 @@ from jaxretrieval.index.checks import (as_float_matrix, checked_manifest_updates
                                        refuse_unknown_keys)
 from jaxretrieval.index.flat import Index
 from jaxretrieval.index.metadata import checked_filter, checked_metadata_list
+from jaxretrieval.index.precision import DEFAULT as DEFAULT_EMBEDDING_DTYPE
+from jaxretrieval.index.precision import checked_dtype, dtype_of
 from jaxretrieval.index.storage import SHARDS_DIR, SHARDS_FILE, UnreadableIndexError
 from jaxretrieval.fileio import recover_interrupted_swap, write_json_atomically
 
@@ -209,6 +211,20 @@ def num_shards_on_disk(directory):
     except JaxRetrievalError:
         return 1  # a damaged layout is replaced by a rebuild, which starts from 1
     return 1 if layout is None else layout["num_shards"]
+
+
+def embedding_dtype_on_disk(directory):
+    """The precision (`embedding_dtype`) the index saved at `directory` stores its rows in:
+    float32 when there is none, or none readable (a rebuild replaces a damaged one)."""
+    try:
+        layout = _read_layout(directory)
+        # Every shard is built with the same dtype; the first one tells it.
+        folder = directory if layout is None else os.path.join(directory, layout["shards"][0])
+        manifest = storage.read_json(os.path.join(storage.snapshot_directory(folder),
+                                                  storage.MANIFEST_FILE))
+        return checked_dtype(dtype_of(manifest["scann"]))
+    except (JaxRetrievalError, OSError, ValueError, LookupError, TypeError, AttributeError):
+        return DEFAULT_EMBEDDING_DTYPE
 
 
 def _current_generation(directory):
