@@ -5,6 +5,9 @@ with MAP@R, the stored model's bytes and embedding images/s at batch 1 and 32.
         --source faces_cnn=runs/compress/faces_cnn [--steps N] [--settings SET] \
         --output runs/compress/bench
 
+`--settings resnet` is the ResNet-18 table: one or two strengths per method and int8
+(which calibrates and does not fine-tune, so `--steps` does not apply to it).
+
 A compressed workdir already in `--output` is reused (delete it to compress again). The
 speeds of all the models of one source are measured side by side in one process on one CPU
 device: ROUNDS rounds, each timing every model in turn, and the median per model, so that
@@ -37,6 +40,9 @@ SETTINGS = {
               ("channels", {"keep": 0.75, "learning_rate": 1e-4}),
               ("share", {"bits": 4}), ("share", {"bits": 4, "steps": 0}),
               ("share", {"bits": 2})],
+    # ResNet-18 (16 filters) on yalefaces: one row per method, int8 beside the others.
+    "resnet": [("prune", {"sparsity": 0.5}), ("channels", {"keep": 0.75}),
+               ("channels", {"keep": 0.5}), ("share", {"bits": 4}), ("int8", {})],
     "short": [("prune", {"sparsity": 0.8}), ("channels", {"keep": 0.5}),
               ("share", {"bits": 4})],
 }
@@ -52,10 +58,12 @@ def setting_name(method, options) -> str:
 
 def compress_all(name, source, settings, steps, output):
     from jaxretrieval.compress import compress_workdir
+    from jaxretrieval.compress.methods import get_method
 
     rows = []
     for method, options in settings:
-        if steps is not None:
+        # int8 calibrates and does not fine-tune: it takes no `steps`.
+        if steps is not None and "steps" in get_method(method).options:
             options = {"steps": steps, **options}
         workdir = os.path.join(output, f"{name}_{setting_name(method, options)}")
         if not os.path.isdir(workdir):
